@@ -1,0 +1,173 @@
+"""StatsStore: per-layer float64 second-moment sums with token counts; save, load, merge, all-reduce.
+
+Statistic names (per decoder layer ``i``; all uncentered sums ``Σ xᵀx`` over calibration tokens):
+
+=========  ==========================  =================================================================
+name       shape                       what ``x`` is
+=========  ==========================  =================================================================
+attn_in    [D, D]                      input of q/k/v_proj (after ``input_layernorm``)
+q          [G, d, d]                   query heads of each KV group, after q_norm and RoPE, summed over
+                                       the group's heads (so ``sum / count`` is Σ_h E[q_h q_hᵀ])
+k          [G, d, d]                   keys per KV head, after k_norm and RoPE
+v          [G, d, d]                   values per KV head
+o_in       [H*d, H*d]                  input of o_proj
+mlp_in     [D, D]                      input of gate/up_proj (after ``post_attention_layernorm``)
+down_in    [I, I]                      input of down_proj (large; only when asked)
+=========  ==========================  =================================================================
+
+On disk: ``stats.safetensors`` (keys ``layers.{i}.{name}``, float64) and ``manifest.json`` (model identity
+and hash, dataset, samples, seq-len, tokens, per-statistic counts, kvtool version).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kvtool.errors import KvtoolError
+
+ALL_STATS = ("attn_in", "q", "k", "v", "o_in", "mlp_in", "down_in")
+DEFAULT_STATS = ("attn_in", "q", "k", "v", "o_in", "mlp_in")
+TENSORS_FILE = "stats.safetensors"
+MANIFEST_FILE = "manifest.json"
+
+
+def parse_stats(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Validate a comma-separated list of statistic names (None -> the default set)."""
+    if spec is None:
+        return DEFAULT_STATS
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    unknown = [n for n in names if n not in ALL_STATS]
+    if unknown or not names:
+        raise KvtoolError(f"unknown statistics {', '.join(unknown) or '(none given)'}: "
+                          f"choose from {','.join(ALL_STATS)}")
+    return tuple(n for n in ALL_STATS if n in names)
+
+
+class StatsStore:
+    """Float64 sums of xᵀx and token counts per (layer, statistic)."""
+
+    def __init__(self, meta: dict[str, Any] | None = None):
+        self.meta: dict[str, Any] = dict(meta or {})
+        self.sums: dict[tuple[int, str], torch.Tensor] = {}
+        self.counts: dict[tuple[int, str], int] = {}
+
+    # ------------------------------------------------------------------ accumulation
+    def add_gram(self, layer: int, name: str, gram: torch.Tensor, tokens: int) -> None:
+        """Add a precomputed float64 Gram matrix (``xᵀx`` over ``tokens`` rows)."""
+        key = (layer, name)
+        gram = gram.detach().to(device="cpu", dtype=torch.float64)
+        if key in self.sums:
+            self.sums[key] += gram
+            self.counts[key] += tokens
+        else:
+            self.sums[key] = gram.clone()
+            self.counts[key] = tokens
+
+    def add(self, layer: int, name: str, x: torch.Tensor) -> None:
+        """Add rows of ``x`` (..., n): accumulates ``xᵀx`` in float64."""
+        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
+        self.add_gram(layer, name, x.T @ x, x.shape[0])
+
+    # ------------------------------------------------------------------ reading
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.sums})
+
+    def names(self) -> list[str]:
+        present = {n for _, n in self.sums}
+        return [n for n in ALL_STATS if n in present]
+
+    def has(self, layer: int, name: str) -> bool:
+        return (layer, name) in self.sums
+
+    def sum(self, layer: int, name: str) -> torch.Tensor:
+        """The raw float64 sum Σ xᵀx."""
+        if (layer, name) not in self.sums:
+            raise KvtoolError(f"statistic {name!r} of layer {layer} is missing: recalibrate with --stats {name}")
+        return self.sums[(layer, name)]
+
+    def count(self, layer: int, name: str) -> int:
+        self.sum(layer, name)
+        return self.counts[(layer, name)]
+
+    def second_moment(self, layer: int, name: str) -> torch.Tensor:
+        """Σ xᵀx / tokens (float64): the uncentered second moment the methods use."""
+        return self.sum(layer, name) / self.count(layer, name)
+
+    def require(self, names: tuple[str, ...] | list[str], num_layers: int, model_hash: str | None = None) -> None:
+        """Raise a clear error unless every layer has every named statistic (and the model hash matches)."""
+        if model_hash is not None:
+            have = (self.meta.get("model") or {}).get("hash")
+            if have is not None and have != model_hash:
+                raise KvtoolError(f"statistics were collected on a different model (hash {have[:19]}…, this model "
+                                  f"{model_hash[:19]}…): recalibrate with `kvtool calibrate` on this model")
+        for name in names:
+            missing = [i for i in range(num_layers) if (i, name) not in self.sums]
+            if missing:
+                raise KvtoolError(f"statistic {name!r} missing for {len(missing)} of {num_layers} layers: "
+                                  f"recalibrate with --stats including {name}")
+
+    # ------------------------------------------------------------------ combining
+    def merge(self, other: StatsStore) -> StatsStore:
+        """Add another store's sums and counts into this one (e.g. two calibration runs)."""
+        for (layer, name), s in other.sums.items():
+            self.add_gram(layer, name, s, other.counts[(layer, name)])
+        return self
+
+    def all_reduce(self) -> None:
+        """Sum every statistic and count over torch.distributed ranks (in place, same order on all ranks)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        for key in sorted(self.sums):
+            t = self.sums[key].to(device)
+            dist.all_reduce(t)
+            self.sums[key] = t.cpu()
+            c = torch.tensor([self.counts[key]], dtype=torch.int64, device=device)
+            dist.all_reduce(c)
+            self.counts[key] = int(c.item())
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> None:
+        """Write ``stats.safetensors`` + ``manifest.json`` into ``directory`` (use an atomic folder)."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        tensors = {f"layers.{layer}.{name}": s.contiguous() for (layer, name), s in self.sums.items()}
+        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": "pt", "kind": "kvtool-stats"})
+        manifest = dict(self.meta)
+        manifest["counts"] = {f"layers.{layer}.{name}": c for (layer, name), c in sorted(self.counts.items())}
+        manifest["stats"] = self.names()
+        manifest["layers"] = self.layers()
+        (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> StatsStore:
+        """Read a statistics folder written by :meth:`save`; unreadable or inconsistent files raise KvtoolError."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory).expanduser()
+        manifest_path, tensors_path = directory / MANIFEST_FILE, directory / TENSORS_FILE
+        if not directory.is_dir() or not manifest_path.is_file() or not tensors_path.is_file():
+            raise KvtoolError(f"{directory} is not a statistics folder (needs {MANIFEST_FILE} and {TENSORS_FILE}): "
+                              "run `kvtool calibrate MODEL -o DIR` first")
+        try:
+            manifest = json.loads(manifest_path.read_text())
+            tensors = load_file(str(tensors_path))
+        except Exception as exc:
+            raise KvtoolError(f"cannot read statistics in {directory} ({type(exc).__name__}): "
+                              "the files are damaged; recalibrate") from exc
+        counts = manifest.pop("counts", {})
+        store = cls(manifest)
+        for key, t in tensors.items():
+            _, layer, name = key.split(".", 2)
+            if key not in counts:
+                raise KvtoolError(f"statistics in {directory} have no token count for {key}: recalibrate")
+            store.sums[(int(layer), name)] = t.to(torch.float64)
+            store.counts[(int(layer), name)] = int(counts[key])
+        return store

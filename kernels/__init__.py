@@ -1,0 +1,1 @@
+"""kvtool.kernels: Triton kernels for converted models' hot paths, each with a PyTorch reference beside it."""

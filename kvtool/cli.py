@@ -1,0 +1,198 @@
+"""kvtool command line: one command per verb; each parses options, calls a library function, prints a summary.
+
+Bad input raises :class:`kvtool.errors.KvtoolError`, printed as one ``error:`` line with exit code 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from kvtool.errors import KvtoolError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="kvtool: offline model conversion for cheaper LLM serving "
+                       "(calibration statistics, GQA->MLA, CorDA, 2-bit KV, Ladder residual).")
+console = Console(stderr=True)
+out_console = Console()
+
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="Model: 'smollm2-135m' (embedded, default), a checkpoint folder, a .gguf file, or a hub id.")]
+DatasetOpt = Annotated[str, typer.Option(
+    "--dataset", help="Text: 'embedded' (Python reference docs), a .txt/.jsonl/.json/.parquet file or folder, "
+                      "or a hub dataset NAME[:CONFIG].")]
+TextFieldOpt = Annotated[str, typer.Option("--text-field", help="Record field holding the text (json/parquet).")]
+DeviceOpt = Annotated[str, typer.Option("--device", help="cpu, cuda, cuda:N, or auto (cuda when available).")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="Model dtype: float32, bfloat16 or float16.")]
+
+
+def fails_cleanly(fn: Callable) -> Callable:
+    """Turn KvtoolError into one 'error:' line on stderr and exit code 2."""
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except KvtoolError as exc:
+            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+    return wrapper
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> cuda when available; under torchrun, cuda -> this rank's GPU."""
+    import torch
+
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise KvtoolError(f"--device {device} asked for, but no CUDA GPU is visible: use --device cpu")
+        if device == "cuda" and "LOCAL_RANK" in os.environ:
+            device = f"cuda:{os.environ['LOCAL_RANK']}"
+    return device
+
+
+def init_distributed(device: str) -> tuple[int, int]:
+    """Join a torchrun/accelerate process group when one is set up (gloo on CPU, NCCL on GPUs)."""
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            import torch
+
+            torch.cuda.set_device(torch.device(device))
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@app.command()
+@fails_cleanly
+def calibrate(
+    model: ModelArg = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder to write statistics into.")] = ...,
+    dataset: DatasetOpt = "embedded",
+    split: Annotated[str, typer.Option(help="Split: 'calib' (embedded calibration part) or a hub split.")] = "calib",
+    text_field: TextFieldOpt = "text",
+    samples: Annotated[int, typer.Option(help="Number of calibration windows.")] = 64,
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Tokens per window.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed for choosing windows.")] = 0,
+    stats: Annotated[str, typer.Option(
+        help="Comma-separated statistics: attn_in,q,k,v,o_in,mlp_in,down_in.")] = "attn_in,q,k,v,o_in,mlp_in",
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward call.")] = 8,
+    offload: Annotated[bool, typer.Option(help="Keep hidden states of all windows on the CPU between layers.")] = False,
+    stream: Annotated[bool, typer.Option(
+        help="Read decoder layers from disk one at a time (local safetensors models larger than memory).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Collect per-layer activation second moments (float64 sums + token counts), layer by layer.
+
+    Example: kvtool calibrate smollm2-135m -o stats/ --samples 32 --seq-len 256
+    Under torchrun/accelerate each rank takes its share of windows and the sums are all-reduced.
+    """
+    import time
+
+    from kvtool import __version__
+    from kvtool.calib import StatsStore, collect_statistics, parse_stats
+    from kvtool.checkpoint import atomic_dir, check_output_dir
+    from kvtool.data import TextSource, calibration_windows
+    from kvtool.models import load_model
+
+    names = parse_stats(stats)
+    check_output_dir(output, overwrite)
+    device = resolve_device(device)
+    rank, world = init_distributed(device)
+    loaded = load_model(model, dtype=dtype, device=device if stream else ("cpu" if world == 1 else device),
+                        lazy=stream)
+    source = TextSource(dataset, split, text_field)
+    windows = calibration_windows(loaded.tokenizer, source, samples, seq_len, seed, loaded.spec.max_positions)
+    t0 = time.perf_counter()
+    store: StatsStore = collect_statistics(loaded, windows, names, device=device, batch_size=batch_size,
+                                           offload=offload, progress=progress and rank == 0)
+    seconds = time.perf_counter() - t0
+    tokens = int(windows.numel())
+    store.meta = {
+        "kvtool_version": __version__,
+        "model": loaded.identity(),
+        "spec": loaded.spec.to_dict(),
+        "dataset": {**source.describe(), "samples": samples, "seq_len": seq_len, "seed": seed},
+        "tokens": tokens,
+        "world_size": world,
+        "seconds": round(seconds, 3),
+    }
+    if rank == 0:
+        with atomic_dir(output, overwrite) as tmp:
+            store.save(tmp)
+        table = Table(title=f"statistics -> {output}")
+        for col in ("layers", "statistics", "tokens", "seconds", "tokens/s"):
+            table.add_column(col)
+        table.add_row(str(len(store.layers())), ",".join(store.names()), str(tokens), f"{seconds:.1f}",
+                      f"{tokens / max(seconds, 1e-9):.0f}")
+        out_console.print(table)
+
+
+@app.command("eval")
+@fails_cleanly
+def eval_(
+    model: ModelArg = None,
+    dataset: DatasetOpt = "embedded",
+    split: Annotated[str, typer.Option(help="Split: 'heldout' for the embedded text, or a hub split.")] = "heldout",
+    text_field: TextFieldOpt = "text",
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Window length.")] = 512,
+    stride: Annotated[Optional[int], typer.Option(
+        help="Sliding windows advancing by STRIDE (default: non-overlapping windows).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Score at most this many tokens (0 = all).")] = 16384,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
+    device: DeviceOpt = "auto",
+    dtype: DtypeOpt = "float32",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+) -> None:
+    """Perplexity on held-out text (the embedded held-out part by default) of any model kvtool can load.
+
+    Example: kvtool eval smollm2-135m --max-tokens 8192
+    """
+    from kvtool.data import TextSource, heldout_tokens
+    from kvtool.evaluate import perplexity
+    from kvtool.models import load_model
+
+    device = resolve_device(device)
+    loaded = load_model(model, dtype=dtype, device=device)
+    if loaded.spec.max_positions and seq_len > loaded.spec.max_positions:
+        raise KvtoolError(f"seq-len {seq_len} exceeds the model's context of {loaded.spec.max_positions} tokens: "
+                          f"use --seq-len {loaded.spec.max_positions} or less")
+    tokens = heldout_tokens(loaded.tokenizer, TextSource(dataset, split, text_field), max_tokens or None)
+    result = perplexity(loaded.model, tokens, seq_len, stride, batch_size, progress=progress and not as_json)
+    result = {"model": loaded.source, "dataset": dataset, "split": split, **result}
+    if as_json:
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+        return
+    table = Table(title=f"held-out perplexity of {loaded.source}")
+    for col in ("text", "windows", "tokens scored", "perplexity"):
+        table.add_column(col)
+    how = f"{result['mode']}, seq-len {result['seq_len']}" + (f", stride {stride}" if stride else "")
+    table.add_row(f"{dataset}:{split}", how, str(result["tokens_scored"]), f"{result['perplexity']:.3f}")
+    out_console.print(table)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

