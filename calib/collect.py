@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from kvtool.calib.stats import StatsStore, parse_stats
 from torch import nn
 
-from kvtool.calib.stats import StatsStore, parse_stats
 from kvtool.models import ArchSpec, LayerStreamer, LoadedModel
 
 
@@ -162,7 +162,7 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
         h, kw = _layer_inputs(model, spec, batch.to(device))
         hidden.append(h.to(keep))
         kwargs_by_size.setdefault(batch.shape[0], kw)
-    for m, home in zip(pre_modules, homes):
+    for m, home in zip(pre_modules, homes, strict=True):
         m.to(home)
 
     streamer = LayerStreamer(loaded, device)

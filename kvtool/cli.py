@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,7 +25,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 console = Console(stderr=True)
 out_console = Console()
 
-ModelArg = Annotated[Optional[str], typer.Argument(
+ModelArg = Annotated[str | None, typer.Argument(
     help="Model: 'smollm2-135m' (embedded, default), a checkpoint folder, a .gguf file, or a hub id.")]
 DatasetOpt = Annotated[str, typer.Option(
     "--dataset", help="Text: 'embedded' (Python reference docs), a .txt/.jsonl/.json/.parquet file or folder, "
@@ -143,6 +143,11 @@ def calibrate(
         table.add_row(str(len(store.layers())), ",".join(store.names()), str(tokens), f"{seconds:.1f}",
                       f"{tokens / max(seconds, 1e-9):.0f}")
         out_console.print(table)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 @app.command("eval")
@@ -153,7 +158,7 @@ def eval_(
     split: Annotated[str, typer.Option(help="Split: 'heldout' for the embedded text, or a hub split.")] = "heldout",
     text_field: TextFieldOpt = "text",
     seq_len: Annotated[int, typer.Option("--seq-len", help="Window length.")] = 512,
-    stride: Annotated[Optional[int], typer.Option(
+    stride: Annotated[int | None, typer.Option(
         help="Sliding windows advancing by STRIDE (default: non-overlapping windows).")] = None,
     max_tokens: Annotated[int, typer.Option("--max-tokens", help="Score at most this many tokens (0 = all).")] = 16384,
     batch_size: Annotated[int, typer.Option("--batch-size")] = 4,
@@ -187,6 +192,40 @@ def eval_(
     how = f"{result['mode']}, seq-len {result['seq_len']}" + (f", stride {stride}" if stride else "")
     table.add_row(f"{dataset}:{split}", how, str(result["tokens_scored"]), f"{result['perplexity']:.3f}")
     out_console.print(table)
+
+
+@app.command("stats")
+@fails_cleanly
+def stats_(
+    directory: Annotated[Path, typer.Argument(help="A statistics folder written by `kvtool calibrate`.")],
+    model: Annotated[str | None, typer.Option(
+        "--model", help="Check that the statistics were collected on this model (same weights hash).")] = None,
+) -> None:
+    """Summarize a statistics folder and optionally check it matches a model.
+
+    Example: kvtool stats stats/ --model smollm2-135m
+    """
+    from kvtool.calib import StatsStore
+
+    store = StatsStore.load(directory)
+    if model is not None:
+        from kvtool.models import load_model
+
+        loaded = load_model(model)
+        store.require(store.names(), loaded.spec.num_layers, loaded.model_hash)
+    meta = store.meta
+    table = Table(title=f"statistics in {directory}")
+    for col in ("statistic", "shape", "layers", "tokens"):
+        table.add_column(col)
+    for name in store.names():
+        layers = [i for i in store.layers() if store.has(i, name)]
+        table.add_row(name, "x".join(map(str, store.sum(layers[0], name).shape)), str(len(layers)),
+                      str(store.count(layers[0], name)))
+    out_console.print(table)
+    out_console.print(f"model: {meta.get('model', {}).get('source')}  hash: {meta.get('model', {}).get('hash')}")
+    out_console.print(f"dataset: {meta.get('dataset')}")
+    if model is not None:
+        out_console.print(f"[green]matches {model}[/]")
 
 
 def main() -> None:

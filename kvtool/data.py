@@ -94,7 +94,8 @@ def load_text(source: TextSource) -> str:
             if group:
                 texts += _records_text(group, kind, source.text_field)
         return "\n\n".join(texts)
-    if source.dataset.startswith((".", "/", "~")) or source.dataset.endswith(tuple(TEXT_SUFFIXES | set(RECORD_SUFFIXES))):
+    suffixes = tuple(TEXT_SUFFIXES | set(RECORD_SUFFIXES))
+    if source.dataset.startswith((".", "/", "~")) or source.dataset.endswith(suffixes):
         raise KvtoolError(f"dataset path {source.dataset} does not exist: give an existing file or folder, "
                           "a hub dataset name, or 'embedded'")
     return _hub_text(source)

@@ -43,12 +43,11 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int = 512, strid
     else:
         if not 0 < stride <= seq_len:
             raise KvtoolError(f"stride {stride} must be in 1..seq-len ({seq_len})")
-        start = 0
-        while True:
+        start, scored_until = 0, 1
+        while scored_until < tokens.numel():
             end = min(start + seq_len, tokens.numel())
-            spans.append((start, end, 1 if start == 0 else end - start - stride))
-            if end == tokens.numel():
-                break
+            spans.append((start, end, max(1, scored_until - start)))
+            scored_until = end
             start += stride
         mode = "sliding"
     total_nll, total_tokens = 0.0, 0
@@ -57,7 +56,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int = 512, strid
         by_len.setdefault(s[1] - s[0], []).append(s)
     with _progress(progress) as bar:
         task = bar.add_task("perplexity", total=len(spans))
-        for length, group in by_len.items():
+        for group in by_len.values():
             for i in range(0, len(group), batch_size):
                 chunk = group[i:i + batch_size]
                 ids = torch.stack([tokens[a:b] for a, b, _ in chunk]).to(device)

@@ -274,9 +274,10 @@ def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = No
     decoder layers stay there: :class:`LayerStreamer` materializes them one at a time, so a model larger
     than memory can still be calibrated.
     """
-    import kvtool.modeling  # noqa: F401  (registers kvtool's own model classes with the Auto classes)
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    import kvtool.modeling  # noqa: F401  (registers kvtool's own model classes with the Auto classes)
 
     hf_logging.disable_progress_bar()
 
@@ -285,13 +286,13 @@ def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = No
     target = str(directory) if directory is not None else source
     try:
         config = AutoConfig.from_pretrained(target)
+        arch_spec_from_config(config)  # raises the unsupported-architecture error before any weights load
         tokenizer = AutoTokenizer.from_pretrained(target)
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         if directory is None:
             raise KvtoolError(f"could not load {source} from the Hugging Face hub (offline or not found): "
                               "download it elsewhere and pass the local folder") from exc
         raise KvtoolError(f"could not read {target}: {exc}".splitlines()[0]) from exc
-    arch_spec_from_config(config)  # raises the unsupported-architecture error early, before any weights load
     if directory is not None and digest is None:
         digest = files_digest(weight_files(directory) + [directory / "config.json"])
     if lazy:

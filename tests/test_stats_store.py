@@ -1,0 +1,71 @@
+"""StatsStore persistence, merging and validation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from kvtool.calib import StatsStore, parse_stats
+
+from kvtool.errors import KvtoolError
+
+
+def make_store(seed=0, rows=10):
+    g = torch.Generator().manual_seed(seed)
+    store = StatsStore({"model": {"hash": "sha256:abc"}})
+    for layer in range(2):
+        store.add(layer, "attn_in", torch.randn(rows, 8, generator=g))
+    return store
+
+
+def test_add_accumulates_float64_gram():
+    x = torch.randn(7, 5, dtype=torch.float32)
+    store = StatsStore()
+    store.add(0, "attn_in", x[:3])
+    store.add(0, "attn_in", x[3:])
+    torch.testing.assert_close(store.sum(0, "attn_in"), x.double().T @ x.double())
+    assert store.count(0, "attn_in") == 7
+    torch.testing.assert_close(store.second_moment(0, "attn_in"), x.double().T @ x.double() / 7)
+
+
+def test_save_load_roundtrip(tmp_path):
+    store = make_store()
+    store.save(tmp_path)
+    back = StatsStore.load(tmp_path)
+    assert back.meta["model"]["hash"] == "sha256:abc"
+    for key in store.sums:
+        assert torch.equal(back.sums[key], store.sums[key])
+        assert back.counts[key] == store.counts[key]
+
+
+def test_merge_adds_sums_and_counts():
+    a, b = make_store(0), make_store(1, rows=4)
+    expected = a.sums[(0, "attn_in")] + b.sums[(0, "attn_in")]
+    a.merge(b)
+    torch.testing.assert_close(a.sums[(0, "attn_in")], expected)
+    assert a.counts[(0, "attn_in")] == 14
+
+
+def test_require_reports_missing_and_mismatched():
+    store = make_store()
+    store.require(["attn_in"], 2, "sha256:abc")
+    with pytest.raises(KvtoolError, match="missing for 1 of 3 layers"):
+        store.require(["attn_in"], 3)
+    with pytest.raises(KvtoolError, match="'k' missing"):
+        store.require(["k"], 2)
+    with pytest.raises(KvtoolError, match="different model"):
+        store.require(["attn_in"], 2, "sha256:other")
+
+
+def test_load_rejects_damaged_or_missing(tmp_path):
+    with pytest.raises(KvtoolError, match="not a statistics folder"):
+        StatsStore.load(tmp_path)
+    make_store().save(tmp_path)
+    (tmp_path / "stats.safetensors").write_bytes(b"garbage")
+    with pytest.raises(KvtoolError, match="damaged"):
+        StatsStore.load(tmp_path)
+
+
+def test_parse_stats():
+    assert parse_stats("k,attn_in") == ("attn_in", "k")
+    with pytest.raises(KvtoolError, match="unknown statistics"):
+        parse_stats("attn_in,bogus")
