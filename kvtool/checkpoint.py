@@ -134,3 +134,24 @@ def provenance(command: str, options: dict[str, Any], model: dict[str, Any] | No
         "statistics": statistics,
         "report": report,
     }
+
+
+def save_model_checkpoint(directory: Path, state: dict[str, torch.Tensor], config: Any,
+                          manifest: dict[str, Any], tokenizer: Any = None) -> None:
+    """Write a loadable HF checkpoint into ``directory``: config.json, safetensors shards, kvtool.json, tokenizer.
+
+    ``config`` is a transformers config (or a plain dict written as config.json). Tied ``lm_head.weight`` is
+    dropped when ``tie_word_embeddings`` is set. Use inside :func:`atomic_dir`.
+    """
+    if isinstance(config, dict):
+        tie = bool(config.get("tie_word_embeddings", False))
+        write_json(directory / "config.json", config)
+    else:
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        tie = bool(getattr(config, "tie_word_embeddings", False))
+        config.save_pretrained(directory)
+    save_tensors(directory, untie_for_saving(state, tie))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(directory)
+    write_json(directory / MANIFEST, manifest)

@@ -176,10 +176,11 @@ def eval_(
     from kvtool.models import load_model
 
     device = resolve_device(device)
-    loaded = load_model(model, dtype=dtype, device=device)
-    if loaded.spec.max_positions and seq_len > loaded.spec.max_positions:
-        raise KvtoolError(f"seq-len {seq_len} exceeds the model's context of {loaded.spec.max_positions} tokens: "
-                          f"use --seq-len {loaded.spec.max_positions} or less")
+    loaded = load_model(model, dtype=dtype, device=device, strict=False)
+    context = getattr(loaded.model.config, "max_position_embeddings", 0) or 0
+    if context and seq_len > context:
+        raise KvtoolError(f"seq-len {seq_len} exceeds the model's context of {context} tokens: "
+                          f"use --seq-len {context} or less")
     tokens = heldout_tokens(loaded.tokenizer, TextSource(dataset, split, text_field), max_tokens or None)
     result = perplexity(loaded.model, tokens, seq_len, stride, batch_size, progress=progress and not as_json)
     result = {"model": loaded.source, "dataset": dataset, "split": split, **result}
@@ -228,9 +229,46 @@ def stats_(
         out_console.print(f"[green]matches {model}[/]")
 
 
+@app.command("validate")
+@fails_cleanly
+def validate_(
+    output: Annotated[Path, typer.Argument(help="An output folder written by a kvtool transform.")],
+    device: DeviceOpt = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON on stdout.")] = False,
+) -> None:
+    """Run a converted model's hot path through its Triton kernel and compare with the PyTorch path.
+
+    Example: kvtool validate out/mla   (set TRITON_INTERPRET=1 to run the kernels on the CPU)
+    """
+    from kvtool.validate import validate
+
+    report = validate(output, {"device": resolve_device(device)})
+    if as_json:
+        sys.stdout.write(json.dumps(report, indent=2, default=str) + "\n")
+    else:
+        table = Table(title=f"validate {output}")
+        table.add_column("check")
+        table.add_column("value")
+        for k, v in report.items():
+            table.add_row(k, f"{v:.3e}" if isinstance(v, float) else str(v))
+        out_console.print(table)
+    if not report.get("passed", False):
+        console.print("[bold red]error:[/] validation failed: kernel and PyTorch outputs differ beyond tolerance")
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()
+
+
+def _register_transform_commands() -> None:
+    import kvtool.commands
+
+    kvtool.commands.load_all()
+
+
+_register_transform_commands()
 
 
 if __name__ == "__main__":

@@ -79,7 +79,8 @@ class ArchSpec:
 
 def arch_spec_from_config(config: Any) -> ArchSpec:
     """Build the :class:`ArchSpec` of a transformers config; unsupported architectures raise KvtoolError."""
-    model_type = getattr(config, "model_type", None)
+    # kvtool's converted formats keep their source's fields and name the source type here
+    model_type = getattr(config, "kvtool_source_model_type", None) or getattr(config, "model_type", None)
     if model_type not in SUPPORTED_ARCHITECTURES:
         raise KvtoolError(
             f"unsupported architecture {model_type!r}: kvtool supports {', '.join(SUPPORTED_ARCHITECTURES)}"
@@ -116,15 +117,16 @@ class LoadedModel:
 
     model: nn.Module
     tokenizer: Any
-    spec: ArchSpec
+    spec: ArchSpec  # None only for load_model(strict=False) of an architecture kvtool does not convert
     source: str
     model_hash: str
     path: Path | None = None
 
     def identity(self) -> dict[str, Any]:
         """What statistics and checkpoints record about the model they came from."""
-        return {"source": self.source, "hash": self.model_hash, "model_type": self.spec.model_type,
-                "num_layers": self.spec.num_layers, "hidden_size": self.spec.hidden_size}
+        cfg = self.model.config
+        return {"source": self.source, "hash": self.model_hash, "model_type": cfg.model_type,
+                "num_layers": cfg.num_hidden_layers, "hidden_size": cfg.hidden_size}
 
 
 # ---------------------------------------------------------------------------------------------- hashing
@@ -267,12 +269,15 @@ def resolve_model_path(model: str | None) -> tuple[Path | None, str, str | None]
 
 
 def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = None,
-               device: str | torch.device = "cpu", lazy: bool = False) -> LoadedModel:
+               device: str | torch.device = "cpu", lazy: bool = False, strict: bool = True) -> LoadedModel:
     """Load a supported causal LM and its tokenizer.
 
     With ``lazy=True`` (local safetensors checkpoints) the model is built on the ``meta`` device and its
     decoder layers stay there: :class:`LayerStreamer` materializes them one at a time, so a model larger
     than memory can still be calibrated.
+
+    With ``strict=False`` any causal LM transformers can load is accepted (``spec`` is None when its
+    architecture is not one kvtool converts): ``kvtool eval`` uses this for e.g. DeepSeek-V3-format exports.
     """
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -286,7 +291,8 @@ def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = No
     target = str(directory) if directory is not None else source
     try:
         config = AutoConfig.from_pretrained(target)
-        arch_spec_from_config(config)  # raises the unsupported-architecture error before any weights load
+        if strict:
+            arch_spec_from_config(config)  # raises the unsupported-architecture error before any weights load
         tokenizer = AutoTokenizer.from_pretrained(target)
     except (OSError, ValueError) as exc:
         if directory is None:
@@ -316,7 +322,13 @@ def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = No
     hf_model.eval()
     if digest is None:
         digest = state_dict_digest(hf_model)
-    return LoadedModel(hf_model, tokenizer, spec_of(hf_model), source, digest, directory)
+    try:
+        spec: ArchSpec | None = spec_of(hf_model)
+    except KvtoolError:
+        if strict:
+            raise
+        spec = None
+    return LoadedModel(hf_model, tokenizer, spec, source, digest, directory)
 
 
 def spec_of(model: nn.Module) -> ArchSpec:
