@@ -1,0 +1,267 @@
+"""CorDA: context-oriented decomposition of each target linear into a frozen residual plus a LoRA adapter.
+
+For a linear ``W`` (out×in) whose input ``x`` has second moment ``C = E[x xᵀ]`` (in×in):
+
+1. **Damping.** ``C_λ = C + λ·mean(diag C)·I``; ``λ`` starts at ``damp`` (0.01, PEFT's value) and doubles until the
+   inverse error ``‖C_λ·C_λ⁻¹ − I‖_F`` is below ``inverse_tol`` (0.05, PEFT's rule). If ``λ`` would exceed
+   ``max_damp`` the covariance is singular beyond what damping may fix and :class:`KvtoolError` is raised.
+2. **SVD** of ``W·C_λ = U Σ Vᵀ`` in float64, so ``W = U Σ (Vᵀ C_λ⁻¹)`` exactly.
+3. **Adapter** from ``r`` components: the smallest (``kpa``, knowledge-preserved: the directions the
+   calibration context uses least go to the trainable adapter) or the largest (``ipa``, instruction-previewed).
+   ``B = U_r √Σ_r`` (out×r), ``A = √Σ_r (Vᵀ C_λ⁻¹)_r`` (r×in), and the frozen residual is ``W − B·A``, so the
+   model's function is unchanged at initialization.
+
+Two baselines share the same output format: ``pissa`` (SVD of ``W`` alone, largest ``r`` components, no
+statistics) and ``lora`` (PEFT's default init: ``A`` Kaiming-uniform with a fixed seed, ``B = 0``, residual = ``W``).
+
+Everything here is a pure function of tensors; :func:`corda_transform` walks the target linears of a model's state
+dict and returns (adapter tensors with PEFT's key names, residual weights, report).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from kvtool.errors import KvtoolError
+
+MODES = ("kpa", "ipa", "pissa", "lora")
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# which input statistic (kvtool.calib names) feeds each target linear
+STAT_OF = {"q_proj": "attn_in", "k_proj": "attn_in", "v_proj": "attn_in", "o_proj": "o_in",
+           "gate_proj": "mlp_in", "up_proj": "mlp_in", "down_proj": "down_in"}
+PARENT_OF = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+             "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+DEFAULT_DAMP = 0.01
+DEFAULT_MAX_DAMP = 10.0
+DEFAULT_INVERSE_TOL = 0.05
+
+
+def parse_targets(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
+    """Validate ``--targets`` (comma-separated projection names); None -> all attention and MLP projections."""
+    if spec is None:
+        return ALL_TARGETS
+    names = [s.strip() for s in (spec.split(",") if isinstance(spec, str) else spec) if s.strip()]
+    unknown = [n for n in names if n not in ALL_TARGETS]
+    if unknown or not names:
+        raise KvtoolError(f"target module {', '.join(unknown) or '(none given)'} is not a projection kvtool adapts: "
+                          f"choose from {','.join(ALL_TARGETS)}")
+    return tuple(n for n in ALL_TARGETS if n in names)
+
+
+def required_stats(targets: tuple[str, ...], mode: str = "kpa") -> tuple[str, ...]:
+    """The input statistics CorDA needs for these targets (none for the weight-only baselines)."""
+    if mode in ("pissa", "lora"):
+        return ()
+    wanted = {STAT_OF[t] for t in targets}
+    return tuple(n for n in ("attn_in", "o_in", "mlp_in", "down_in") if n in wanted)
+
+
+def module_key(layer: int, target: str) -> str:
+    """HF module path of a target linear in decoder layer ``layer``."""
+    return f"model.layers.{layer}.{PARENT_OF[target]}.{target}"
+
+
+@dataclass
+class DampedInverse:
+    """A damped covariance, its inverse, the damping used and the achieved inverse error."""
+
+    damped: torch.Tensor
+    inverse: torch.Tensor
+    damp: float
+    inverse_error: float
+
+
+def damped_inverse(cov: torch.Tensor, damp: float = DEFAULT_DAMP, max_damp: float = DEFAULT_MAX_DAMP,
+                   inverse_tol: float = DEFAULT_INVERSE_TOL, what: str = "covariance") -> DampedInverse:
+    """``C_λ = C + λ·mean(diag C)·I`` with λ doubling from ``damp`` until ``‖C_λ C_λ⁻¹ − I‖_F < inverse_tol``.
+
+    Computed in float64. Raises KvtoolError when the covariance is not finite, is zero, or still inverts badly at
+    ``λ > max_damp``.
+    """
+    c = cov.to(torch.float64)
+    if c.ndim != 2 or c.shape[0] != c.shape[1]:
+        raise KvtoolError(f"{what} has shape {tuple(c.shape)}, expected a square matrix: recalibrate")
+    if not torch.isfinite(c).all():
+        raise KvtoolError(f"{what} holds NaN/inf values: recalibrate (check the model runs in float32)")
+    c = 0.5 * (c + c.T)
+    scale = float(torch.diagonal(c).mean())
+    if not scale > 0:
+        raise KvtoolError(f"{what} is zero (no signal reached this linear): recalibrate with more/other text")
+    eye = torch.eye(c.shape[0], dtype=torch.float64)
+    lam = damp
+    while True:
+        damped = c + (lam * scale) * eye
+        try:
+            inverse = torch.linalg.inv(damped)
+            err = float(torch.linalg.matrix_norm(damped @ inverse - eye))
+        except RuntimeError:  # exactly singular
+            err = math.inf
+        if err < inverse_tol and math.isfinite(err):
+            return DampedInverse(damped, inverse, lam, err)
+        lam *= 2.0
+        if lam > max_damp:
+            raise KvtoolError(f"{what} is singular beyond the damping limit (inverse error {err:.3g} at damping "
+                              f"{lam / 2:.3g} > --max-damp {max_damp:g}): calibrate on more tokens or raise --max-damp")
+
+
+@dataclass
+class Factor:
+    """One adapted linear: adapter ``A`` (r×in) and ``B`` (out×r), the residual base weight, and diagnostics."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    residual: torch.Tensor
+    report: dict
+
+
+def corda_factor(weight: torch.Tensor, cov: DampedInverse | None, rank: int, mode: str, *,
+                 seed: int = 0, what: str = "linear") -> Factor:
+    """Split ``weight`` (out×in) into residual + ``B·A`` for one mode; float64 throughout (see module docstring)."""
+    if mode not in MODES:
+        raise KvtoolError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    w = weight.detach().to(torch.float64)
+    out_f, in_f = w.shape
+    if not 0 < rank < min(out_f, in_f):
+        raise KvtoolError(f"rank {rank} is not below min(in, out) = {min(out_f, in_f)} of {what} "
+                          f"({out_f}×{in_f}): choose --rank between 1 and {min(out_f, in_f) - 1}")
+    report: dict = {"shape": [out_f, in_f]}
+    if mode == "lora":
+        gen = torch.Generator().manual_seed(seed)
+        bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) as in PEFT / nn.Linear
+        a = (torch.rand(rank, in_f, generator=gen, dtype=torch.float64) * 2 - 1) * bound
+        b = torch.zeros(out_f, rank, dtype=torch.float64)
+        report.update(energy_kept=0.0)
+        return Factor(a, b, w.clone(), report)
+    if mode == "pissa":
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        right = vh
+    else:
+        if cov is None:
+            raise KvtoolError(f"mode {mode} needs input statistics for {what}: pass --stats or let kvtool collect them")
+        if cov.damped.shape[0] != in_f:
+            raise KvtoolError(f"statistics for {what} are {cov.damped.shape[0]}-wide but the linear takes {in_f} "
+                              "inputs: recalibrate on this model")
+        u, s, vh = torch.linalg.svd(w @ cov.damped, full_matrices=False)
+        right = vh @ cov.inverse
+        report.update(damp=cov.damp, inverse_error=cov.inverse_error)
+    idx = slice(-rank, None) if mode == "kpa" else slice(0, rank)
+    root = s[idx].sqrt()
+    b = u[:, idx] * root
+    a = root[:, None] * right[idx]
+    residual = w - b @ a
+    energy = s.square()
+    report.update(energy_kept=float(energy[idx].sum() / energy.sum()),
+                  sigma_first=float(s[idx][0]), sigma_last=float(s[idx][-1]), sigma_max=float(s[0]),
+                  reconstruction_error=float(torch.linalg.matrix_norm(residual + b @ a - w)
+                                             / torch.linalg.matrix_norm(w)),
+                  residual_norm_ratio=float(torch.linalg.matrix_norm(residual) / torch.linalg.matrix_norm(w)))
+    return Factor(a, b, residual, report)
+
+
+CovarianceFn = Callable[[int, str], torch.Tensor]
+
+
+def corda_transform(weights: dict[str, torch.Tensor], covariance: CovarianceFn | None, num_layers: int,
+                    targets: tuple[str, ...], rank: int, mode: str, *, damp: float = DEFAULT_DAMP,
+                    max_damp: float = DEFAULT_MAX_DAMP, inverse_tol: float = DEFAULT_INVERSE_TOL,
+                    seed: int = 0, adapter_dtype: torch.dtype = torch.float32,
+                    base_dtype: torch.dtype | None = None, layers: list[int] | None = None,
+                    on_layer: Callable[[int], None] | None = None,
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """CorDA (or a baseline) for every target linear of every (selected) layer.
+
+    Args:
+        weights: the model's state dict (``model.layers.{i}.{self_attn|mlp}.{target}.weight`` are read).
+        covariance: ``(layer, stat_name) -> second moment`` (in×in); unused for ``pissa``/``lora``.
+        num_layers: decoder layers in the model.
+        targets: projection names (see :data:`ALL_TARGETS`).
+        rank: adapter rank r (same for every target).
+        mode: ``kpa``, ``ipa``, ``pissa`` or ``lora``.
+        damp, max_damp, inverse_tol: damping rule of :func:`damped_inverse`.
+        seed: seed of the ``lora`` baseline's random ``A`` (offset per module, deterministic).
+        adapter_dtype: dtype of the written adapter tensors; base_dtype: of the residual weights (default: input's).
+        layers: only these layer indices (default all).
+        on_layer: called after each layer (progress).
+
+    Returns:
+        (adapter tensors keyed ``base_model.model.<module>.lora_{A,B}.weight``, residual weights keyed like
+        ``weights``, report with per-module energy kept, damping and inverse error).
+    """
+    if mode not in MODES:
+        raise KvtoolError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
+    chosen = list(range(num_layers)) if layers is None else sorted(set(layers))
+    bad = [i for i in chosen if not 0 <= i < num_layers]
+    if bad:
+        raise KvtoolError(f"layer {bad[0]} does not exist (the model has {num_layers}): use --layers within "
+                          f"0..{num_layers - 1}")
+    for t in targets:
+        if f"{module_key(chosen[0], t)}.weight" not in weights:
+            raise KvtoolError(f"target module {t} is not present in this model ({module_key(chosen[0], t)}): "
+                              f"drop it from --targets")
+    adapter: dict[str, torch.Tensor] = {}
+    residual: dict[str, torch.Tensor] = {}
+    modules: dict[str, dict] = {}
+    for i in chosen:
+        inverses: dict[str, DampedInverse] = {}
+        for j, t in enumerate(targets):
+            key = module_key(i, t)
+            w = weights[f"{key}.weight"]
+            cov = None
+            if mode in ("kpa", "ipa"):
+                stat = STAT_OF[t]
+                if stat not in inverses:
+                    if covariance is None:
+                        raise KvtoolError(f"mode {mode} needs input statistics: pass --stats or collect them")
+                    inverses[stat] = damped_inverse(covariance(i, stat), damp, max_damp, inverse_tol,
+                                                    what=f"statistic {stat} of layer {i}")
+                cov = inverses[stat]
+            f = corda_factor(w, cov, rank, mode, seed=seed * 1_000_003 + i * len(ALL_TARGETS) + j, what=key)
+            adapter[f"base_model.model.{key}.lora_A.weight"] = f.lora_a.to(adapter_dtype).contiguous()
+            adapter[f"base_model.model.{key}.lora_B.weight"] = f.lora_b.to(adapter_dtype).contiguous()
+            residual[f"{key}.weight"] = f.residual.to(base_dtype or w.dtype).contiguous()
+            modules[key] = {"layer": i, "target": t, **({"stat": STAT_OF[t]} if cov is not None else {}), **f.report}
+        if on_layer is not None:
+            on_layer(i)
+    energies = [m["energy_kept"] for m in modules.values()]
+    report = {
+        "mode": mode, "rank": rank, "targets": list(targets), "layers": chosen, "modules": modules,
+        "energy_kept_mean": sum(energies) / len(energies),
+        "energy_kept_max": max(energies),
+        "energy_kept_min": min(energies),
+        "adapter_parameters": int(sum(t.numel() for t in adapter.values())),
+    }
+    if mode in ("kpa", "ipa"):
+        report["damp_max"] = max(m["damp"] for m in modules.values())
+        report["inverse_error_max"] = max(m["inverse_error"] for m in modules.values())
+    return adapter, residual, report
+
+
+def adapter_config(targets: tuple[str, ...], rank: int, base_model: str | None,
+                   layers: list[int] | None = None, num_layers: int | None = None) -> dict:
+    """``adapter_config.json`` for stock PEFT: a plain LoRA with ``lora_alpha = r`` (scale 1), no dropout."""
+    restrict = layers is not None and num_layers is not None and sorted(set(layers)) != list(range(num_layers))
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": rank,
+        "lora_dropout": 0.0,
+        "target_modules": list(targets),
+        "layers_to_transform": sorted(set(layers)) if restrict else None,
+        "layers_pattern": "layers" if restrict else None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "revision": None,
+    }
