@@ -222,7 +222,8 @@ class TPDecoder(nn.Module):
                 max_len: int | None = None) -> TPDecoder:
         """This rank's shard of a HF Llama/Qwen2/Qwen3/Mistral model (or a kvtool ladder checkpoint of one).
 
-        The ladder layers are taken from ``model.config.ladder_layers`` when present. RoPE tables come from
+        The ladder layers are those installed in ``model`` (a ladder checkpoint's ``config.ladder_layers``, or
+        :func:`kvtool.modeling.ladder.install_ladder` on a source model). RoPE tables come from
         the model's own rotary embedding (so scaled RoPE variants match).
         """
         config = model.config
@@ -266,7 +267,9 @@ class TPDecoder(nn.Module):
                 put(dst.bo, at.o_proj.bias)
             put(dst.w13, torch.cat([rows(mlp.gate_proj.weight, il), rows(mlp.up_proj.weight, il)]))
             put(dst.w2, mlp.down_proj.weight[:, rank * il:(rank + 1) * il])
-        tp.set_ladder(getattr(config, "ladder_layers", None) or [])
+        from kvtool.modeling.ladder import ladder_layers_of
+
+        tp.set_ladder(ladder_layers_of(model))
         n = max_len or int(getattr(config, "max_position_embeddings", 0) or 2048)
         ids = torch.arange(n, device=device)[None]
         cos, sin = hm.rotary_emb(torch.zeros(1, dtype=torch.float32, device=device), position_ids=ids)
@@ -274,7 +277,8 @@ class TPDecoder(nn.Module):
         return tp
 
     # ------------------------------------------------------------------------------------------ forward
-    def _add_norm(self, r: torch.Tensor, adds: list[torch.Tensor], w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _add_norm(self, r: torch.Tensor, adds: list[torch.Tensor],
+                  w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = adds[0] if adds else None
         b = adds[1] if len(adds) > 1 else None
         if self.fused_norm:
