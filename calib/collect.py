@@ -16,9 +16,9 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from kvtool.calib.stats import StatsStore, parse_stats
 from torch import nn
 
+from kvtool.calib.stats import StatsStore, parse_stats
 from kvtool.models import ArchSpec, LayerStreamer, LoadedModel
 
 

@@ -7,8 +7,8 @@ import importlib
 import pytest
 import torch
 from conftest import tiny_model
-from kvtool.calib import ALL_STATS, collect_statistics, collect_statistics_full_forward
 
+from kvtool.calib import ALL_STATS, collect_statistics, collect_statistics_full_forward
 from kvtool.models import load_model, wrap_model
 
 

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_model
-from kvtool.calib import StatsStore, collect_statistics
 
+from kvtool.calib import StatsStore, collect_statistics
 from kvtool.models import wrap_model
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvtool.calib import StatsStore, parse_stats
 
+from kvtool.calib import StatsStore, parse_stats
 from kvtool.errors import KvtoolError
 
 

@@ -1,0 +1,364 @@
+"""CARE: GQA -> MLA conversion with activation-aware factorization and adjusted rank allocation.
+
+Notation: x (tokens x D) is the input of k/v_proj; a projection W (out x D, HF layout) maps it to
+out = g*d channels (g KV heads of width d); C = E[xᵀx] is the ``attn_in`` second moment.
+
+Factorization (per layer, K and V separately)
+    ``care``:  C_λ = C + λ·mean(diag C)·I (λ = ``damping``), S = C_λ^{1/2} by a float64 eigendecomposition.
+               SVD S·Wᵀ = U Σ Vᵀ; keep rank r:  down = (S⁻¹ U_r Σ_r)ᵀ  (r x D, its output is cached),
+               up = V_r (out x r).  This minimizes E‖x(W - Ŵ)ᵀ‖² (with the ridge λ); without damping, up's
+               columns are the top-r eigenvectors of W C Wᵀ (PCA of the projection's outputs).
+    ``svd``:   weight-only baseline: SVD Wᵀ = U Σ Vᵀ, down = (U_r Σ_r)ᵀ, up = V_r.
+
+Rank allocation under a fixed budget (the per-layer KV cache width R = r_K + r_V [+ d_rope]):
+    ``uniform``: r_K = r_V = (R - d_rope)/2 in every layer.
+    ``care``:    greedy water-filling over layers (K and V pools separately, each with budget L·r_uniform):
+                 start at ``rank_min``; repeatedly give one rank to the layer maximizing
+                 σ²_{l,r+1} / Σ_{m>r} σ²_{l,m} (σ: singular values of S·Wᵀ), up to ``rank_max``.
+    ``energy``:  same greedy, maximizing σ²_{l,r+1} (minimizes the total activation-weighted residual energy).
+
+KV-parity mapping: the cache holds c = [x·downᵀ_K | x·downᵀ_V] (width r_K + r_V per token per layer, the GQA
+cache being 2·g·d); the up-projections are block-diagonal per KV group (K reads c_K only, V reads c_V only)
+and each query head reads its group's slice. At r_K = r_V = g·d the conversion is exact.
+
+RoPE
+    ``keep``:      keys are reconstructed from c_K, then (k_norm and) RoPE are applied: exact in the cached form,
+                   not absorbable (decode reconstructs keys).
+    ``decoupled``: DeepSeek-style. Per RoPE frequency pair f, the keys of the g KV heads are rotated by the
+                   eigenvectors U_f of their cross-head Gram G_f[h,h'] = E[k_{h,f}·k_{h',f}] (computed exactly from
+                   C and W_K: a common rotation per pair preserves dot products, so G_f is RoPE-invariant);
+                   this commutes with RoPE (TransMLA's RoRoPE). The top component at the ``rope_dim/2`` frequency
+                   pairs with the largest ‖q‖·‖k‖ score (``rope_select=norm``, MHA2MLA's 2-norm rule) or at every
+                   (d/rope_dim)-th pair (``uniform``, what a native DeepSeek rotary reproduces) becomes the single
+                   shared rope key k_pe; all other rotated key channels lose RoPE (the approximation) and are
+                   compressed into c_K with the chosen factorization. Queries are rotated to match, so the layout
+                   is absorbable. Needs no q/k biases and no QK-norm.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from kvtool.calib.stats import StatsStore
+from kvtool.errors import KvtoolError
+from kvtool.models import ArchSpec
+
+REQUIRED_STATS = ("attn_in",)
+METHODS = ("care", "svd")
+ALLOCATIONS = ("uniform", "care", "energy")
+ROPE_MODES = ("keep", "decoupled")
+
+
+@dataclass
+class CareOptions:
+    """Options of the CARE conversion (see the module docstring)."""
+
+    method: str = "care"
+    rank_alloc: str = "uniform"
+    kv_rank: int | None = None  # per layer cache width K+V (+ rope dims); overrides kv_ratio
+    kv_ratio: float = 0.5  # fraction of the GQA cache width 2*g*d
+    rank_min: int | None = None  # per K or V; default half the uniform rank
+    rank_max: int | None = None  # per K or V; default min(2 * uniform rank, available)
+    damping: float = 0.01
+    rope: str = "keep"
+    rope_dim: int | None = None  # decoupled: width of the shared rope key (default 64, or head_dim/2 if head_dim<=64)
+    rope_select: str = "norm"
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class MlaLayer:
+    """Converted attention weights of one layer (HF Linear layout: out x in)."""
+
+    k_down: torch.Tensor
+    k_up: torch.Tensor
+    v_down: torch.Tensor
+    v_up: torch.Tensor
+    q_weight: torch.Tensor | None = None  # decoupled: n_h*(d_nope + d_rope) x D
+    k_pe: torch.Tensor | None = None  # decoupled: d_rope x D
+    rope_pairs: list[int] = field(default_factory=list)  # decoupled: original frequency-pair indices of k_pe
+
+
+# ---------------------------------------------------------------------------------------------- factorization
+
+def damped_sqrt(c: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(S, S⁻¹) with S = (C + damping·mean(diag C)·I)^{1/2}, symmetric, float64."""
+    c = c.to(torch.float64)
+    c = (c + c.T) / 2
+    ridge = damping * c.diagonal().mean().clamp_min(1e-12)
+    evals, evecs = torch.linalg.eigh(c + ridge * torch.eye(c.shape[0], dtype=torch.float64))
+    evals = evals.clamp_min(ridge.item() * 1e-6 if damping > 0 else 1e-12)
+    root = evals.sqrt()
+    return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
+
+
+def spectrum(weight: torch.Tensor, sqrt_c: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """SVD of S·Wᵀ (activation-aware) or of Wᵀ (weight-only, ``sqrt_c`` None), float64."""
+    m = weight.to(torch.float64).T
+    if sqrt_c is not None:
+        m = sqrt_c @ m
+    return torch.linalg.svd(m, full_matrices=False)
+
+
+def weighted_error(weight: torch.Tensor, approx: torch.Tensor, c: torch.Tensor) -> float:
+    """Relative activation-weighted error E‖x(W-Ŵ)ᵀ‖² / E‖xWᵀ‖² = tr(ΔCΔᵀ)/tr(WCWᵀ) (undamped C)."""
+    w, d = weight.to(torch.float64), (weight.to(torch.float64) - approx.to(torch.float64))
+    den = torch.einsum("od,de,oe->", w, c, w)
+    return float(torch.einsum("od,de,oe->", d, c, d) / den.clamp_min(1e-300))
+
+
+# ---------------------------------------------------------------------------------------------- allocation
+
+def allocate_ranks(energies: list[torch.Tensor], budget: int, rank_min: int, rank_max: int, rule: str) -> list[int]:
+    """Greedy water-filling of ``budget`` ranks over blocks with squared singular values ``energies``.
+
+    Every block starts at ``rank_min``; each step gives one rank to the block with the highest score
+    (``care``: σ²_{r+1}/Σ_{m>r}σ²_m; ``energy``: σ²_{r+1}), never above ``rank_max`` or the block's size.
+    """
+    n = len(energies)
+    caps = [min(rank_max, e.numel()) for e in energies]
+    if any(rank_min > cap for cap in caps):
+        raise KvtoolError(f"rank floor {rank_min} exceeds a layer's available rank {min(caps)}: lower --rank-min")
+    if budget < n * rank_min:
+        raise KvtoolError(f"KV budget of {budget} ranks is below the floor of {n} layers x {rank_min}: "
+                          "raise --kv-rank/--kv-ratio or lower --rank-min")
+    if budget > sum(caps):
+        raise KvtoolError(f"KV budget of {budget} ranks exceeds what {n} layers can hold ({sum(caps)}): "
+                          "lower --kv-rank/--kv-ratio or raise --rank-max")
+    tails = [torch.flip(torch.cumsum(torch.flip(e.double(), [0]), 0), [0]) for e in energies]
+    ranks = [rank_min] * n
+
+    def score(i: int) -> float:
+        r = ranks[i]
+        if r >= caps[i]:
+            return -math.inf
+        nxt = float(energies[i][r])
+        if rule == "energy":
+            return nxt
+        return nxt / max(float(tails[i][r]), 1e-300)
+
+    for _ in range(budget - n * rank_min):
+        best = max(range(n), key=lambda i: (score(i), -i))
+        ranks[best] += 1
+    return ranks
+
+
+# ---------------------------------------------------------------------------------------------- budget
+
+def layer_budget(spec: ArchSpec, opts: CareOptions) -> tuple[int, int]:
+    """(per-layer cache width R incl. rope dims, rope dims) from kv_rank or kv_ratio."""
+    full = 2 * spec.kv_width
+    rope_dim = resolve_rope_dim(spec, opts) if opts.rope == "decoupled" else 0
+    if opts.kv_rank is not None:
+        total = opts.kv_rank
+    else:
+        if not 0 < opts.kv_ratio <= 1:
+            raise KvtoolError(f"--kv-ratio {opts.kv_ratio} must be in (0, 1]")
+        total = int(round(opts.kv_ratio * full))
+    if total > full:
+        raise KvtoolError(f"--kv-rank {total} exceeds the GQA cache width 2*g*d = {full}: use at most {full}")
+    if total - rope_dim < 2:
+        raise KvtoolError(f"KV width {total} leaves no room for latent ranks after {rope_dim} rope dims: "
+                          "raise --kv-rank/--kv-ratio or lower --rope-dim")
+    return total, rope_dim
+
+
+def split_latent(latent: int, avail_k: int, avail_v: int) -> dict[str, int]:
+    """Uniform split of a layer's latent width between K and V (half each, within what each can hold)."""
+    if latent > avail_k + avail_v:
+        raise KvtoolError(f"latent width {latent} exceeds the K+V channels {avail_k + avail_v}: "
+                          "lower --kv-rank/--kv-ratio")
+    r_v = min(latent - min((latent + 1) // 2, avail_k), avail_v)
+    return {"k": latent - r_v, "v": r_v}
+
+
+def resolve_rope_dim(spec: ArchSpec, opts: CareOptions) -> int:
+    d = spec.head_dim
+    rope_dim = opts.rope_dim if opts.rope_dim is not None else (64 if d > 64 else d // 2)
+    if rope_dim < 2 or rope_dim % 2 or rope_dim > d:
+        raise KvtoolError(f"--rope-dim {rope_dim} must be even and between 2 and head_dim ({d})")
+    if opts.rope_select == "uniform" and (d // 2) % (rope_dim // 2):
+        raise KvtoolError(f"--rope-select uniform needs rope-dim/2 to divide head_dim/2 ({d // 2}): pick another "
+                          "--rope-dim")
+    return rope_dim
+
+
+# ---------------------------------------------------------------------------------------------- decoupled RoPE
+
+def rorope_rotation(w_q: torch.Tensor, w_k: torch.Tensor, c: torch.Tensor,
+                    spec: ArchSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rotate keys across KV heads per RoPE frequency pair (TransMLA's RoRoPE), and queries to match.
+
+    Returns (rot_q [n_h, g, d, D], rot_k [g, d, D], score per pair, top-component energy share per pair).
+    For every query head, Σ_j RoPE(rot_q[h, j] x)·RoPE(rot_k[j] x') equals RoPE(q_h x)·RoPE(k_{group(h)} x'):
+    the rotation acts identically on both channels of a pair, so it commutes with RoPE. Components are sorted by
+    energy (component 0 carries the most); score_f = ‖q'_{0,f}‖·‖k'_{0,f}‖ (RMS over calibration tokens).
+    """
+    g, d, n_h = spec.num_kv_heads, spec.head_dim, spec.num_heads
+    half, group = d // 2, spec.group_size
+    c = c.to(torch.float64)
+    wk = w_k.to(torch.float64).view(g, d, -1)
+    wq = w_q.to(torch.float64).view(n_h, d, -1)
+    rot_k = torch.empty_like(wk)
+    rot_q = torch.empty(n_h, g, d, wq.shape[-1], dtype=torch.float64, device=wq.device)
+    scores = torch.empty(half, dtype=torch.float64)
+    shares = torch.empty(half, dtype=torch.float64)
+    for f in range(half):
+        a, b = wk[:, f], wk[:, f + half]  # g x D
+        evals, evecs = torch.linalg.eigh(a @ c @ a.T + b @ c @ b.T)
+        u, evals = evecs.flip(-1), evals.flip(-1).clamp_min(0)  # columns by descending energy
+        rot_k[:, f], rot_k[:, f + half] = u.T @ a, u.T @ b
+        coef = u[torch.arange(n_h, device=u.device) // group]  # n_h x g
+        rot_q[:, :, f] = coef[:, :, None] * wq[:, None, f]
+        rot_q[:, :, f + half] = coef[:, :, None] * wq[:, None, f + half]
+        qa, qb = rot_q[:, 0, f], rot_q[:, 0, f + half]
+        q_energy = (torch.einsum("hd,de,he->", qa, c, qa) + torch.einsum("hd,de,he->", qb, c, qb)).clamp_min(0)
+        scores[f] = float(q_energy.sqrt() * evals[0].sqrt())
+        shares[f] = float(evals[0] / evals.sum().clamp_min(1e-300))
+    return rot_q, rot_k, scores, shares
+
+
+def decouple_rope(w_q: torch.Tensor, w_k: torch.Tensor, c: torch.Tensor, spec: ArchSpec, rope_dim: int,
+                  select: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
+    """RoRoPE rotation, then keep RoPE on the top component of ``rope_dim/2`` chosen pairs.
+
+    Returns (new q weight [n_h*(d_nope+d_rope), D], k_nope weight [d_nope, D], k_pe weight [d_rope, D],
+    chosen pair indices, per-pair energy share of the top component). Each head's q channels are ordered
+    [nope (matching k_nope's rows) | rope]; k_pe is in half-split order [a-parts | b-parts] of the chosen pairs.
+    """
+    g, d = spec.num_kv_heads, spec.head_dim
+    half = d // 2
+    rot_q, rot_k, scores, shares = rorope_rotation(w_q, w_k, c, spec)
+    pairs = rope_dim // 2
+    if select == "uniform":
+        chosen = list(range(0, half, half // pairs))[:pairs]
+    elif select == "norm":
+        chosen = sorted(torch.topk(scores, pairs).indices.tolist())
+    else:
+        raise KvtoolError(f"unknown --rope-select {select!r}: use norm or uniform")
+    keep = torch.zeros(g, d, dtype=torch.bool)
+    pe_rows = chosen + [f + half for f in chosen]
+    keep[0, pe_rows] = True
+    q_new = torch.cat([rot_q[:, ~keep], rot_q[:, 0, pe_rows]], dim=1).reshape(-1, rot_q.shape[-1])
+    return q_new, rot_k[~keep], rot_k[0, pe_rows], chosen, shares
+
+
+# ---------------------------------------------------------------------------------------------- the transform
+
+def convert_layers(weights: dict[str, torch.Tensor], stats: StatsStore, spec: ArchSpec, opts: CareOptions,
+                   device: str | torch.device = "cpu") -> tuple[list[MlaLayer], dict[str, Any]]:
+    """Factor every layer's K and V (and rotate q/k for decoupled RoPE); returns layers and a report.
+
+    ``weights`` is the source model's state dict (HF names); ``stats`` must hold ``attn_in`` for every layer.
+    Factorizations run in float64 on ``device``.
+    """
+    check_options(spec, opts)
+    stats.require(REQUIRED_STATS, spec.num_layers)
+    total, rope_dim = layer_budget(spec, opts)
+    latent = total - rope_dim
+    n = spec.num_layers
+    aware = opts.method == "care"
+    blocks: dict[str, list[dict[str, Any]]] = {"k": [], "v": []}
+    extra: list[dict[str, Any]] = []
+    for i in range(n):
+        pre = f"model.layers.{i}.self_attn."
+        c = stats.second_moment(i, "attn_in").to(device)
+        s, s_inv = damped_sqrt(c, opts.damping)
+        w_k, w_v = (weights[pre + f"{p}_proj.weight"].to(device) for p in ("k", "v"))
+        info: dict[str, Any] = {}
+        if opts.rope == "decoupled":
+            q_new, w_k, k_pe, chosen, shares = decouple_rope(weights[pre + "q_proj.weight"].to(device), w_k, c, spec,
+                                                             rope_dim, opts.rope_select)
+            info.update(q_new=q_new.cpu(), k_pe=k_pe.cpu(), pairs=chosen, share=float(shares[chosen].mean()))
+        extra.append(info)
+        for name, w in (("k", w_k), ("v", w_v)):
+            u, sv, vh = spectrum(w, s if aware else None)
+            left = (s_inv @ (u * sv)) if aware else u * sv  # down for rank r = left[:, :r].T
+            energy = sv ** 2 if aware else torch.linalg.svdvals(s @ w.to(torch.float64).T) ** 2
+            blocks[name].append({"w": w.cpu(), "left": left.cpu(), "vh": vh.cpu(), "energy": energy.cpu()})
+    ranks: dict[str, list[int]] = {"k": [], "v": []}
+    uniform = split_latent(latent, blocks["k"][0]["w"].shape[0], blocks["v"][0]["w"].shape[0])
+    for name in ("k", "v"):
+        avail = blocks[name][0]["w"].shape[0]
+        if opts.rank_alloc == "uniform" or uniform[name] in (0, avail):
+            ranks[name] = [uniform[name]] * n
+        else:
+            lo = opts.rank_min if opts.rank_min is not None else max(1, uniform[name] // 2)
+            hi = opts.rank_max if opts.rank_max is not None else min(2 * uniform[name], avail)
+            ranks[name] = allocate_ranks([b["energy"] for b in blocks[name]], uniform[name] * n, lo, hi,
+                                         opts.rank_alloc)
+    layers, per_layer = [], []
+    for i in range(n):
+        info = extra[i]
+        c = stats.second_moment(i, "attn_in")
+        out: dict[str, torch.Tensor] = {}
+        errs = {}
+        for name in ("k", "v"):
+            b, r = blocks[name][i], ranks[name][i]
+            down, up = b["left"][:, :r].T.contiguous(), b["vh"][:r].T.contiguous()
+            out[f"{name}_down"], out[f"{name}_up"] = down, up
+            errs[name] = weighted_error(b["w"], up @ down, c)
+        layer = MlaLayer(k_down=out["k_down"], k_up=out["k_up"], v_down=out["v_down"], v_up=out["v_up"])
+        row = {"layer": i, "r_k": ranks["k"][i], "r_v": ranks["v"][i], "err_k": errs["k"], "err_v": errs["v"]}
+        if opts.rope == "decoupled":
+            layer.q_weight, layer.k_pe, layer.rope_pairs = info["q_new"], info["k_pe"], info["pairs"]
+            row["rope_pairs"] = info["pairs"]
+            row["rope_energy_share"] = info["share"]
+        layers.append(layer)
+        per_layer.append(row)
+    elem = 2  # bytes per cached value in bf16/fp16 serving
+    gqa_width = 2 * spec.kv_width
+    widths = [r["r_k"] + r["r_v"] + rope_dim for r in per_layer]
+    report = {
+        "method": opts.method, "rank_alloc": opts.rank_alloc, "rope": opts.rope, "rope_dim": rope_dim,
+        "damping": opts.damping, "layer_width": total,
+        "kv_bytes_per_token_before": gqa_width * n * elem, "kv_bytes_per_token_after": sum(widths) * elem,
+        "kv_ratio": sum(widths) / (gqa_width * n),
+        "mean_err_k": sum(r["err_k"] for r in per_layer) / n, "mean_err_v": sum(r["err_v"] for r in per_layer) / n,
+        "layers": per_layer,
+    }
+    return layers, report
+
+
+def check_options(spec: ArchSpec, opts: CareOptions) -> None:
+    """Reject option/architecture combinations the conversion cannot express."""
+    if opts.method not in METHODS:
+        raise KvtoolError(f"unknown --method {opts.method!r}: use {' or '.join(METHODS)}")
+    if opts.rank_alloc not in ALLOCATIONS:
+        raise KvtoolError(f"unknown --rank-alloc {opts.rank_alloc!r}: use {', '.join(ALLOCATIONS)}")
+    if opts.rope not in ROPE_MODES:
+        raise KvtoolError(f"unknown --rope {opts.rope!r}: use keep or decoupled")
+    if opts.damping < 0:
+        raise KvtoolError(f"--damping {opts.damping} must be >= 0")
+    if opts.rope == "decoupled":
+        if spec.qk_norm:
+            raise KvtoolError(f"--rope decoupled cannot absorb the per-head q_norm/k_norm of {spec.model_type}: "
+                              "use --rope keep")
+        if spec.qkv_bias:
+            raise KvtoolError(f"--rope decoupled cannot express the q/k biases of {spec.model_type}: use --rope keep")
+
+
+def mla_state_dict(weights: dict[str, torch.Tensor], layers: list[MlaLayer], spec: ArchSpec,
+                   dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """kvtool MLA checkpoint tensors: source weights with k/v_proj (and q_proj for decoupled) replaced."""
+    out = {k: v for k, v in weights.items()
+           if not any(f".self_attn.{p}_proj." in k for p in ("k", "v"))}
+    for i, layer in enumerate(layers):
+        pre = f"model.layers.{i}.self_attn."
+        out[pre + "kv_a_k.weight"] = layer.k_down
+        out[pre + "kv_a_v.weight"] = layer.v_down
+        out[pre + "k_b.weight"] = layer.k_up
+        out[pre + "v_b.weight"] = layer.v_up
+        for p in ("k", "v"):
+            if pre + f"{p}_proj.bias" in weights:
+                out[pre + f"{p}_b.bias"] = weights[pre + f"{p}_proj.bias"]
+        if layer.q_weight is not None:
+            out[pre + "q_proj.weight"] = layer.q_weight
+            out[pre + "k_pe.weight"] = layer.k_pe
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}

@@ -1,0 +1,250 @@
+"""Decode attention over an MLA latent cache (one new query token per sequence), in Triton.
+
+Two forms, matching ``--rope`` of ``kvtool convert-mla``:
+
+``absorbed`` (rope=decoupled): all heads share one latent "key" row [c_K | RoPE(k_pe)] (width r_K + d_rope) and
+    one latent "value" row c_V (width r_V) per token. Queries arrive already absorbed: [q_nope·W_kb | q_pe].
+    scores = q·kv_lat / scale-corrected, out_lat = softmax · c_V; the caller applies each group's V
+    up-projection (absorbed V). This is MQA attention with different K and V widths: the cache is read once
+    per sequence for all heads.
+
+``keep`` (rope=keep): each KV group g reconstructs its keys from c_K inside the kernel, k = c_K·W_kb[g] (+bias),
+    optional per-head RMSNorm (Qwen3 k_norm), RoPE at the key's position (half-split convention, angles
+    computed in registers), then scores against the group's queries (already RoPE'd). Values stay absorbed:
+    out_lat = softmax · c_V, the caller applies W_vb[g].
+
+Both kernels split the context over programs (flash-decoding) and combine the partial softmax sums in PyTorch.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _pow2(n: int, floor: int = 16) -> int:
+    return max(floor, triton.next_power_of_2(int(n)))
+
+
+def _num_splits(batch: int, programs: int, length: int, block_n: int) -> int:
+    """Enough context splits to give the GPU ~2 waves of programs, at least one block per split."""
+    if not torch.cuda.is_available():
+        return max(1, min(4, triton.cdiv(length, block_n)))
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    want = max(1, (2 * sms) // max(1, batch * programs))
+    return max(1, min(want, triton.cdiv(length, block_n)))
+
+
+def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """Merge per-split (acc [.., S, dv], max [.., S], sum [.., S]) into the softmax-weighted output."""
+    top = m.max(dim=-1, keepdim=True).values
+    w = torch.exp(m - top)
+    w = torch.where(torch.isfinite(m), w, torch.zeros_like(w))
+    return (acc * w[..., None]).sum(-2) / (l * w).sum(-1, keepdim=True)
+
+
+# ------------------------------------------------------------------------------------------------ absorbed
+
+@triton.jit
+def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK, DV, split_len, scale,
+                     s_qb, s_qh, s_kb, s_kn, s_vb, s_vn, s_ab, s_ah, s_as, s_mb, s_mh,
+                     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+    b = tl.program_id(0)
+    hb = tl.program_id(1)
+    sp = tl.program_id(2)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    hmask = offs_h < H
+    q = tl.load(Q + b * s_qb + offs_h[:, None] * s_qh + offs_dk[None, :],
+                mask=hmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    start = sp * split_len
+    end = tl.minimum(start + split_len, S)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        k = tl.load(KV + b * s_kb + offs_n[None, :] * s_kn + offs_dk[:, None],
+                    mask=nmask[None, :] & (offs_dk[:, None] < DK), other=0.0)
+        s = tl.dot(q, k) * scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_dv[None, :],
+                    mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    tl.store(ACC + b * s_ab + offs_h[:, None] * s_ah + sp * s_as + offs_dv[None, :], acc,
+             mask=hmask[:, None] & (offs_dv[None, :] < DV))
+    tl.store(M + b * s_mb + offs_h * s_mh + sp, m_i, mask=hmask)
+    tl.store(L + b * s_mb + offs_h * s_mh + sp, l_i, mask=hmask)
+
+
+def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tensor, scale: float,
+                        num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+    """Absorbed MLA decode. q [B, H, DK], kv_lat [B, S, DK], v_lat [B, S, DV] -> out_lat [B, H, DV] (float32)."""
+    bsz, heads, dk = q.shape
+    _, length, dv = v_lat.shape
+    assert kv_lat.shape[:2] == (bsz, length) and kv_lat.shape[2] == dk
+    q, kv_lat, v_lat = q.contiguous(), kv_lat.contiguous(), v_lat.contiguous()
+    block_h = min(64, _pow2(heads))
+    hblocks = triton.cdiv(heads, block_h)
+    splits = num_splits or _num_splits(bsz, hblocks, length, block_n)
+    split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
+    splits = triton.cdiv(length, split_len)
+    acc = torch.empty(bsz, heads, splits, dv, device=q.device, dtype=torch.float32)
+    m = torch.empty(bsz, heads, splits, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    _absorbed_kernel[(bsz, hblocks, splits)](
+        q, kv_lat, v_lat, acc, m, l, length, heads, dk, dv, split_len, scale,
+        q.stride(0), q.stride(1), kv_lat.stride(0), kv_lat.stride(1), v_lat.stride(0), v_lat.stride(1),
+        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DK=_pow2(dk), BLOCK_DV=_pow2(dv))
+    return _combine(acc, m, l)
+
+
+def mla_decode_absorbed_reference(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tensor,
+                                  scale: float) -> torch.Tensor:
+    """PyTorch reference of :func:`mla_decode_absorbed` (float32)."""
+    s = torch.einsum("bhd,bsd->bhs", q.float(), kv_lat.float()) * scale
+    return torch.einsum("bhs,bsd->bhd", torch.softmax(s, -1), v_lat.float())
+
+
+# ------------------------------------------------------------------------------------------------ keep
+
+@triton.jit
+def _keep_kernel(Q, CK, CV, WKB, BK, INV_FREQ, KNW, ACC, M, L,
+                 S, RK, RV, NREP, split_len, scale, rope_scale, eps,
+                 s_qb, s_qh, s_cb, s_cn, s_vb, s_vn, s_wg, s_wr, s_ab, s_ah, s_as, s_mb, s_mh,
+                 HALF: tl.constexpr, BLOCK_REP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RK: tl.constexpr,
+                 BLOCK_RV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KNORM: tl.constexpr):
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    sp = tl.program_id(2)
+    offs_rep = tl.arange(0, BLOCK_REP)
+    heads = g * NREP + offs_rep
+    hmask = offs_rep < NREP
+    offs_half = tl.arange(0, HALF)
+    offs_rk = tl.arange(0, BLOCK_RK)
+    offs_rv = tl.arange(0, BLOCK_RV)
+    q1 = tl.load(Q + b * s_qb + heads[:, None] * s_qh + offs_half[None, :], mask=hmask[:, None], other=0.0)
+    q2 = tl.load(Q + b * s_qb + heads[:, None] * s_qh + HALF + offs_half[None, :], mask=hmask[:, None], other=0.0)
+    wmask = offs_rk[:, None] < RK
+    w1 = tl.load(WKB + g * s_wg + offs_rk[:, None] * s_wr + offs_half[None, :], mask=wmask, other=0.0)
+    w2 = tl.load(WKB + g * s_wg + offs_rk[:, None] * s_wr + HALF + offs_half[None, :], mask=wmask, other=0.0)
+    inv = tl.load(INV_FREQ + offs_half)
+    if HAS_BIAS:
+        b1 = tl.load(BK + g * 2 * HALF + offs_half)
+        b2 = tl.load(BK + g * 2 * HALF + HALF + offs_half)
+    if HAS_KNORM:
+        n1 = tl.load(KNW + offs_half)
+        n2 = tl.load(KNW + HALF + offs_half)
+    m_i = tl.full([BLOCK_REP], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_REP], tl.float32)
+    acc = tl.zeros([BLOCK_REP, BLOCK_RV], tl.float32)
+    start = sp * split_len
+    end = tl.minimum(start + split_len, S)
+    for n0 in range(start, end, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        c = tl.load(CK + b * s_cb + offs_n[:, None] * s_cn + offs_rk[None, :],
+                    mask=nmask[:, None] & (offs_rk[None, :] < RK), other=0.0)
+        k1 = tl.dot(c, w1)
+        k2 = tl.dot(c, w2)
+        if HAS_BIAS:
+            k1 += b1[None, :]
+            k2 += b2[None, :]
+        if HAS_KNORM:
+            ms = (tl.sum(k1 * k1, 1) + tl.sum(k2 * k2, 1)) / (2 * HALF)
+            r = 1.0 / tl.sqrt(ms + eps)
+            k1 = k1 * r[:, None] * n1[None, :]
+            k2 = k2 * r[:, None] * n2[None, :]
+        ang = offs_n.to(tl.float32)[:, None] * inv[None, :]
+        cos = tl.cos(ang) * rope_scale
+        sin = tl.sin(ang) * rope_scale
+        r1 = k1 * cos - k2 * sin
+        r2 = k2 * cos + k1 * sin
+        s = (tl.dot(q1, tl.trans(r1.to(q1.dtype))) + tl.dot(q2, tl.trans(r2.to(q2.dtype)))) * scale
+        s = tl.where(nmask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(CV + b * s_vb + offs_n[:, None] * s_vn + offs_rv[None, :],
+                    mask=nmask[:, None] & (offs_rv[None, :] < RV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    tl.store(ACC + b * s_ab + heads[:, None] * s_ah + sp * s_as + offs_rv[None, :], acc,
+             mask=hmask[:, None] & (offs_rv[None, :] < RV))
+    tl.store(M + b * s_mb + heads * s_mh + sp, m_i, mask=hmask)
+    tl.store(L + b * s_mb + heads * s_mh + sp, l_i, mask=hmask)
+
+
+def mla_decode_keep(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, w_kb: torch.Tensor,
+                    inv_freq: torch.Tensor, scale: float, b_k: torch.Tensor | None = None,
+                    k_norm: torch.Tensor | None = None, eps: float = 1e-6, rope_scale: float = 1.0,
+                    num_splits: int | None = None, block_n: int = 32) -> torch.Tensor:
+    """Reconstruct-then-RoPE MLA decode.
+
+    q [B, H, d] (RoPE'd), c_k [B, S, r_K], c_v [B, S, r_V], w_kb [G, r_K, d] (group g's key up-projection,
+    k = c_K @ w_kb[g]), inv_freq [d/2], b_k [G, d] or None, k_norm [d] or None -> out_lat [B, H, r_V] (float32).
+    Keys sit at positions 0..S-1.
+    """
+    bsz, heads, d = q.shape
+    groups, r_k, _ = w_kb.shape
+    _, length, r_v = c_v.shape
+    assert d & (d - 1) == 0 and d >= 32, "head_dim must be a power of two >= 32"
+    nrep = heads // groups
+    q, c_k, c_v, w_kb = q.contiguous(), c_k.contiguous(), c_v.contiguous(), w_kb.contiguous()
+    splits = num_splits or _num_splits(bsz, groups, length, block_n)
+    split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
+    splits = triton.cdiv(length, split_len)
+    acc = torch.empty(bsz, heads, splits, r_v, device=q.device, dtype=torch.float32)
+    m = torch.empty(bsz, heads, splits, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    dummy = inv_freq
+    _keep_kernel[(bsz, groups, splits)](
+        q, c_k, c_v, w_kb, b_k if b_k is not None else dummy, inv_freq.float().contiguous(),
+        k_norm if k_norm is not None else dummy, acc, m, l,
+        length, r_k, r_v, nrep, split_len, scale, rope_scale, eps,
+        q.stride(0), q.stride(1), c_k.stride(0), c_k.stride(1), c_v.stride(0), c_v.stride(1),
+        w_kb.stride(0), w_kb.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+        HALF=d // 2, BLOCK_REP=_pow2(nrep), BLOCK_N=block_n, BLOCK_RK=_pow2(r_k), BLOCK_RV=_pow2(r_v),
+        HAS_BIAS=b_k is not None, HAS_KNORM=k_norm is not None)
+    return _combine(acc, m, l)
+
+
+def mla_decode_keep_reference(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, w_kb: torch.Tensor,
+                              inv_freq: torch.Tensor, scale: float, b_k: torch.Tensor | None = None,
+                              k_norm: torch.Tensor | None = None, eps: float = 1e-6,
+                              rope_scale: float = 1.0) -> torch.Tensor:
+    """PyTorch reference of :func:`mla_decode_keep` (float32)."""
+    groups = w_kb.shape[0]
+    k = torch.einsum("bsr,grd->bgsd", c_k.float(), w_kb.float())
+    if b_k is not None:
+        k = k + b_k.float()[None, :, None]
+    if k_norm is not None:
+        k = k * torch.rsqrt(k.pow(2).mean(-1, keepdim=True) + eps) * k_norm.float()
+    pos = torch.arange(c_k.shape[1], device=c_k.device, dtype=torch.float32)
+    ang = pos[:, None] * inv_freq.float()[None]
+    cos, sin = torch.cat([ang.cos()] * 2, -1) * rope_scale, torch.cat([ang.sin()] * 2, -1) * rope_scale
+    half = k.shape[-1] // 2
+    k = k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin
+    k = k.repeat_interleave(q.shape[1] // groups, dim=1)  # [B, H, S, d]
+    s = torch.einsum("bhd,bhsd->bhs", q.float(), k) * scale
+    return torch.einsum("bhs,bsr->bhr", torch.softmax(s, -1), c_v.float())
+
+
+def gqa_decode_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Plain GQA decode with SDPA: q [B, H, d], k/v [B, G, S, d] -> [B, H, d] (the baseline the kernels replace)."""
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    out = torch.nn.functional.scaled_dot_product_attention(q[:, :, None], k, v, scale=scale,
+                                                           enable_gqa=True)
+    return out[:, :, 0]
