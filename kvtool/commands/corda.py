@@ -286,17 +286,17 @@ def validate_corda(out: Path, manifest: dict, options: dict) -> dict:
     cfg, tensors = load_adapter(out / "adapter")
     scale = cfg["lora_alpha"] / cfg["r"]
     base = AutoModelForCausalLM.from_pretrained(str(out / "base"), dtype=torch.float32).to(device).eval()
-    tok = None
-    try:
+    n_tokens = int(options.get("tokens", 32))
+    ids = None
+    if (out / "base" / "tokenizer_config.json").is_file():
         from transformers import AutoTokenizer
 
-        tok = AutoTokenizer.from_pretrained(str(out / "base"))
-    except (OSError, ValueError):
-        pass
-    n_tokens = int(options.get("tokens", 32))
-    if tok is not None:
-        ids = tok(embedded_text("heldout")[:4000], return_tensors="pt").input_ids[:, :n_tokens]
-    else:
+        try:
+            tok = AutoTokenizer.from_pretrained(str(out / "base"))
+            ids = tok(embedded_text("heldout")[:4000], return_tensors="pt").input_ids[:, :n_tokens]
+        except (OSError, ValueError):
+            ids = None
+    if ids is None or ids.numel() < 2:  # no usable tokenizer: seeded random tokens
         ids = torch.randint(0, base.config.vocab_size, (1, n_tokens), generator=torch.Generator().manual_seed(0))
     ids = ids.to(device)
     mods = adapted_modules(tensors)
