@@ -169,6 +169,29 @@ def layer_budget(spec: ArchSpec, opts: CareOptions) -> tuple[int, int]:
     return total, rope_dim
 
 
+def allocation_bounds(spec: ArchSpec, opts: CareOptions) -> dict[str, tuple[int, int, int]]:
+    """Per K and V: (uniform rank, floor, ceiling), checked against the budget before any work."""
+    total, rope_dim = layer_budget(spec, opts)
+    avail = {"k": spec.kv_width - rope_dim, "v": spec.kv_width}
+    uniform = split_latent(total - rope_dim, avail["k"], avail["v"])
+    bounds = {}
+    for name in ("k", "v"):
+        u = uniform[name]
+        if opts.rank_alloc == "uniform" or u in (0, avail[name]):
+            bounds[name] = (u, u, u)
+            continue
+        lo = opts.rank_min if opts.rank_min is not None else max(1, u // 2)
+        hi = min(opts.rank_max if opts.rank_max is not None else 2 * u, avail[name])
+        if lo > u:
+            raise KvtoolError(f"{name.upper()} budget of {u} ranks per layer is below the floor --rank-min {lo}: "
+                              "raise --kv-rank/--kv-ratio or lower --rank-min")
+        if hi < u:
+            raise KvtoolError(f"{name.upper()} budget of {u} ranks per layer exceeds the ceiling {hi}: "
+                              "raise --rank-max or lower --kv-rank/--kv-ratio")
+        bounds[name] = (u, lo, hi)
+    return bounds
+
+
 def split_latent(latent: int, avail_k: int, avail_v: int) -> dict[str, int]:
     """Uniform split of a layer's latent width between K and V (half each, within what each can hold)."""
     if latent > avail_k + avail_v:
@@ -283,16 +306,11 @@ def convert_layers(weights: dict[str, torch.Tensor], stats: StatsStore, spec: Ar
             energy = sv ** 2 if aware else torch.linalg.svdvals(s @ w.to(torch.float64).T) ** 2
             blocks[name].append({"w": w.cpu(), "left": left.cpu(), "vh": vh.cpu(), "energy": energy.cpu()})
     ranks: dict[str, list[int]] = {"k": [], "v": []}
-    uniform = split_latent(latent, blocks["k"][0]["w"].shape[0], blocks["v"][0]["w"].shape[0])
-    for name in ("k", "v"):
-        avail = blocks[name][0]["w"].shape[0]
-        if opts.rank_alloc == "uniform" or uniform[name] in (0, avail):
-            ranks[name] = [uniform[name]] * n
+    for name, (uniform, lo, hi) in allocation_bounds(spec, opts).items():
+        if opts.rank_alloc == "uniform" or lo == hi:
+            ranks[name] = [uniform] * n
         else:
-            lo = opts.rank_min if opts.rank_min is not None else max(1, uniform[name] // 2)
-            hi = opts.rank_max if opts.rank_max is not None else min(2 * uniform[name], avail)
-            ranks[name] = allocate_ranks([b["energy"] for b in blocks[name]], uniform[name] * n, lo, hi,
-                                         opts.rank_alloc)
+            ranks[name] = allocate_ranks([b["energy"] for b in blocks[name]], uniform * n, lo, hi, opts.rank_alloc)
     layers, per_layer = [], []
     for i in range(n):
         info = extra[i]
@@ -327,7 +345,7 @@ def convert_layers(weights: dict[str, torch.Tensor], stats: StatsStore, spec: Ar
 
 
 def check_options(spec: ArchSpec, opts: CareOptions) -> None:
-    """Reject option/architecture combinations the conversion cannot express."""
+    """Reject option/architecture combinations the conversion cannot express (and budgets that cannot work)."""
     if opts.method not in METHODS:
         raise KvtoolError(f"unknown --method {opts.method!r}: use {' or '.join(METHODS)}")
     if opts.rank_alloc not in ALLOCATIONS:
@@ -342,6 +360,7 @@ def check_options(spec: ArchSpec, opts: CareOptions) -> None:
                               "use --rope keep")
         if spec.qkv_bias:
             raise KvtoolError(f"--rope decoupled cannot express the q/k biases of {spec.model_type}: use --rope keep")
+    allocation_bounds(spec, opts)
 
 
 def mla_state_dict(weights: dict[str, torch.Tensor], layers: list[MlaLayer], spec: ArchSpec,

@@ -86,7 +86,7 @@ def deepseek_v3_checkpoint(weights: dict[str, torch.Tensor], layers: list[MlaLay
         "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size, "moe_intermediate_size": spec.intermediate_size,
         "num_hidden_layers": spec.num_layers, "num_attention_heads": n_h, "num_key_value_heads": n_h,
-        "n_shared_experts": None, "n_routed_experts": None, "num_experts_per_tok": None,
+        # expert counts keep transformers' defaults; unused since every layer is below first_k_dense_replace
         "first_k_dense_replace": spec.num_layers, "kv_lora_rank": kv_lora_rank, "q_lora_rank": None,
         "qk_rope_head_dim": rope_dim, "qk_nope_head_dim": nope, "v_head_dim": d, "head_dim": rope_dim,
         "rope_interleave": True, "hidden_act": getattr(src, "hidden_act", "silu"),

@@ -11,7 +11,7 @@ from rich.table import Table
 
 from kvtool.calib.stats import StatsStore
 from kvtool.cli import DeviceOpt, ModelArg, app, fails_cleanly, out_console, resolve_device
-from kvtool.convert.care import REQUIRED_STATS, CareOptions, check_options, convert_layers, layer_budget, mla_state_dict
+from kvtool.convert.care import REQUIRED_STATS, CareOptions, check_options, convert_layers, mla_state_dict
 from kvtool.errors import KvtoolError
 from kvtool.models import LoadedModel
 from kvtool.validate import register_validator
@@ -26,7 +26,6 @@ def preflight(spec: Any, opts: CareOptions, format: str) -> None:
     if format not in FORMATS:
         raise KvtoolError(f"unknown --format {format!r}: use kvtool or deepseek-v3")
     check_options(spec, opts)
-    layer_budget(spec, opts)
     if format == "deepseek-v3":
         check_exportable(spec, opts.rope, opts.rope_select)
 

@@ -79,10 +79,21 @@ class MlaAttention(nn.Module):
             self.q_proj = nn.Linear(hidden, spec.num_heads * (self.nope_dim + self.rope_dim), bias=False)
             self.k_b = nn.Linear(r_k, self.nope_dim, bias=False)
             self.k_pe = nn.Linear(hidden, self.rope_dim, bias=False)
-            pairs = torch.tensor(config.mla_rope_pairs[layer_idx], dtype=torch.long)
-            self.register_buffer("rope_index", torch.cat([pairs, pairs + d // 2]), persistent=False)
+            pairs = list(config.mla_rope_pairs[layer_idx])
+            # a plain list, not a buffer: from_pretrained builds on the meta device and would leave it garbage
+            self._rope_channels = pairs + [p + d // 2 for p in pairs]
         self._rotary: list[nn.Module] = []  # the model's rotary embedding (a list: not a submodule)
         self.use_kernel = False  # decode steps through kvtool.kernels.mla_decode (see set_decode_kernel)
+
+    @property
+    def rope_index(self) -> torch.Tensor:
+        """Channels of the full-width cos/sin that belong to the kept rope pairs (half-split order)."""
+        device = self.k_pe.weight.device
+        cached = getattr(self, "_rope_index_cache", None)
+        if cached is None or cached.device != device:
+            cached = torch.tensor(self._rope_channels, dtype=torch.long, device=device)
+            self._rope_index_cache = cached
+        return cached
 
     def _key_rope(self, length: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         positions = torch.arange(length, device=like.device)[None]

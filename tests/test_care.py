@@ -1,0 +1,231 @@
+"""CARE GQA->MLA: exactness at full rank, the PCA identity, allocation, formats, validation and bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import tiny_model
+from typer.testing import CliRunner
+
+from kvtool.calib import collect_statistics
+from kvtool.calib.collect import apply_rope
+from kvtool.cli import app
+from kvtool.convert.care import (
+    CareOptions,
+    allocate_ranks,
+    convert_layers,
+    damped_sqrt,
+    mla_state_dict,
+    rorope_rotation,
+    spectrum,
+    weighted_error,
+)
+from kvtool.errors import KvtoolError
+from kvtool.modeling.mla import MLA_MODELS, mla_config
+from kvtool.models import wrap_model
+
+runner = CliRunner()
+
+
+def ids(n=4, length=32, seed=0):
+    return torch.randint(0, 300, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def convert(model, opts, stats_ids=None):
+    loaded = wrap_model(model)
+    store = collect_statistics(loaded, stats_ids if stats_ids is not None else ids(6, 40, 1), "attn_in")
+    layers, report = convert_layers(model.state_dict(), store, loaded.spec, opts)
+    cfg = mla_config(model.config, [(r["r_k"], r["r_v"]) for r in report["layers"]], opts.rope,
+                     report["rope_dim"], [r.get("rope_pairs", []) for r in report["layers"]])
+    mla = MLA_MODELS[loaded.spec.model_type](cfg).eval()
+    mla.load_state_dict(mla_state_dict(model.state_dict(), layers, loaded.spec, torch.float32), strict=True)
+    return mla, report, store
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3", "mistral"])
+@pytest.mark.parametrize("method", ["care", "svd"])
+def test_full_rank_keep_reproduces_original_logits(arch, method):
+    model = tiny_model(arch)
+    mla, report, _ = convert(model, CareOptions(method=method, kv_ratio=1.0, rope="keep"))
+    assert report["kv_ratio"] == 1.0
+    x = ids(2, 24, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(mla(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_decoupled_is_exact_for_one_kv_head_with_full_rope():
+    model = tiny_model("llama", num_key_value_heads=1)
+    mla, report, _ = convert(model, CareOptions(kv_ratio=1.0, rope="decoupled", rope_dim=16, rope_select="uniform"))
+    assert report["layers"][0]["rope_pairs"] == list(range(8))
+    x = ids(2, 24, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(mla(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_rorope_rotation_preserves_attention_logits():
+    model = tiny_model("llama", hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
+    loaded = wrap_model(model)
+    spec = loaded.spec
+    c = collect_statistics(loaded, ids(), "attn_in").second_moment(0, "attn_in")
+    attn = model.model.layers[0].self_attn
+    rot_q, rot_k, _, shares = rorope_rotation(attn.q_proj.weight, attn.k_proj.weight, c, spec)
+    assert (shares > 1 / spec.num_kv_heads - 1e-9).all()  # the top component holds at least its fair share
+    x = torch.randn(1, 10, spec.hidden_size, dtype=torch.float64)
+    cos, sin = (t.double() for t in model.model.rotary_emb(x, torch.arange(10)[None]))
+    q = apply_rope((x @ attn.q_proj.weight.double().T).view(1, 10, 6, 16), cos, sin)
+    k = apply_rope((x @ attn.k_proj.weight.double().T).view(1, 10, 3, 16), cos, sin)
+    ref = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(2, dim=2))
+    rq = apply_rope(torch.einsum("hjdD,bsD->bshjd", rot_q, x).reshape(1, 10, 18, 16), cos, sin).view(1, 10, 6, 3, 16)
+    rk = apply_rope(torch.einsum("jdD,bsD->bsjd", rot_k, x), cos, sin)
+    got = torch.einsum("bihjd,bkjd->bhik", rq, rk)
+    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
+
+
+def test_care_factor_is_pca_of_outputs_without_damping():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(500, 12, generator=g, dtype=torch.float64) @ torch.randn(12, 12, generator=g, dtype=torch.float64)
+    c = x.T @ x / 500
+    w = torch.randn(6, 12, generator=g, dtype=torch.float64)
+    s, s_inv = damped_sqrt(c, 0.0)
+    u, sv, vh = spectrum(w, s)
+    r = 3
+    up = vh[:r].T  # out x r
+    evals, evecs = torch.linalg.eigh(w @ c @ w.T)
+    top = evecs[:, -r:]
+    torch.testing.assert_close(up @ up.T, top @ top.T, rtol=1e-8, atol=1e-8)
+    down = (s_inv @ (u[:, :r] * sv[:r])).T
+    torch.testing.assert_close(up @ down, up @ up.T @ w, rtol=1e-8, atol=1e-8)  # Ŵ = P_r W
+
+
+def test_care_has_lower_weighted_error_than_svd_at_equal_rank():
+    model = tiny_model("llama")
+    _, care, store = convert(model, CareOptions(method="care", kv_ratio=0.5, damping=0.0))
+    _, svd, _ = convert(model, CareOptions(method="svd", kv_ratio=0.5, damping=0.0))
+    for a, b in zip(care["layers"], svd["layers"], strict=True):
+        assert a["err_k"] <= b["err_k"] + 1e-12 and a["err_v"] <= b["err_v"] + 1e-12
+    assert care["mean_err_k"] + care["mean_err_v"] < svd["mean_err_k"] + svd["mean_err_v"]
+    w = model.model.layers[0].self_attn.k_proj.weight
+    assert weighted_error(w, w, store.second_moment(0, "attn_in")) == 0.0
+
+
+def test_allocation_respects_budget_floor_ceiling_and_prefers_heavy_tails():
+    flat = torch.ones(16)
+    steep = torch.tensor([100.0] + [1e-3] * 15)
+    ranks = allocate_ranks([flat, steep], budget=16, rank_min=2, rank_max=12, rule="care")
+    assert sum(ranks) == 16 and all(2 <= r <= 12 for r in ranks)
+    assert ranks[0] > ranks[1]  # the flat spectrum needs the ranks, the steep one is done after one
+    energy = allocate_ranks([flat * 0.01, steep], budget=6, rank_min=1, rank_max=16, rule="energy")
+    assert sum(energy) == 6
+    with pytest.raises(KvtoolError, match="below the floor"):
+        allocate_ranks([flat, steep], budget=3, rank_min=2, rank_max=12, rule="care")
+    with pytest.raises(KvtoolError, match="exceeds what"):
+        allocate_ranks([flat, steep], budget=30, rank_min=2, rank_max=12, rule="care")
+
+
+def test_care_allocation_keeps_total_budget_and_reports_ranks():
+    model = tiny_model("llama", num_hidden_layers=4)
+    _, report, _ = convert(model, CareOptions(rank_alloc="care", kv_ratio=0.5))
+    rk = [r["r_k"] for r in report["layers"]]
+    rv = [r["r_v"] for r in report["layers"]]
+    assert sum(rk) == 4 * 16 and sum(rv) == 4 * 16
+    assert min(rk + rv) >= 8 and max(rk + rv) <= 32
+    assert report["kv_ratio"] == pytest.approx(0.5)
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_cli_kvtool_format_loads_with_auto_class_and_validates(tiny_checkpoint, tmp_path):
+    model_dir = tiny_checkpoint("llama", head_dim=32, hidden_size=128)
+    res = run("calibrate", model_dir, "-o", tmp_path / "st", "--samples", 4, "--seq-len", 64, "--stats", "attn_in",
+              "--no-progress", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    for rope in ("keep", "decoupled"):
+        out = tmp_path / f"mla-{rope}"
+        res = run("convert-mla", model_dir, "--stats", tmp_path / "st", "-o", out, "--kv-ratio", "0.5", "--rope", rope,
+                  "--rank-alloc", "care", "--device", "cpu")
+        assert res.exit_code == 0, res.output
+        manifest = json.loads((out / "kvtool.json").read_text())
+        assert manifest["command"] == "convert-mla" and len(manifest["report"]["layers"]) == 3
+        assert manifest["report"]["kv_bytes_per_token_after"] < manifest["report"]["kv_bytes_per_token_before"]
+        code = ("import kvtool, torch; from transformers import AutoModelForCausalLM as A; "
+                f"m = A.from_pretrained(r'{out}'); print(type(m).__name__, m(torch.tensor([[1, 2, 3]])).logits.shape)")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0 and "KvtoolMlaLlamaForCausalLM" in proc.stdout, proc.stderr[-2000:]
+        res = run("validate", out, "--device", "cpu", "--json")
+        assert res.exit_code == 0, res.output
+        report = json.loads(res.output[res.output.index("{"):])
+        assert report["passed"] and report["layers_through_kernel"] == 3 and report["rel_logit_diff"] < 1e-3
+
+
+def test_deepseek_v3_export_loads_in_stock_transformers(tiny_checkpoint, tmp_path):
+    model_dir = tiny_checkpoint("llama", num_key_value_heads=1)
+    out = tmp_path / "ds"
+    res = run("convert-mla", model_dir, "-o", out, "--kv-ratio", "1.0", "--rope", "decoupled", "--rope-dim", 16,
+              "--rope-select", "uniform", "--format", "deepseek-v3", "--samples", 4, "--seq-len", 64, "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["model_type"] == "deepseek_v3" and cfg["first_k_dense_replace"] == 3 and cfg["q_lora_rank"] is None
+    code = f"""
+import sys, torch
+from transformers import AutoModelForCausalLM
+assert 'kvtool' not in sys.modules
+ds = AutoModelForCausalLM.from_pretrained(r'{out}').eval()
+src = AutoModelForCausalLM.from_pretrained(r'{model_dir}').eval()
+x = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+with torch.no_grad():
+    approx = (ds(x).logits - src(x).logits).abs().max().item()
+    for layer in ds.model.layers:
+        layer.self_attn.kv_a_layernorm.forward = lambda h: h
+    exact = (ds(x).logits - src(x).logits).abs().max().item()
+print(type(ds).__name__, exact, approx)
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    name, exact, approx = proc.stdout.split()
+    assert name == "DeepseekV3ForCausalLM"
+    assert float(exact) < 1e-4  # the layout is exact; only kv_a_layernorm approximates
+    assert float(approx) > float(exact)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--kv-rank", "999"], "exceeds the GQA cache width"),
+    (["--rank-alloc", "care", "--rank-max", "8"], "exceeds the ceiling 8"),
+    (["--rank-alloc", "care", "--rank-min", "20", "--kv-ratio", "0.25"], "below the floor"),
+    (["--rope", "decoupled", "--format", "deepseek-v3"], "--rope-select uniform"),
+    (["--format", "deepseek-v3"], "needs --rope decoupled"),
+    (["--method", "pca"], "unknown --method"),
+])
+def test_bad_options_fail_cleanly(tiny_checkpoint, tmp_path, args, fragment):
+    res = run("convert-mla", tiny_checkpoint("llama"), "-o", tmp_path / "out", "--samples", 2, "--seq-len", 32,
+              "--device", "cpu", *args)
+    assert res.exit_code == 2, res.output
+    assert fragment in res.output and res.output.strip().startswith("error:")
+    assert not (tmp_path / "out").exists()
+
+
+def test_architecture_limits_fail_cleanly(tiny_checkpoint, tmp_path):
+    res = run("convert-mla", tiny_checkpoint("qwen3"), "-o", tmp_path / "o", "--rope", "decoupled", "--device", "cpu")
+    assert res.exit_code == 2 and "q_norm/k_norm" in res.output
+    res = run("convert-mla", tiny_checkpoint("qwen2"), "-o", tmp_path / "o", "--rope", "decoupled",
+              "--rope-select", "uniform", "--format", "deepseek-v3", "--device", "cpu")
+    assert res.exit_code == 2 and "biases" in res.output
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_and_mismatched_statistics(tiny_checkpoint, tmp_path):
+    a, b = tiny_checkpoint("llama"), tiny_checkpoint("mistral")
+    res = run("calibrate", a, "-o", tmp_path / "st", "--samples", 2, "--seq-len", 32, "--stats", "k", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    res = run("convert-mla", a, "--stats", tmp_path / "st", "-o", tmp_path / "o", "--device", "cpu")
+    assert res.exit_code == 2 and "'attn_in' missing" in res.output
+    res = run("calibrate", b, "-o", tmp_path / "st2", "--samples", 2, "--seq-len", 32, "--stats", "attn_in",
+              "--device", "cpu")
+    res = run("convert-mla", a, "--stats", tmp_path / "st2", "-o", tmp_path / "o", "--device", "cpu")
+    assert res.exit_code == 2 and "different model" in res.output
+    assert not (tmp_path / "o").exists()
