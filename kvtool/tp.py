@@ -131,8 +131,12 @@ class TPLayer(nn.Module):
         k = (k * c + _rotate_half(k) * s).transpose(1, 2)
         self.k_cache.index_copy_(2, input_pos, k)
         self.v_cache.index_copy_(2, input_pos, v.transpose(1, 2))
-        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask, enable_gqa=True)
-        out = F.linear(y.transpose(1, 2).reshape(b, t, self.hl * self.d), self.wo)
+        # GQA without repeating the cache: the g query heads of a KV head become g*t query rows of that head
+        g = self.hl // self.kvl
+        q = q.reshape(b, self.kvl, g * t, self.d)
+        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask.repeat(1, 1, g, 1))
+        y = y.view(b, self.kvl, g, t, self.d).permute(0, 3, 1, 2, 4)
+        out = F.linear(y.reshape(b, t, self.hl * self.d), self.wo)
         if self.bo is not None and self.add_o_bias:
             out = out + self.bo
         return out
