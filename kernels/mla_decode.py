@@ -51,16 +51,14 @@ def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tenso
 @triton.jit
 def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK, DV, split_len, scale,
                      s_qb, s_qh, s_kb, s_kn, s_vb, s_vn, s_ab, s_ah, s_as, s_mb, s_mh,
-                     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DK: tl.constexpr, BLOCK_DV: tl.constexpr):
+                     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
     b = tl.program_id(0)
     hb = tl.program_id(1)
     sp = tl.program_id(2)
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
-    offs_dk = tl.arange(0, BLOCK_DK)
+    offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     hmask = offs_h < H
-    q = tl.load(Q + b * s_qb + offs_h[:, None] * s_qh + offs_dk[None, :],
-                mask=hmask[:, None] & (offs_dk[None, :] < DK), other=0.0)
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
@@ -69,10 +67,15 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK, DV, split_len, scale,
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
-        k = tl.load(KV + b * s_kb + offs_n[None, :] * s_kn + offs_dk[:, None],
-                    mask=nmask[None, :] & (offs_dk[:, None] < DK), other=0.0)
-        s = tl.dot(q, k) * scale
-        s = tl.where(nmask[None, :], s, float("-inf"))
+        s = tl.zeros([BLOCK_H, BLOCK_N], tl.float32)
+        for d0 in range(0, DK, BLOCK_D):  # the key width (r_K + d_rope) in chunks: no padding to a power of 2
+            dmask = (d0 + offs_d) < DK
+            q = tl.load(Q + b * s_qb + offs_h[:, None] * s_qh + d0 + offs_d[None, :],
+                        mask=hmask[:, None] & dmask[None, :], other=0.0)
+            k = tl.load(KV + b * s_kb + offs_n[None, :] * s_kn + d0 + offs_d[:, None],
+                        mask=nmask[None, :] & dmask[:, None], other=0.0)
+            s += tl.dot(q, k)
+        s = tl.where(nmask[None, :], s * scale, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
@@ -88,7 +91,8 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK, DV, split_len, scale,
 
 
 def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tensor, scale: float,
-                        num_splits: int | None = None, block_n: int = 64) -> torch.Tensor:
+                        num_splits: int | None = None, block_n: int = 32, block_d: int = 64,
+                        num_warps: int = 4) -> torch.Tensor:
     """Absorbed MLA decode. q [B, H, DK], kv_lat [B, S, DK], v_lat [B, S, DV] -> out_lat [B, H, DV] (float32)."""
     bsz, heads, dk = q.shape
     _, length, dv = v_lat.shape
@@ -106,7 +110,7 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
         q, kv_lat, v_lat, acc, m, l, length, heads, dk, dv, split_len, scale,
         q.stride(0), q.stride(1), kv_lat.stride(0), kv_lat.stride(1), v_lat.stride(0), v_lat.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DK=_pow2(dk), BLOCK_DV=_pow2(dv))
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=_pow2(dv), num_warps=num_warps)
     return _combine(acc, m, l)
 
 
@@ -136,9 +140,6 @@ def _keep_kernel(Q, CK, CV, WKB, BK, INV_FREQ, KNW, ACC, M, L,
     offs_rv = tl.arange(0, BLOCK_RV)
     q1 = tl.load(Q + b * s_qb + heads[:, None] * s_qh + offs_half[None, :], mask=hmask[:, None], other=0.0)
     q2 = tl.load(Q + b * s_qb + heads[:, None] * s_qh + HALF + offs_half[None, :], mask=hmask[:, None], other=0.0)
-    wmask = offs_rk[:, None] < RK
-    w1 = tl.load(WKB + g * s_wg + offs_rk[:, None] * s_wr + offs_half[None, :], mask=wmask, other=0.0)
-    w2 = tl.load(WKB + g * s_wg + offs_rk[:, None] * s_wr + HALF + offs_half[None, :], mask=wmask, other=0.0)
     inv = tl.load(INV_FREQ + offs_half)
     if HAS_BIAS:
         b1 = tl.load(BK + g * 2 * HALF + offs_half)
@@ -154,10 +155,18 @@ def _keep_kernel(Q, CK, CV, WKB, BK, INV_FREQ, KNW, ACC, M, L,
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
-        c = tl.load(CK + b * s_cb + offs_n[:, None] * s_cn + offs_rk[None, :],
-                    mask=nmask[:, None] & (offs_rk[None, :] < RK), other=0.0)
-        k1 = tl.dot(c, w1)
-        k2 = tl.dot(c, w2)
+        k1 = tl.zeros([BLOCK_N, HALF], tl.float32)
+        k2 = tl.zeros([BLOCK_N, HALF], tl.float32)
+        for r0 in range(0, RK, BLOCK_RK):  # reconstruct keys from the latent in chunks of r_K
+            rmask = (r0 + offs_rk) < RK
+            c = tl.load(CK + b * s_cb + offs_n[:, None] * s_cn + r0 + offs_rk[None, :],
+                        mask=nmask[:, None] & rmask[None, :], other=0.0)
+            w1 = tl.load(WKB + g * s_wg + (r0 + offs_rk[:, None]) * s_wr + offs_half[None, :],
+                         mask=rmask[:, None], other=0.0)
+            w2 = tl.load(WKB + g * s_wg + (r0 + offs_rk[:, None]) * s_wr + HALF + offs_half[None, :],
+                         mask=rmask[:, None], other=0.0)
+            k1 += tl.dot(c, w1)
+            k2 += tl.dot(c, w2)
         if HAS_BIAS:
             k1 += b1[None, :]
             k2 += b2[None, :]
@@ -190,7 +199,8 @@ def _keep_kernel(Q, CK, CV, WKB, BK, INV_FREQ, KNW, ACC, M, L,
 def mla_decode_keep(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, w_kb: torch.Tensor,
                     inv_freq: torch.Tensor, scale: float, b_k: torch.Tensor | None = None,
                     k_norm: torch.Tensor | None = None, eps: float = 1e-6, rope_scale: float = 1.0,
-                    num_splits: int | None = None, block_n: int = 32) -> torch.Tensor:
+                    num_splits: int | None = None, block_n: int = 32, block_rk: int = 64,
+                    num_warps: int = 4) -> torch.Tensor:
     """Reconstruct-then-RoPE MLA decode.
 
     q [B, H, d] (RoPE'd), c_k [B, S, r_K], c_v [B, S, r_V], w_kb [G, r_K, d] (group g's key up-projection,
@@ -216,8 +226,8 @@ def mla_decode_keep(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, w_kb:
         length, r_k, r_v, nrep, split_len, scale, rope_scale, eps,
         q.stride(0), q.stride(1), c_k.stride(0), c_k.stride(1), c_v.stride(0), c_v.stride(1),
         w_kb.stride(0), w_kb.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-        HALF=d // 2, BLOCK_REP=_pow2(nrep), BLOCK_N=block_n, BLOCK_RK=_pow2(r_k), BLOCK_RV=_pow2(r_v),
-        HAS_BIAS=b_k is not None, HAS_KNORM=k_norm is not None)
+        HALF=d // 2, BLOCK_REP=_pow2(nrep), BLOCK_N=block_n, BLOCK_RK=min(block_rk, _pow2(r_k)), BLOCK_RV=_pow2(r_v),
+        HAS_BIAS=b_k is not None, HAS_KNORM=k_norm is not None, num_warps=num_warps)
     return _combine(acc, m, l)
 
 

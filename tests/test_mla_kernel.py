@@ -22,7 +22,7 @@ def test_absorbed_matches_reference(heads, dk, dv, length, splits):
     g = torch.Generator().manual_seed(heads + length)
     q, kv, v = (torch.randn(2, heads, dk, generator=g), torch.randn(2, length, dk, generator=g),
                 torch.randn(2, length, dv, generator=g))
-    out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=splits, block_n=16)
+    out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=splits, block_n=16, block_d=16)
     assert out.shape == (2, heads, dv)
     assert rel(out, mla_decode_absorbed_reference(q, kv, v, 0.2)) < 1e-5
 
@@ -37,7 +37,8 @@ def test_keep_matches_reference(bias, knorm):
     inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
     b_k = torch.randn(groups, d, generator=g) if bias else None
     k_norm = torch.rand(d, generator=g) + 0.5 if knorm else None
-    out = mla_decode_keep(q, c_k, c_v, w_kb, inv_freq, 0.18, b_k=b_k, k_norm=k_norm, num_splits=2, block_n=16)
+    out = mla_decode_keep(q, c_k, c_v, w_kb, inv_freq, 0.18, b_k=b_k, k_norm=k_norm, num_splits=2, block_n=16,
+                          block_rk=16)
     ref = mla_decode_keep_reference(q, c_k, c_v, w_kb, inv_freq, 0.18, b_k=b_k, k_norm=k_norm)
     assert rel(out, ref) < 1e-5
 
