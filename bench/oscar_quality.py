@@ -53,7 +53,8 @@ def main() -> None:
 
     def oscar_spec(rotation: str, clip: bool) -> tuple[KVQuantSpec, dict]:
         t = time.perf_counter()
-        tensors, report = oscar_transform(w_o, store, kv, spec, OscarOptions(group_size=gs, rotation=rotation, clip=clip))
+        opts = OscarOptions(group_size=gs, rotation=rotation, clip=clip)
+        tensors, report = oscar_transform(w_o, store, kv, spec, opts)
         out = KVQuantSpec(method=f"oscar[{rotation}{'' if clip else ',no-clip'}]", bits=2, group_size=gs)
         for i in range(spec.num_layers):
             out.k_rotation[i] = tensors[f"layers.{i}.k_rotation"]
@@ -96,7 +97,7 @@ def main() -> None:
     fp = rows[0]["perplexity"]
     print(f"\nheld-out perplexity, {rows[0]['tokens_scored']} tokens, seq-len {args.seq_len}, group size {gs}, "
           f"calibration {t_calib:.0f} s, total {time.perf_counter() - t0:.0f} s")
-    print(f"| method | sink | recent | KV bits/elem | perplexity | vs FP32 |\n|---|---|---|---|---|---|")
+    print("| method | sink | recent | KV bits/elem | perplexity | vs FP32 |\n|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['method']} | {r['sink']} | {r['recent']} | {r['kv_bits']:.2f} | {r['perplexity']:.3f} | "
               f"{100 * (r['perplexity'] / fp - 1):+.1f}% |")

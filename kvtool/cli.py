@@ -166,10 +166,21 @@ def eval_(
     dtype: DtypeOpt = "float32",
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
     progress: Annotated[bool, typer.Option(help="Show a progress bar.")] = True,
+    kv_quant: Annotated[str | None, typer.Option(
+        "--kv-quant", help="Score with a quantized KV cache as decode reads it: int2, int4, hadamard-int2, "
+                           "kivi-int2, or a folder from `kvtool export` (OSCAR).")] = None,
+    kv_group_size: Annotated[int | None, typer.Option(
+        "--group-size", help="--kv-quant: elements per scale/zero along head_dim (default: head_dim).")] = None,
+    residual_window: Annotated[int | None, typer.Option(
+        "--residual-window", help="--kv-quant: most recent tokens kept in full precision (default 0, or the "
+                                  "export's value).")] = None,
+    sink: Annotated[int | None, typer.Option(
+        help="--kv-quant: first tokens kept in full precision (default 0, or the export's value).")] = None,
 ) -> None:
     """Perplexity on held-out text (the embedded held-out part by default) of any model kvtool can load.
 
     Example: kvtool eval smollm2-135m --max-tokens 8192
+    Example: kvtool eval smollm2-135m --kv-quant out/oscar --sink 4 --residual-window 64
     """
     from kvtool.data import TextSource, heldout_tokens
     from kvtool.evaluate import perplexity
@@ -182,7 +193,13 @@ def eval_(
         raise KvtoolError(f"seq-len {seq_len} exceeds the model's context of {context} tokens: "
                           f"use --seq-len {context} or less")
     tokens = heldout_tokens(loaded.tokenizer, TextSource(dataset, split, text_field), max_tokens or None)
-    result = perplexity(loaded.model, tokens, seq_len, stride, batch_size, progress=progress and not as_json)
+    if kv_quant is not None:
+        from kvtool.kvquant import eval_kv_quant
+
+        result = eval_kv_quant(loaded, tokens, kv_quant, kv_group_size, residual_window, sink, seq_len=seq_len,
+                               stride=stride, batch_size=batch_size, progress=progress and not as_json)
+    else:
+        result = perplexity(loaded.model, tokens, seq_len, stride, batch_size, progress=progress and not as_json)
     result = {"model": loaded.source, "dataset": dataset, "split": split, **result}
     if as_json:
         sys.stdout.write(json.dumps(result, indent=2) + "\n")
@@ -191,6 +208,8 @@ def eval_(
     for col in ("text", "windows", "tokens scored", "perplexity"):
         table.add_column(col)
     how = f"{result['mode']}, seq-len {result['seq_len']}" + (f", stride {stride}" if stride else "")
+    if kv_quant is not None:
+        how += f", KV {result['kv_quant']['label']}"
     table.add_row(f"{dataset}:{split}", how, str(result["tokens_scored"]), f"{result['perplexity']:.3f}")
     out_console.print(table)
 

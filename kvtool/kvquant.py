@@ -287,7 +287,7 @@ def kvquant_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
     spec: KVQuantSpec | None = getattr(module, "_kvtool_kvquant", None)
     capture = getattr(module, "_kvtool_capture", None)
     if capture is not None:
-        capture(module, key, value)
+        capture(module, query, key, value)
     b, h, lq, d = query.shape
     g, s = key.shape[1], key.shape[2]
     rep = h // g
@@ -340,7 +340,8 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 def kv_quantization(model: nn.Module, spec: KVQuantSpec | None, capture: Any = None) -> Iterator[nn.Module]:
     """Within the block, ``model`` attends through :func:`kvquant_attention` with ``spec`` (None: exact attention).
 
-    ``capture(module, key, value)``, if given, is called with every layer's post-RoPE keys and values.
+    ``capture(module, query, key, value)``, if given, is called with every layer's post-RoPE queries, keys and
+    values ([B, heads, L, d]).
     """
     _register()
     config = model.config
@@ -396,7 +397,7 @@ def collect_kv_samples(model: nn.Module, windows: torch.Tensor, *, sink: int = 0
 
     got: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
-    def capture(module: nn.Module, key: torch.Tensor, value: torch.Tensor) -> None:
+    def capture(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> None:
         ks, vs = got.setdefault(module.layer_idx, ([], []))
         for src, dst in ((key, ks), (value, vs)):
             x = src[:, :, sink:].float().permute(0, 2, 1, 3)  # [B, S, G, d]
@@ -410,3 +411,22 @@ def collect_kv_samples(model: nn.Module, windows: torch.Tensor, *, sink: int = 0
             model(input_ids=chunk, use_cache=False)
             bar.advance(task, chunk.shape[0])
     return {i: (torch.cat(ks), torch.cat(vs)) for i, (ks, vs) in sorted(got.items())}
+
+
+def eval_kv_quant(loaded: Any, tokens: torch.Tensor, kv_quant: str, group_size: int | None,
+                  residual_window: int | None, sink: int | None, **kwargs: Any) -> dict[str, Any]:
+    """``kvtool eval --kv-quant``: resolve the method for the loaded model and score ``tokens`` with it."""
+    spec = loaded.spec
+    if spec is None:
+        raise KvtoolError(f"--kv-quant needs a Llama/Qwen2/Qwen3/Mistral model; {loaded.source} is not one: "
+                          "drop --kv-quant")
+    if (residual_window is not None and residual_window < 0) or (sink is not None and sink < 0):
+        raise KvtoolError("--residual-window and --sink must be >= 0")
+    qspec = resolve_kv_quant(kv_quant, head_dim=spec.head_dim, num_layers=spec.num_layers,
+                             num_kv_heads=spec.num_kv_heads, group_size=group_size, residual_window=residual_window,
+                             sink=sink)
+    result = perplexity_with_kv_quant(loaded, tokens, qspec, **kwargs)
+    label = "oscar" if qspec.method == "oscar" else qspec.method
+    result["kv_quant"]["label"] = (f"{label} g{qspec.group_size} sink {qspec.sink} recent {qspec.residual_window}"
+                                   f" ({result['kv_bits_per_element']:.2f} bits/elem)")
+    return result

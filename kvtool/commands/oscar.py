@@ -1,0 +1,271 @@
+"""``kvtool export``: OSCAR rotations and clip ratios for a 2-bit (or 4-bit) KV cache, and its validator.
+
+Writes ``OUT/oscar.safetensors`` (``layers.{i}.k_rotation``/``v_rotation`` [G, d, d] float32, ``k_clip``/``v_clip``
+[G]), ``OUT/quantization_config.json`` and ``OUT/kvtool.json`` (per-layer attention-aware errors). With ``--fold``
+OUT is also a loadable model checkpoint whose W_v/W_o have R_v folded in.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from kvtool.calib import StatsStore
+from kvtool.cli import DeviceOpt, ModelArg, app, console, fails_cleanly, out_console, resolve_device
+from kvtool.errors import KvtoolError
+from kvtool.models import LoadedModel
+from kvtool.validate import register_validator
+
+REQUIRED_STATS: tuple[str, ...] = ("q", "k", "v")
+
+
+def quantization_config(opts: Any, spec: Any, folded: bool) -> dict[str, Any]:
+    """The ``quantization_config.json`` content: what is quantized how, and which tensors rotate where."""
+    gs = opts.group_size or spec.head_dim
+    return {
+        "method": "oscar", "bits": opts.bits, "group_size": gs, "residual_window": opts.residual_window,
+        "sink": opts.sink, "symmetric": False, "scale_dtype": "float16", "zero_dtype": "float16",
+        "key_granularity": "per-token", "value_granularity": "per-token",
+        "packing": f"{8 // opts.bits} codes per byte, element 4c+t in bits {opts.bits}t.. of byte c"
+        if opts.bits == 2 else "2 codes per byte, element 2c+t in bits 4t.. of byte c",
+        "clip": "range [lo, hi] of each group shrunk around its midpoint by k_clip/v_clip (per layer, KV head)",
+        "k_rotation": "applied after RoPE (and k_norm): cached k' = R_k k; every query head h of KV group g uses "
+                      "q' = R_k[g] q_h, so q'.k' = q.k",
+        "v_rotation": "cached v' = R_v v; the attention output is rotated back by R_v^T"
+                      + (" (folded: W_v <- R_v W_v, W_o <- W_o R_v^T in this checkpoint)" if folded
+                         else " (foldable into W_v and W_o; `kvtool export --fold`)"),
+        "v_rotation_folded": folded, "rotation_mode": opts.rotation, "clip_search": bool(opts.clip),
+        "num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+        "layout": "layers.{i}.k_rotation / v_rotation [kv_heads, d, d] float32 (row convention y = R x); "
+                  "layers.{i}.k_clip / v_clip [kv_heads]",
+    }
+
+
+def write_oscar(loaded: LoadedModel, store: StatsStore | None, out: Path, *, bits: int = 2,
+                group_size: int | None = None, rotation: str = "cov-hadamard", clip: bool = True,
+                residual_window: int = 0, sink: int = 0, kv_samples: int = 4, seq_len: int = 512,
+                dataset: str = "embedded", seed: int = 0, fold: bool = False, overwrite: bool = False,
+                progress: bool = True, device: str = "cpu") -> dict[str, Any]:
+    """Compute OSCAR rotations/clips for a loaded model and write the export folder ``out`` atomically.
+
+    ``store`` needs ``q``, ``k``, ``v`` (None: collect them now on ``dataset``); calibration keys/values for the clip
+    search come from ``kv_samples`` windows of ``seq_len`` tokens (seed ``seed + 1``).
+    """
+    from kvtool.calib.collect import _progress
+    from kvtool.checkpoint import (
+        atomic_dir,
+        check_output_dir,
+        provenance,
+        save_model_checkpoint,
+        save_tensors,
+        write_json,
+    )
+    from kvtool.convert.oscar import OscarOptions, fold_value_rotation, oscar_transform
+    from kvtool.data import TextSource, calibration_windows
+    from kvtool.kvquant import collect_kv_samples
+    from kvtool.pipeline import statistics_for
+
+    spec = loaded.spec
+    opts = OscarOptions(bits=bits, group_size=group_size, rotation=rotation, clip=clip,
+                        residual_window=residual_window, sink=sink, seed=seed)
+    opts.check(spec.head_dim)
+    if kv_samples < 1:
+        raise KvtoolError("--kv-samples must be >= 1")
+    check_output_dir(out, overwrite)
+    if store is None:
+        store = statistics_for(loaded, REQUIRED_STATS, dataset=dataset, seq_len=seq_len, device=device,
+                               progress=progress)
+    store.require(REQUIRED_STATS, spec.num_layers, loaded.model_hash)
+    windows = calibration_windows(loaded.tokenizer, TextSource(dataset), kv_samples, seq_len, seed + 1,
+                                  spec.max_positions)
+    samples = collect_kv_samples(loaded.model, windows, sink=sink, progress=progress)
+    w_o = {i: layer.self_attn.o_proj.weight.detach().cpu() for i, layer in enumerate(spec.layers(loaded.model))}
+    with _progress(progress) as bar:
+        task = bar.add_task("rotations + clip search", total=spec.num_layers)
+        tensors, report = oscar_transform(w_o, store, samples, spec, opts, progress=lambda i: bar.advance(task))
+    report["kv_calibration"] = {"windows": kv_samples, "seq_len": seq_len, "tokens_per_head": int(
+        samples[0][0].shape[0])}
+    options = {"bits": bits, "group_size": opts.group_size or spec.head_dim, "rotation": rotation, "clip": clip,
+               "residual_window": residual_window, "sink": sink, "kv_samples": kv_samples, "seq_len": seq_len,
+               "dataset": dataset, "seed": seed, "fold": fold}
+    manifest = provenance("export", options, loaded.identity(),
+                          {"model": store.meta.get("model"), "dataset": store.meta.get("dataset"),
+                           "tokens": store.meta.get("tokens")}, report)
+    with atomic_dir(out, overwrite) as tmp:
+        save_tensors(tmp, tensors, prefix="oscar", metadata={"kvtool": "oscar"})
+        write_json(tmp / "quantization_config.json", quantization_config(opts, spec, fold))
+        if fold:
+            state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+            v_rot = {i: tensors[f"layers.{i}.v_rotation"] for i in range(spec.num_layers)}
+            save_model_checkpoint(tmp, fold_value_rotation(state, spec, v_rot), loaded.model.config, manifest,
+                                  loaded.tokenizer)
+        else:
+            write_json(tmp / "kvtool.json", manifest)
+    return report
+
+
+@app.command("export")
+@fails_cleanly
+def export(
+    model: ModelArg = None,
+    output: Annotated[Path, typer.Option("-o", "--output", help="Folder for oscar.safetensors + configs.")] = ...,
+    stats: Annotated[Path | None, typer.Option(
+        help="Statistics folder from `kvtool calibrate` with q,k,v (default: calibrate now).")] = None,
+    bits: Annotated[int, typer.Option(help="KV cache bits: 2 (INT2) or 4 (INT4).")] = 2,
+    group_size: Annotated[int | None, typer.Option(
+        "--group-size", help="Elements per scale/zero along head_dim; must divide head_dim (default: head_dim).")
+    ] = None,
+    rotation: Annotated[str, typer.Option(
+        help="cov-hadamard (OSCAR), cov (covariance rotation only), hadamard (randomized Hadamard), none.")
+    ] = "cov-hadamard",
+    clip: Annotated[bool, typer.Option(
+        "--clip/--no-clip", help="Search clip ratios (1.0..0.5) minimizing the attention-aware error.")] = True,
+    residual_window: Annotated[int, typer.Option(
+        "--residual-window", help="Recent tokens kept in full precision (recorded as the eval default).")] = 0,
+    sink: Annotated[int, typer.Option(
+        help="First tokens kept in full precision (left out of the clip search; recorded as the eval default).")
+    ] = 0,
+    kv_samples: Annotated[int, typer.Option(
+        "--kv-samples", help="Calibration windows whose keys/values drive the clip search.")] = 4,
+    dataset: Annotated[str, typer.Option(help="Calibration text (statistics when --stats is absent, K/V samples).")
+                       ] = "embedded",
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Calibration window length.")] = 512,
+    seed: Annotated[int, typer.Option(help="Seed (window choice, Hadamard signs).")] = 0,
+    fold: Annotated[bool, typer.Option(
+        help="Also write a model checkpoint into OUT with R_v folded into W_v/W_o.")] = False,
+    device: DeviceOpt = "auto",
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """OSCAR: attention-aware rotations and clip ratios for a 2-bit KV cache, per layer and KV head.
+
+    Example: kvtool export smollm2-135m --stats stats/ --sink 4 --residual-window 64 -o out/oscar
+    Then:    kvtool eval smollm2-135m --kv-quant out/oscar      (perplexity with the INT2 cache)
+             TRITON_INTERPRET=1 kvtool validate out/oscar --device cpu   (Triton kernels on real K/V)
+    """
+    from kvtool.checkpoint import check_output_dir
+    from kvtool.convert.oscar import ROTATIONS
+    from kvtool.kvquant import SUPPORTED_BITS
+    from kvtool.models import load_model
+    from kvtool.pipeline import statistics_for
+
+    if bits not in SUPPORTED_BITS:
+        raise KvtoolError(f"--bits {bits} is not supported: use 2 or 4")
+    if rotation not in ROTATIONS:
+        raise KvtoolError(f"--rotation {rotation!r} is unknown: use one of {', '.join(ROTATIONS)}")
+    check_output_dir(output, overwrite)
+    device = resolve_device(device)
+    loaded = load_model(model, device=device)
+    gs = group_size or loaded.spec.head_dim
+    if gs <= 0 or loaded.spec.head_dim % gs:
+        raise KvtoolError(f"--group-size {gs} does not divide head_dim {loaded.spec.head_dim}: "
+                          f"use a divisor of {loaded.spec.head_dim}")
+    store = statistics_for(loaded, REQUIRED_STATS, stats, dataset=dataset, seq_len=seq_len, device=device,
+                           progress=progress) if stats is not None else None
+    report = write_oscar(loaded, store, output, bits=bits, group_size=group_size, rotation=rotation, clip=clip,
+                         residual_window=residual_window, sink=sink, kv_samples=kv_samples, seq_len=seq_len,
+                         dataset=dataset, seed=seed, fold=fold, overwrite=overwrite, progress=progress,
+                         device=device)
+    table = Table(title=f"OSCAR INT{bits} export ({rotation}, clip={'on' if clip else 'off'}) -> {output}")
+    for col in ("layers", "group", "K err (plain -> oscar)", "V err (plain -> oscar)", "K clip mean", "V clip mean"):
+        table.add_column(col)
+    clips = [(h["k"]["clip"], h["v"]["clip"]) for r in report["layers"] for h in r["heads"]]
+    table.add_row(str(len(report["layers"])), str(report["group_size"]),
+                  f"{report['mean_k_rel_error_plain']:.4f} -> {report['mean_k_rel_error']:.4f}",
+                  f"{report['mean_v_rel_error_plain']:.4f} -> {report['mean_v_rel_error']:.4f}",
+                  f"{sum(c[0] for c in clips) / len(clips):.3f}", f"{sum(c[1] for c in clips) / len(clips):.3f}")
+    out_console.print(table)
+    console.print("errors: mean attention-aware relative error per KV head on calibration K/V "
+                  "(K: Δkᵀ C_Q Δk / kᵀ C_Q k; V: through W_o); 'plain' = per-token INT without rotation or clipping")
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+@register_validator("export")
+def validate_oscar(out: Path, manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+    """Run the INT2 kernels on real K/V of the source model: pack vs reference, decode attention vs reference.
+
+    Keys/values/queries come from a held-out window; two layers (first and last) are checked; the block table is
+    shuffled so paging is exercised. Also reports the INT2 attention's error against exact attention.
+    """
+    import torch
+
+    from kvtool.data import TextSource, heldout_tokens
+    from kvtool.kvquant import kv_quantization, load_oscar_spec
+    from kvtool.models import load_model
+
+    device = options.get("device", "cpu")
+    if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise KvtoolError("the INT2 Triton kernels need a GPU or TRITON_INTERPRET=1 on the CPU: "
+                          "rerun as `TRITON_INTERPRET=1 kvtool validate OUT --device cpu`")
+    from kvtool.kernels.int2_kv import (
+        decode_attention_reference,
+        int2_decode_attention,
+        new_paged_cache,
+        quantize_pack,
+        quantize_pack_reference,
+    )
+
+    cfg_bits = (manifest.get("options") or {}).get("bits", 2)
+    if cfg_bits != 2:
+        raise KvtoolError(f"the kernels implement INT2 only; {out} was exported with --bits {cfg_bits}")
+    source = (manifest.get("model") or {}).get("source")
+    loaded = load_model(source, device=device)
+    spec = loaded.spec
+    qspec = load_oscar_spec(out, head_dim=spec.head_dim, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads)
+    n_tok = int(options.get("tokens", 64))
+    ids = heldout_tokens(loaded.tokenizer, TextSource("embedded", "heldout"), n_tok)[None].to(device)
+    layers = sorted({0, spec.num_layers - 1})
+    got: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def capture(module: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        if module.layer_idx in layers:
+            got[module.layer_idx] = (q[0, :, -1].detach(), k[0].transpose(0, 1).detach(), v[0].transpose(0, 1).detach())
+
+    with torch.no_grad(), kv_quantization(loaded.model, None, capture=capture):
+        loaded.model(input_ids=ids, use_cache=False)
+    block = 16
+    gen = torch.Generator().manual_seed(0)
+    report: dict[str, Any] = {"layers": layers, "tokens": int(ids.shape[1])}
+    worst_pack, worst_attn, worst_vs_exact = 0.0, 0.0, 0.0
+    for i in layers:
+        q, k, v = (t.float() for t in got[i])  # q [H, d]; k, v [T, G, d]
+        t_len = k.shape[0]
+        n_blocks = (t_len + block - 1) // block
+        perm = torch.randperm(n_blocks + 2, generator=gen)[:n_blocks].to(device)
+        slots = (perm.repeat_interleave(block)[:t_len] * block + torch.arange(t_len, device=device) % block).long()
+        gs = qspec.group_size
+        kc = new_paged_cache(n_blocks + 2, spec.num_kv_heads, block, spec.head_dim, gs, device)
+        vc = new_paged_cache(n_blocks + 2, spec.num_kv_heads, block, spec.head_dim, gs, device)
+        k_rot, v_rot = qspec.k_rotation[i].to(device), qspec.v_rotation.get(i)
+        v_rot = v_rot.to(device) if v_rot is not None else None
+        quantize_pack(k, k_rot, qspec.k_clip[i].to(device), slots, kc)
+        quantize_pack(v, v_rot, qspec.v_clip[i].to(device), slots, vc)
+        ref_packed, _, _ = quantize_pack_reference(k, k_rot, qspec.k_clip[i].to(device), gs)
+        packed = kc[0][slots // block, :, slots % block]
+        mismatch = float((packed != ref_packed).float().mean())
+        table = perm[None].int()
+        lens = torch.tensor([t_len], device=device)
+        out_k = int2_decode_attention(q[None], kc, vc, table, lens, k_rot, v_rot, block_n=16)
+        out_r = decode_attention_reference(q[None], kc, vc, table, lens, k_rot, v_rot)
+        rep = q.shape[0] // spec.num_kv_heads
+        kk, vv = k.transpose(0, 1).repeat_interleave(rep, 0), v.transpose(0, 1).repeat_interleave(rep, 0)
+        exact = torch.softmax(torch.einsum("hd,htd->ht", q, kk) * spec.head_dim ** -0.5, -1)
+        exact = torch.einsum("ht,htd->hd", exact, vv)
+        attn_err = float((out_k - out_r).abs().max() / out_r.abs().max())
+        vs_exact = float((out_k[0] - exact).norm() / exact.norm())
+        report[f"layer{i}_packed_byte_mismatch"] = mismatch
+        report[f"layer{i}_kernel_vs_reference_rel_max_err"] = attn_err
+        report[f"layer{i}_int2_vs_exact_attention_rel_err"] = vs_exact
+        worst_pack, worst_attn = max(worst_pack, mismatch), max(worst_attn, attn_err)
+        worst_vs_exact = max(worst_vs_exact, vs_exact)
+    report["max_packed_byte_mismatch"] = worst_pack
+    report["max_kernel_vs_reference_rel_err"] = worst_attn
+    report["max_int2_vs_exact_attention_rel_err"] = worst_vs_exact
+    # rounding-boundary ties can flip a code between float orders; attention uses fp16 operands
+    report["passed"] = bool(worst_pack <= 1e-3 and worst_attn <= 1e-2)
+    return report
