@@ -72,6 +72,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--no-graphs", action="store_true", help="time eager steps instead of CUDA graphs")
     p.add_argument("--kernel", default="torch", choices=["torch", "triton"],
                    help="add+RMSNorm: PyTorch ops or the fused Triton kernel (kvtool/kernels/ladder_norm.py)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the per-module compute (attention, MLP, add+norm; all-reduces stay between "
+                        "them, as in the paper's semi-compiled model); falls back to eager if compilation fails")
     p.add_argument("--skip-check", action="store_true", help="skip the correctness check against HF")
     p.add_argument("--quick", action="store_true", help="tiny shapes, few steps (CPU smoke test)")
     p.add_argument("--json", default=None, help="write results as JSON here (rank 0)")
@@ -232,6 +235,21 @@ def make_runner(step, device: torch.device, graphs: bool, warmup: int, rank: int
         return step, False
 
 
+def try_compile(tp, shape, rank: int, device: torch.device) -> bool:
+    """Enable torch.compile on ``tp`` and run one small forward; on failure warn and stay eager."""
+    tp.enable_compile()
+    try:
+        tp.setup_cache(1, 8)
+        tp(torch.zeros(1, 2, dtype=torch.long, device=device), torch.arange(2, device=device))
+        sync(device)
+        return True
+    except Exception as exc:  # noqa: BLE001 — report and fall back
+        print(f"[rank {rank}] warning: torch.compile failed ({type(exc).__name__}: "
+              f"{str(exc).splitlines()[0] if str(exc) else ''}); timing eager modules", flush=True)
+        tp.disable_compile()
+        return False
+
+
 def bench_shape(name: str, shape_kw: dict[str, Any], args: argparse.Namespace, rank: int, world: int,
                 device: torch.device, copy_bw: float) -> list[dict[str, Any]]:
     from kvtool.tp import TPDecoder, TPShape
@@ -240,6 +258,9 @@ def bench_shape(name: str, shape_kw: dict[str, Any], args: argparse.Namespace, r
     dtype = DTYPES[args.dtype]
     t0 = time.perf_counter()
     tp = TPDecoder(shape, rank, world, None, dtype, device, fused_norm=args.kernel == "triton").random_init(seed=1)
+    compiled = False
+    if args.compile:
+        compiled = try_compile(tp, shape, rank, device)
     sync(device)
     layer_bytes = sum(p.numel() * p.element_size() for n, p in tp.named_parameters() if n != "embed")
     log(rank, f"\n== {name}: {shape.num_layers} layers, hidden {shape.hidden_size}, MLP {shape.intermediate_size}, "
@@ -287,6 +308,7 @@ def bench_shape(name: str, shape_kw: dict[str, Any], args: argparse.Namespace, r
         std, lad, nocomm = res["standard"], res["ladder"], res["standard/no-comm"]
         comm_cost = std - nocomm
         row = {"model": name, "tp": world, "batch": batch, "dtype": args.dtype, "kernel": args.kernel,
+               "compiled": compiled,
                "graphs": all(used_graphs.values()), "ms": res, "device": torch.cuda.get_device_name(device)
                if device.type == "cuda" else "cpu",
                "tokens_per_s": {k: batch * 1000 / v for k, v in res.items() if k != "comm-only"},
@@ -308,7 +330,8 @@ def bench_shape(name: str, shape_kw: dict[str, Any], args: argparse.Namespace, r
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, check_err: float | None) -> None:
     print("\nLadder-residual decode benchmark (kvtool.tp, random weights, all layers ladder)")
-    print(f"device: {rows[0]['device']}; dtype {args.dtype}; add+norm: {args.kernel}; CUDA graphs: "
+    print(f"device: {rows[0]['device']}; dtype {args.dtype}; add+norm: {args.kernel}; "
+          f"compiled: {all(r['compiled'] for r in rows)}; CUDA graphs: "
           f"{'no' if args.no_graphs or args.device == 'cpu' else 'yes'}; prompt {args.prompt_len}, KV cache "
           f"{args.cache_len}; {args.steps} steps x {args.repeats} repeats (median, slowest rank)")
     if check_err is not None:

@@ -118,33 +118,58 @@ class TPLayer(nn.Module):
         self.add_o_bias = True  # rank 0 only
 
     def attention(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
-                  input_pos: torch.Tensor) -> torch.Tensor:
+                  input_pos: torch.Tensor, fn: Any = None) -> torch.Tensor:
         """Partial attention output (this rank's heads through its o_proj columns), before the all-reduce."""
-        b, t, _ = x.shape
-        qkv = F.linear(x, self.wqkv, self.bqkv)
-        q, k, v = qkv.split([self.hl * self.d, self.kvl * self.d, self.kvl * self.d], dim=-1)
-        q, k, v = q.view(b, t, self.hl, self.d), k.view(b, t, self.kvl, self.d), v.view(b, t, self.kvl, self.d)
-        if self.qk_norm:
-            q, k = _rmsnorm(q, self.q_norm, self.eps), _rmsnorm(k, self.k_norm, self.eps)
-        c, s = cos[None, :, None, :].to(q.dtype), sin[None, :, None, :].to(q.dtype)
-        q = (q * c + _rotate_half(q) * s).transpose(1, 2)
-        k = (k * c + _rotate_half(k) * s).transpose(1, 2)
-        self.k_cache.index_copy_(2, input_pos, k)
-        self.v_cache.index_copy_(2, input_pos, v.transpose(1, 2))
-        # GQA without repeating the cache: the g query heads of a KV head become g*t query rows of that head
-        g = self.hl // self.kvl
-        q = q.reshape(b, self.kvl, g * t, self.d)
-        y = F.scaled_dot_product_attention(q, self.k_cache, self.v_cache, attn_mask=mask.repeat(1, 1, g, 1))
-        y = y.view(b, self.kvl, g, t, self.d).permute(0, 3, 1, 2, 4)
-        out = F.linear(y.reshape(b, t, self.hl * self.d), self.wo)
-        if self.bo is not None and self.add_o_bias:
-            out = out + self.bo
-        return out
+        bo = self.bo if self.add_o_bias else None
+        return (fn or attention_core)(x, self.wqkv, self.bqkv, self.q_norm, self.k_norm, self.wo, bo, self.k_cache,
+                                      self.v_cache, cos, sin, mask, input_pos, self.hl, self.kvl, self.d, self.eps)
 
-    def mlp(self, x: torch.Tensor) -> torch.Tensor:
+    def mlp(self, x: torch.Tensor, fn: Any = None) -> torch.Tensor:
         """Partial MLP output (this rank's columns), before the all-reduce."""
-        gate, up = F.linear(x, self.w13).chunk(2, dim=-1)
-        return F.linear(F.silu(gate) * up, self.w2)
+        return (fn or mlp_core)(x, self.w13, self.w2)
+
+
+def attention_core(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | None, q_norm: torch.Tensor | None,
+                   k_norm: torch.Tensor | None, wo: torch.Tensor, bo: torch.Tensor | None, k_cache: torch.Tensor,
+                   v_cache: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor,
+                   input_pos: torch.Tensor, hl: int, kvl: int, d: int, eps: float) -> torch.Tensor:
+    """Attention of one rank's heads (a pure function of its tensors, so ``torch.compile`` compiles it once)."""
+    b, t, _ = x.shape
+    qkv = F.linear(x, wqkv, bqkv)
+    q, k, v = qkv.split([hl * d, kvl * d, kvl * d], dim=-1)
+    q, k, v = q.view(b, t, hl, d), k.view(b, t, kvl, d), v.view(b, t, kvl, d)
+    if q_norm is not None:
+        q, k = _rmsnorm(q, q_norm, eps), _rmsnorm(k, k_norm, eps)
+    c, s = cos[None, :, None, :].to(q.dtype), sin[None, :, None, :].to(q.dtype)
+    q = (q * c + _rotate_half(q) * s).transpose(1, 2)
+    k = (k * c + _rotate_half(k) * s).transpose(1, 2)
+    k_cache.index_copy_(2, input_pos, k)
+    v_cache.index_copy_(2, input_pos, v.transpose(1, 2))
+    # GQA without repeating the cache: the g query heads of a KV head become g*t query rows of that head
+    g = hl // kvl
+    q = q.reshape(b, kvl, g * t, d)
+    y = F.scaled_dot_product_attention(q, k_cache, v_cache, attn_mask=mask.repeat(1, 1, g, 1))
+    y = y.view(b, kvl, g, t, d).permute(0, 3, 1, 2, 4)
+    out = F.linear(y.reshape(b, t, hl * d), wo)
+    if bo is not None:
+        out = out + bo
+    return out
+
+
+def mlp_core(x: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """SiLU-gated MLP of one rank's columns."""
+    gate, up = F.linear(x, w13).chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, w2)
+
+
+def add_norm_core(r: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None, w: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``r' = (r + a) + b`` in r's dtype, then RMSNorm (HF convention); returns (r', normalized)."""
+    if a is not None:
+        r = r + a
+    if b is not None:
+        r = r + b
+    return r, _rmsnorm(r, w, eps)
 
 
 class TPDecoder(nn.Module):
@@ -177,6 +202,8 @@ class TPDecoder(nn.Module):
         self.sin: torch.Tensor | None = None
         self.causal: torch.Tensor | None = None
         self._rope_override: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._fns: dict[str, Any] = {}
+        self.disable_compile()
 
     # ------------------------------------------------------------------------------------------ set-up
     def set_ladder(self, layers: list[int] | tuple[int, ...] | set[int]) -> TPDecoder:
@@ -289,11 +316,28 @@ class TPDecoder(nn.Module):
             from kvtool.kernels.ladder_norm import add_rmsnorm
 
             return add_rmsnorm(r, a, b, w, self.shape.rms_norm_eps)
-        if a is not None:
-            r = r + a
-        if b is not None:
-            r = r + b
-        return r, _rmsnorm(r, w, self.shape.rms_norm_eps)
+        return self._fns["add_norm"](r, a, b, w, self.shape.rms_norm_eps)
+
+    def enable_compile(self, **compile_kwargs: Any) -> TPDecoder:
+        """``torch.compile`` the per-module compute (attention, MLP, add+norm), not the all-reduces between them.
+
+        Each is a pure function of its tensors, compiled once and reused by every layer (the ladder paper's
+        "semi-compiled" model). CUDA-graph capture of the whole step stays possible.
+        """
+        import torch._dynamo
+
+        for knob in ("cache_size_limit", "recompile_limit"):  # one entry per (shape, None-pattern): allow many
+            if hasattr(torch._dynamo.config, knob):
+                setattr(torch._dynamo.config, knob, max(64, getattr(torch._dynamo.config, knob)))
+        opts = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+        self._fns = {name: torch.compile(fn, **opts) for name, fn in
+                     (("attention", attention_core), ("mlp", mlp_core), ("add_norm", add_norm_core))}
+        return self
+
+    def disable_compile(self) -> TPDecoder:
+        """Back to eager per-module compute."""
+        self._fns = {"attention": attention_core, "mlp": mlp_core, "add_norm": add_norm_core}
+        return self
 
     def _module_flags(self) -> list[bool]:
         return [layer.ladder for layer in self.layers for _ in range(2)] + [False]
@@ -319,10 +363,10 @@ class TPDecoder(nn.Module):
                 adds.append(t)
             if j % 2 == 0:
                 r, h = self._add_norm(r, adds, layer.attn_norm)
-                out = layer.attention(h, cos, sin, mask, input_pos)
+                out = layer.attention(h, cos, sin, mask, input_pos, self._fns["attention"])
             else:
                 r, h = self._add_norm(r, adds, layer.mlp_norm)
-                out = layer.mlp(h)
+                out = layer.mlp(h, self._fns["mlp"])
             work = None
             if communicate:
                 if flags[j + 1]:
