@@ -166,7 +166,7 @@ def validate_ladder(out: Path, manifest: dict[str, Any], options: dict[str, Any]
     """Run the ladder checkpoint through the TP path (world 1) with the fused Triton add+RMSNorm and compare.
 
     Checks: (1) TP path with the Triton kernel vs the HF model's logits, (2) the same with the PyTorch add+norm
-    (isolates the kernel), on 16 held-out tokens. Passes when both max errors are below 1e-3 of the logit scale.
+    (isolates the kernel), on 16 held-out tokens. Passes when both max errors are below 1e-4 of the logit scale (float32).
     """
     from kvtool.data import TextSource, heldout_tokens
     from kvtool.models import load_model
@@ -188,7 +188,7 @@ def validate_ladder(out: Path, manifest: dict[str, Any], options: dict[str, Any]
         got = tp(ids, torch.arange(n, device=device)).float()
         errs[fused] = (got - ref).abs().max().item()
     scale = ref.abs().max().item()
-    tol = 1e-3 * max(scale, 1.0)
+    tol = 1e-4 * max(scale, 1.0)
     return {"passed": errs[True] <= tol and errs[False] <= tol, "ladder_layers": str(loaded.model.config.ladder_layers),
             "tokens": n, "max_err_tp_triton_vs_hf": errs[True], "max_err_tp_torch_vs_hf": errs[False],
             "logit_scale": scale, "tolerance": tol}
