@@ -166,7 +166,8 @@ def validate_ladder(out: Path, manifest: dict[str, Any], options: dict[str, Any]
     """Run the ladder checkpoint through the TP path (world 1) with the fused Triton add+RMSNorm and compare.
 
     Checks: (1) TP path with the Triton kernel vs the HF model's logits, (2) the same with the PyTorch add+norm
-    (isolates the kernel), on 16 held-out tokens. Passes when both max errors are below 1e-4 of the logit scale (float32).
+    (isolates the kernel), on 16 held-out tokens. Passes when both max errors are below 1e-4 of the logit
+    scale (float32).
     """
     from kvtool.data import TextSource, heldout_tokens
     from kvtool.models import load_model
