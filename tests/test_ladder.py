@@ -194,3 +194,20 @@ def test_embedded_model_exact_and_recurrence(embedded):
         finally:
             remove_ladder(model)
         assert torch.equal(model(ids).logits, base)
+
+
+def test_write_ladder_from_streamed_model(tiny_checkpoint, tmp_path):
+    """A lazily loaded model (layers streamed from disk) gives the same drift and checkpoint as a loaded one."""
+    from kvtool.commands.ladder import write_ladder
+
+    src = tiny_checkpoint("llama")
+    opts = dict(layers="auto", count=1, samples=2, seq_len=16)
+    eager = write_ladder(load_model(str(src)), None, tmp_path / "a", **opts)
+    lazy = write_ladder(load_model(str(src), lazy=True), None, tmp_path / "b", **opts)
+    assert eager["ladder_layers"] == lazy["ladder_layers"]
+    for r1, r2 in zip(eager["drift"], lazy["drift"], strict=True):
+        assert r1["drift"] == pytest.approx(r2["drift"], rel=1e-6)
+    a, b = load_model(str(tmp_path / "a")).model, load_model(str(tmp_path / "b")).model
+    ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        assert torch.equal(a(ids).logits, b(ids).logits)

@@ -71,7 +71,10 @@ def write_ladder(loaded: LoadedModel, store: StatsStore | None, out: Path, *, la
         calib = {"dataset": dataset, "split": "calib", "samples": samples, "seq_len": seq_len, "seed": seed,
                  "tokens": int(windows.numel())}
     chosen = choice.resolve(spec.num_layers, drift_rows)
-    state = loaded.model.state_dict()
+    lazy = getattr(loaded.model, "_kvtool_weights", None)  # layers streamed from disk: read the tensors there
+    state = {k: lazy.get(k) for k in lazy._where} if lazy is not None else loaded.model.state_dict()
+    if lazy is not None and eval_tokens:
+        raise KvtoolError("--eval-tokens needs the whole model in memory: load it without layer streaming")
     state, config, report = ladder_convert(state, loaded.model.config, chosen, drift_rows, choice)
     if eval_tokens:
         model = loaded.model
