@@ -1,0 +1,178 @@
+"""INT2 paged decode attention (kvtool.kernels.int2_kv) vs PyTorch SDPA on a BF16 cache, Llama-3.1-8B attention
+shapes (32 query heads, 8 KV heads, head_dim 128), one decode token per sequence.
+
+GPU:  python bench/gpu_int2_attention.py --device cuda                      (batch 1,32 x context 8k..64k)
+      python bench/gpu_int2_attention.py --device cuda --sweep              (also tries block/split settings)
+CPU:  TRITON_INTERPRET=1 python bench/gpu_int2_attention.py --device cpu --quick   (tiny shapes, checks only)
+
+Before timing, every configuration's kernel output is checked against the PyTorch reference of the same INT2 cache
+(on a prefix of the batch when the full reference would not fit) and against exact BF16 attention (loosely: INT2
+is lossy). Times are medians of ``triton.testing.do_bench`` (CUDA events). Bandwidth = KV bytes read / time;
+the ceiling is a measured device-to-device copy (read + write bytes / time). The INT2 time includes the query
+rotation and the split merge with the R_v back-rotation (three kernels).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+
+import torch
+
+
+def _timer(device: str):
+    if device.startswith("cuda"):
+        import triton.testing
+
+        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # us
+    def cpu_time(fn):  # noqa: E306
+        fn()
+        ts = []
+        for _ in range(3):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return sorted(ts)[1] * 1e6
+    return cpu_time
+
+
+def copy_ceiling_gbs(device: str, nbytes: int, timer) -> float:
+    """Device-to-device copy bandwidth (read + write) in GB/s."""
+    src = torch.empty(nbytes // 2, dtype=torch.int16, device=device)
+    dst = torch.empty_like(src)
+    us = timer(lambda: dst.copy_(src))
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def build(batch: int, ctx: int, g: int, d: int, block: int, device: str, seed: int):
+    """Random BF16 K/V [B, G, S, d], the same K/V rotated+quantized into a shuffled paged INT2 cache, rotations."""
+    from kvtool.kernels.int2_kv import new_paged_cache, quantize_pack
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    k = torch.randn(batch, g, ctx, d, device=device, dtype=torch.bfloat16, generator=gen)
+    v = torch.randn(batch, g, ctx, d, device=device, dtype=torch.bfloat16, generator=gen)
+    k_rot = torch.linalg.qr(torch.randn(g, d, d, device=device, generator=gen))[0].contiguous()
+    v_rot = torch.linalg.qr(torch.randn(g, d, d, device=device, generator=gen))[0].contiguous()
+    per_seq = math.ceil(ctx / block)
+    total = batch * per_seq
+    table = torch.randperm(total, device=device, generator=gen).reshape(batch, per_seq).int()
+    kc = new_paged_cache(total, g, block, d, d, device)
+    vc = new_paged_cache(total, g, block, d, d, device)
+    pos = torch.arange(ctx, device=device)
+    chunk = max(1, (1 << 22) // (g * d))  # tokens per quantize_pack call (bounded temporaries)
+    for b in range(batch):
+        slots = table[b, pos // block].long() * block + pos % block
+        for s in range(0, ctx, chunk):
+            sl = slice(s, min(s + chunk, ctx))
+            quantize_pack(k[b, :, sl].transpose(0, 1), k_rot, None, slots[sl], kc)
+            quantize_pack(v[b, :, sl].transpose(0, 1), v_rot, None, slots[sl], vc)
+    return k, v, kc, vc, table, k_rot, v_rot
+
+
+def check(q, k, v, kc, vc, table, seq_lens, k_rot, v_rot, fn) -> tuple[float, float]:
+    """(max rel err vs the PyTorch INT2 reference on <= 2 sequences, rel err vs exact BF16 attention)."""
+    import torch.nn.functional as F
+
+    from kvtool.kernels.int2_kv import decode_attention_reference
+
+    out = fn()
+    nb = min(q.shape[0], 2)
+    ref = decode_attention_reference(q[:nb], kc, vc, table[:nb], seq_lens[:nb], k_rot, v_rot)
+    err_ref = float((out[:nb].float() - ref.float()).abs().max() / ref.float().abs().max())
+    exact = F.scaled_dot_product_attention(q[:nb, :, None].float(), k[:nb].float(), v[:nb].float(),
+                                           enable_gqa=True)[:, :, 0]
+    err_exact = float((out[:nb].float() - exact).norm() / exact.norm())
+    return err_ref, err_exact
+
+
+def bench_one(bsz: int, ctx: int, h: int, g: int, d: int, args, dev: str, sms: int, timer, bf16_bpt: int,
+              int2_bpt: int) -> dict:
+    """Check, then time INT2 decode attention and SDPA for one (batch, context); returns a result row."""
+    import torch.nn.functional as F
+
+    from kvtool.kernels.int2_kv import int2_decode_attention
+
+    k, v, kc, vc, table, k_rot, v_rot = build(bsz, ctx, g, d, args.page, dev, seed=bsz * 7919 + ctx)
+    q = torch.randn(bsz, h, d, device=dev, dtype=torch.bfloat16)
+    seq_lens = torch.full((bsz,), ctx, device=dev, dtype=torch.int32)
+    settings = [(args.block_n, args.target_programs or 4 * sms)]
+    if args.sweep:
+        settings = [(bn, m * sms) for bn in (32, 64, 128) for m in (2, 4, 8)]
+    best = None
+    for bn, tp in settings:
+        def fn(bn: int = bn, tp: int = tp) -> torch.Tensor:
+            return int2_decode_attention(q, kc, vc, table, seq_lens, k_rot, v_rot, max_seq_len=ctx, block_n=bn,
+                                         target_programs=tp)
+        err_ref, err_exact = check(q, k, v, kc, vc, table, seq_lens, k_rot, v_rot, fn)
+        if err_ref > 2e-2:
+            sys.exit(f"INT2 kernel disagrees with its reference (rel err {err_ref:.3e}) at B={bsz} S={ctx} "
+                     f"block_n={bn}")
+        us = timer(fn)
+        if best is None or us < best[0]:
+            best = (us, bn, tp, err_ref, err_exact)
+    qs = q[:, :, None]
+    sdpa_us = timer(lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True))
+    us, bn, tp, err_ref, err_exact = best
+    r = dict(batch=bsz, ctx=ctx, sdpa_us=sdpa_us, int2_us=us, speedup=sdpa_us / us,
+             bf16_gbs=bsz * ctx * bf16_bpt / (sdpa_us * 1e-6) / 1e9,
+             int2_gbs=bsz * ctx * int2_bpt / (us * 1e-6) / 1e9, block_n=bn, target=tp,
+             err_ref=err_ref, err_exact=err_exact)
+    print(f"B={bsz} S={ctx}: sdpa {sdpa_us:.1f} us, int2 {us:.1f} us ({r['speedup']:.2f}x), "
+          f"err vs ref {err_ref:.1e}, vs exact bf16 {err_exact:.2f}", flush=True)
+    return r
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU interpreter check)")
+    ap.add_argument("--batch", default="1,32")
+    ap.add_argument("--context", default="8192,16384,32768,65536")
+    ap.add_argument("--heads", type=int, default=32)
+    ap.add_argument("--kv-heads", type=int, default=8)
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--page", type=int, default=16, help="paged-cache block size (tokens)")
+    ap.add_argument("--block-n", type=int, default=64, help="tokens per kernel tile")
+    ap.add_argument("--target-programs", type=int, default=0, help="split-K programs to aim for (0: 4 x SMs)")
+    ap.add_argument("--sweep", action="store_true", help="try block-n 32/64/128 x target 2/4/8 x SMs; keep best")
+    args = ap.parse_args()
+
+    dev = args.device
+    if dev == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        sys.exit("CPU mode needs TRITON_INTERPRET=1 (set it before starting Python)")
+    from kvtool.kernels.int2_kv import kv_bytes_per_token
+
+    if args.quick:
+        args.batch, args.context, args.heads, args.kv_heads, args.head_dim = "1,2", "64,160", 4, 2, 64
+    batches = [int(x) for x in args.batch.split(",")]
+    contexts = [int(x) for x in args.context.split(",")]
+    h, g, d = args.heads, args.kv_heads, args.head_dim
+    timer = _timer(dev)
+    sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.startswith("cuda") else 4
+    ceiling = copy_ceiling_gbs(dev, (1 << 31) if dev.startswith("cuda") else (1 << 22), timer)
+    name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu (TRITON_INTERPRET=1)"
+    print(f"device {name}; copy ceiling {ceiling:.0f} GB/s; H={h} G={g} d={d} page={args.page}", flush=True)
+    bf16_bpt = 2 * g * d * 2
+    int2_bpt = kv_bytes_per_token(g, d, d)
+    rows = []
+    for bsz in batches:
+        for ctx in contexts:
+            rows.append(bench_one(bsz, ctx, h, g, d, args, dev, sms, timer, bf16_bpt, int2_bpt))
+            if dev.startswith("cuda"):
+                torch.cuda.empty_cache()
+    print(f"\nKV bytes/token/layer: bf16 {bf16_bpt}, int2 {int2_bpt} ({bf16_bpt / int2_bpt:.2f}x less); "
+          f"copy ceiling {ceiling:.0f} GB/s")
+    print("| batch | context | SDPA bf16 (us) | INT2 kernel (us) | speedup | bf16 GB/s | INT2 GB/s | INT2 % of copy "
+          "| block_n/target | err vs ref | err vs exact |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['batch']} | {r['ctx']} | {r['sdpa_us']:.1f} | {r['int2_us']:.1f} | {r['speedup']:.2f}x | "
+              f"{r['bf16_gbs']:.0f} | {r['int2_gbs']:.0f} | {100 * r['int2_gbs'] / ceiling:.0f}% | "
+              f"{r['block_n']}/{r['target']} | {r['err_ref']:.1e} | {r['err_exact']:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
