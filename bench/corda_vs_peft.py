@@ -92,7 +92,7 @@ def child_peft(args: argparse.Namespace) -> dict:
 def run_child(role: str, args: argparse.Namespace, out: Path) -> dict:
     cmd = [sys.executable, __file__, "--role", role, "--out", str(out), "--samples", str(args.samples),
            "--seq-len", str(args.seq_len), "--rank", str(args.rank), "--mode", args.mode, "--targets", args.targets,
-           "--seed", str(args.seed)]
+           "--seed", str(args.seed), "--threads", str(args.threads)]
     res = subprocess.run(cmd, capture_output=True, text=True)
     if res.returncode != 0:
         sys.exit(f"{role} run failed:\n{res.stderr[-3000:]}")
@@ -172,8 +172,12 @@ def main() -> None:
     ap.add_argument("--mode", choices=["kpa", "ipa"], default="kpa")
     ap.add_argument("--targets", default=TARGETS)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads in both runs (1: on a shared CPU, multi-threaded LAPACK SVDs oversubscribe)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if args.role != "compare":
         from transformers.utils import logging as hf_logging
@@ -208,18 +212,23 @@ def main() -> None:
     kv_pn = adapted_modules(adapter_pn)
 
     # identity at init of both outputs, with stock PEFT loading
-    from peft import PeftModel
+    from peft import LoraConfig, PeftModel
     from transformers import AutoModelForCausalLM
 
-    ident = {}
+    ident, saved_init = {}, {}
     with torch.no_grad():
         ref = loaded.model(input_ids=windows[:2]).logits
         for role in ("kvtool", "peft"):
             base = AutoModelForCausalLM.from_pretrained(str(work / role / "base"), dtype=torch.float32)
-            m = PeftModel.from_pretrained(base, str(work / role / "adapter"))
+            cfg = LoraConfig.from_pretrained(str(work / role / "adapter"))
+            if role == "peft":  # PEFT saves init_lora_weights="corda", which re-runs corda_init on load and fails
+                saved_init[role] = cfg.init_lora_weights
+                cfg.init_lora_weights = True
+            m = PeftModel.from_pretrained(base, str(work / role / "adapter"), config=cfg)
             ident[role] = float((m(input_ids=windows[:2]).logits - ref).abs().max())
     result = {
-        "setup": {"samples": args.samples, "seq_len": args.seq_len, "rank": args.rank, "mode": args.mode,
+        "setup": {"threads": args.threads, "samples": args.samples, "seq_len": args.seq_len, "rank": args.rank,
+                  "mode": args.mode,
                   "targets": list(targets), "modules": len(kv)},
         "runs": runs,
         "identity_max_abs_logit_diff": ident, "max_abs_logit": float(ref.abs().max()),
@@ -228,6 +237,7 @@ def main() -> None:
         "agreement_kvtool_vs_kvtool_peftnorm": agreement(kv, kv_pn),
         "per_window_weight_spread_max_over_min": spread,
         "peftnorm_damp_max": rep_pn["damp_max"],
+        "peft_saved_init_lora_weights": saved_init.get("peft"),
     }
     print("\n| run | wall s | calibration done at s | peak RSS MiB |")
     print("|---|---|---|---|")

@@ -117,8 +117,12 @@ def write_corda(loaded: LoadedModel, store: StatsStore | None, out: Path, *, mod
                 targets: tuple[str, ...] | str | None = None, layers: list[int] | str | None = None,
                 damp: float = DEFAULT_DAMP, max_damp: float = DEFAULT_MAX_DAMP,
                 inverse_tol: float = DEFAULT_INVERSE_TOL, seed: int = 0, overwrite: bool = False,
-                progress: bool = False, options: dict[str, Any] | None = None) -> dict:
-    """Run CorDA (or a baseline) on a loaded model and write ``out`` (adapter/, base/, kvtool.json) atomically."""
+                progress: bool = False, options: dict[str, Any] | None = None, release_stats: bool = False) -> dict:
+    """Run CorDA (or a baseline) on a loaded model and write ``out`` (adapter/, base/, kvtool.json) atomically.
+
+    ``release_stats=True`` drops each layer's statistics from ``store`` once that layer is factored (lower peak
+    memory when the store is not needed afterwards, as in the CLI).
+    """
     from kvtool.checkpoint import atomic_dir, check_output_dir, provenance, save_tensors, untie_for_saving, write_json
 
     targets = parse_targets(targets)
@@ -136,12 +140,18 @@ def write_corda(loaded: LoadedModel, store: StatsStore | None, out: Path, *, mod
 
     from kvtool.calib.collect import _progress
 
+    def done(i: int) -> None:
+        bar.advance(task)
+        if release_stats and store is not None:
+            for name in needed:
+                store.sums.pop((i, name), None)
+
     with _progress(progress) as bar:
         task = bar.add_task(f"corda {mode} r={rank}", total=len(chosen))
         adapter, residual, report = corda_transform(
             state, (lambda i, s: store.second_moment(i, s)) if needed else None, spec.num_layers, targets, rank,
             mode, damp=damp, max_damp=max_damp, inverse_tol=inverse_tol, seed=seed, base_dtype=base_dtype,
-            layers=layers, on_layer=lambda _i: bar.advance(task))
+            layers=layers, on_layer=done)
     new_state = {**state, **residual}
     stats_meta = None
     if store is not None and needed:
@@ -227,6 +237,7 @@ def corda(
                                                          "calib_seed": calib_seed}
     report = write_corda(loaded, store, output, mode=mode, rank=rank, targets=target_list, layers=layer_list,
                          damp=damp, max_damp=max_damp, seed=seed, overwrite=overwrite, progress=progress,
+                         release_stats=True,
                          options={"stats": str(stats) if stats else None, "dtype": dtype, **calib})
     table = Table(title=f"corda {mode} r={rank} -> {output}")
     for col in ("target", "modules", "energy kept (mean)", "min", "max", "max damping", "max inverse err"):
