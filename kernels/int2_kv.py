@@ -195,19 +195,33 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
     acc3 = tl.zeros((GP, DQ), tl.float32)
     n_off = tl.arange(0, BLOCK_N)
     grp = c // (GS // 4)  # scale group of byte column c (all 4 codes of a byte share it)
+    if NG == 1:
+        qsum = (tl.sum(q0.to(tl.float32), axis=1) + tl.sum(q1.to(tl.float32), axis=1)
+                + tl.sum(q2.to(tl.float32), axis=1) + tl.sum(q3.to(tl.float32), axis=1))
     for n0 in range(start, end, BLOCK_N):
         n = n0 + n_off
         ok = n < end
         page = tl.load(bt_ptr + b * MAX_BLOCKS + n // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
         tok = (page * G + g) * BLOCK_SIZE + n % BLOCK_SIZE
         kb = tl.load(kd_ptr + tok[:, None] * DQ + c[None, :], mask=ok[:, None], other=0).to(tl.int32)
-        ksc = tl.load(ks_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        kze = tl.load(kz_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        k0 = (kze + ksc * (kb & 3).to(tl.float32)).to(tl.float16)
-        k1 = (kze + ksc * ((kb >> 2) & 3).to(tl.float32)).to(tl.float16)
-        k2 = (kze + ksc * ((kb >> 4) & 3).to(tl.float32)).to(tl.float16)
-        k3 = (kze + ksc * ((kb >> 6) & 3).to(tl.float32)).to(tl.float16)
-        s = tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2)) + tl.dot(q3, tl.trans(k3))
+        vb = tl.load(vd_ptr + tok[:, None] * DQ + c[None, :], mask=ok[:, None], other=0).to(tl.int32)
+        if NG == 1:
+            # one scale/zero per token: q.(z + s*code) = s * (q.code) + z * sum(q); codes are exact in fp16
+            ksc = tl.load(ks_ptr + tok, mask=ok, other=0.0).to(tl.float32)
+            kze = tl.load(kz_ptr + tok, mask=ok, other=0.0).to(tl.float32)
+            s = (tl.dot(q0, tl.trans((kb & 3).to(tl.float16))) + tl.dot(q1, tl.trans(((kb >> 2) & 3).to(tl.float16)))
+                 + tl.dot(q2, tl.trans(((kb >> 4) & 3).to(tl.float16)))
+                 + tl.dot(q3, tl.trans(((kb >> 6) & 3).to(tl.float16))))
+            s = s * ksc[None, :] + qsum[:, None] * kze[None, :]
+        else:
+            ksc = tl.load(ks_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            kze = tl.load(kz_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            k0 = (kze + ksc * (kb & 3).to(tl.float32)).to(tl.float16)
+            k1 = (kze + ksc * ((kb >> 2) & 3).to(tl.float32)).to(tl.float16)
+            k2 = (kze + ksc * ((kb >> 4) & 3).to(tl.float32)).to(tl.float16)
+            k3 = (kze + ksc * ((kb >> 6) & 3).to(tl.float32)).to(tl.float16)
+            s = (tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+                 + tl.dot(q3, tl.trans(k3)))
         s = s * sm_scale_log2
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -215,14 +229,24 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         m_i = m_new
-        vb = tl.load(vd_ptr + tok[:, None] * DQ + c[None, :], mask=ok[:, None], other=0).to(tl.int32)
-        vsc = tl.load(vs_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        vze = tl.load(vz_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-        pf = p.to(tl.float16)
-        acc0 = acc0 * alpha[:, None] + tl.dot(pf, (vze + vsc * (vb & 3).to(tl.float32)).to(tl.float16))
-        acc1 = acc1 * alpha[:, None] + tl.dot(pf, (vze + vsc * ((vb >> 2) & 3).to(tl.float32)).to(tl.float16))
-        acc2 = acc2 * alpha[:, None] + tl.dot(pf, (vze + vsc * ((vb >> 4) & 3).to(tl.float32)).to(tl.float16))
-        acc3 = acc3 * alpha[:, None] + tl.dot(pf, (vze + vsc * ((vb >> 6) & 3).to(tl.float32)).to(tl.float16))
+        if NG == 1:
+            # p.(z + s*code) = (p*s).code + p.z
+            vsc = tl.load(vs_ptr + tok, mask=ok, other=0.0).to(tl.float32)
+            vze = tl.load(vz_ptr + tok, mask=ok, other=0.0).to(tl.float32)
+            ps = (p * vsc[None, :]).to(tl.float16)
+            pz = tl.sum(p * vze[None, :], axis=1)[:, None]
+            acc0 = acc0 * alpha[:, None] + tl.dot(ps, (vb & 3).to(tl.float16)) + pz
+            acc1 = acc1 * alpha[:, None] + tl.dot(ps, ((vb >> 2) & 3).to(tl.float16)) + pz
+            acc2 = acc2 * alpha[:, None] + tl.dot(ps, ((vb >> 4) & 3).to(tl.float16)) + pz
+            acc3 = acc3 * alpha[:, None] + tl.dot(ps, ((vb >> 6) & 3).to(tl.float16)) + pz
+        else:
+            vsc = tl.load(vs_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            vze = tl.load(vz_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
+            pf = p.to(tl.float16)
+            acc0 = acc0 * alpha[:, None] + tl.dot(pf, (vze + vsc * (vb & 3).to(tl.float32)).to(tl.float16))
+            acc1 = acc1 * alpha[:, None] + tl.dot(pf, (vze + vsc * ((vb >> 2) & 3).to(tl.float32)).to(tl.float16))
+            acc2 = acc2 * alpha[:, None] + tl.dot(pf, (vze + vsc * ((vb >> 4) & 3).to(tl.float32)).to(tl.float16))
+            acc3 = acc3 * alpha[:, None] + tl.dot(pf, (vze + vsc * ((vb >> 6) & 3).to(tl.float32)).to(tl.float16))
     part = (b * H + heads) * NUM_SPLITS + sp
     tl.store(m_ptr + part, m_i, mask=row_ok)
     tl.store(l_ptr + part, l_i, mask=row_ok)

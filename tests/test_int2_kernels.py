@@ -77,9 +77,9 @@ def test_quantize_pack_skips_negative_slots():
     assert kc[0][1, 0, 1].any() and not kc[0][0].any() and not kc[0][1, 0, [0, 2, 3]].any()
 
 
-@pytest.mark.parametrize("rotated,splits", [(True, 3), (False, None)])
-def test_decode_attention_matches_reference(rotated, splits):
-    g, rep, d, gs, block = 2, 3, 64, 32, 8
+@pytest.mark.parametrize("rotated,splits,gs", [(True, 3, 32), (True, 2, 64), (False, None, 64)])
+def test_decode_attention_matches_reference(rotated, splits, gs):
+    g, rep, d, block = 2, 3, 64, 8
     k_rot = _orth(g, d, 2) if rotated else None
     v_rot = _orth(g, d, 3) if rotated else None
     lens = [37, 5]
