@@ -178,6 +178,7 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
             finally:
                 if hooks is not None:
                     hooks.remove()
+                    store.offload(i)
                 streamer.release(i)
             bar.advance(task)
     if distributed:
@@ -200,4 +201,5 @@ def collect_statistics_full_forward(loaded: LoadedModel, windows: torch.Tensor,
     finally:
         for h in hooks:
             h.remove()
+    store.offload()
     return store

@@ -57,10 +57,15 @@ class StatsStore:
 
     # ------------------------------------------------------------------ accumulation
     def add_gram(self, layer: int, name: str, gram: torch.Tensor, tokens: int) -> None:
-        """Add a precomputed float64 Gram matrix (``xᵀx`` over ``tokens`` rows)."""
+        """Add a precomputed Gram matrix (``xᵀx`` over ``tokens`` rows), accumulated in float64.
+
+        Sums stay on the device of the first Gram added (no per-batch device-to-host copies); call
+        :meth:`offload` to move them to the CPU.
+        """
         key = (layer, name)
-        gram = gram.detach().to(device="cpu", dtype=torch.float64)
+        gram = gram.detach().to(torch.float64)
         if key in self.sums:
+            gram = gram.to(self.sums[key].device)
             self.sums[key] += gram
             self.counts[key] += tokens
         else:
@@ -71,6 +76,12 @@ class StatsStore:
         """Add rows of ``x`` (..., n): accumulates ``xᵀx`` in float64."""
         x = x.reshape(-1, x.shape[-1]).to(torch.float64)
         self.add_gram(layer, name, x.T @ x, x.shape[0])
+
+    def offload(self, layer: int | None = None) -> None:
+        """Move the sums (of one layer, or all) to the CPU."""
+        for key in self.sums:
+            if layer is None or key[0] == layer:
+                self.sums[key] = self.sums[key].cpu()
 
     # ------------------------------------------------------------------ reading
     def layers(self) -> list[int]:
@@ -138,7 +149,7 @@ class StatsStore:
         from safetensors.torch import save_file
 
         directory = Path(directory)
-        tensors = {f"layers.{layer}.{name}": s.contiguous() for (layer, name), s in self.sums.items()}
+        tensors = {f"layers.{layer}.{name}": s.cpu().contiguous() for (layer, name), s in self.sums.items()}
         save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": "pt", "kind": "kvtool-stats"})
         manifest = dict(self.meta)
         manifest["counts"] = {f"layers.{layer}.{name}": c for (layer, name), c in sorted(self.counts.items())}

@@ -92,7 +92,7 @@ def damped_sqrt(c: torch.Tensor, damping: float) -> tuple[torch.Tensor, torch.Te
     c = c.to(torch.float64)
     c = (c + c.T) / 2
     ridge = damping * c.diagonal().mean().clamp_min(1e-12)
-    evals, evecs = torch.linalg.eigh(c + ridge * torch.eye(c.shape[0], dtype=torch.float64))
+    evals, evecs = torch.linalg.eigh(c + ridge * torch.eye(c.shape[0], dtype=torch.float64, device=c.device))
     evals = evals.clamp_min(ridge.item() * 1e-6 if damping > 0 else 1e-12)
     root = evals.sqrt()
     return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
@@ -284,7 +284,6 @@ def convert_layers(weights: dict[str, torch.Tensor], stats: StatsStore, spec: Ar
     check_options(spec, opts)
     stats.require(REQUIRED_STATS, spec.num_layers)
     total, rope_dim = layer_budget(spec, opts)
-    latent = total - rope_dim
     n = spec.num_layers
     aware = opts.method == "care"
     blocks: dict[str, list[dict[str, Any]]] = {"k": [], "v": []}

@@ -18,6 +18,7 @@ Both kernels split the context over programs (flash-decoding) and combine the pa
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,17 +30,57 @@ def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(int(n)))
 
 
+@functools.lru_cache(maxsize=8)
+def _sm_count(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _num_splits(batch: int, programs: int, length: int, block_n: int) -> int:
     """Enough context splits to give the GPU ~2 waves of programs, at least one block per split."""
     if not torch.cuda.is_available():
         return max(1, min(4, triton.cdiv(length, block_n)))
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = _sm_count(torch.cuda.current_device())
     want = max(1, (2 * sms) // max(1, batch * programs))
     return max(1, min(want, triton.cdiv(length, block_n)))
 
 
+@triton.jit
+def _combine_kernel(ACC, M, L, OUT, SPLITS, DV, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+    row = tl.program_id(0)  # one (batch, head)
+    offs_s = tl.arange(0, BLOCK_S)
+    smask = offs_s < SPLITS
+    m = tl.load(M + row * SPLITS + offs_s, mask=smask, other=float("-inf"))
+    l = tl.load(L + row * SPLITS + offs_s, mask=smask, other=0.0)
+    top = tl.max(m, 0)
+    w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
+    denom = tl.sum(w * l, 0)
+    for d0 in range(0, DV, BLOCK_DV):
+        offs_d = d0 + tl.arange(0, BLOCK_DV)
+        dmask = offs_d < DV
+        acc = tl.load(ACC + row * SPLITS * DV + offs_s[:, None] * DV + offs_d[None, :],
+                      mask=smask[:, None] & dmask[None, :], other=0.0)
+        tl.store(OUT + row * DV + offs_d, tl.sum(acc * w[:, None], 0) / denom, mask=dmask)
+
+
 def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """Merge per-split (acc [.., S, dv], max [.., S], sum [.., S]) into the softmax-weighted output."""
+    """Merge per-split (acc [B, H, S, dv], max [B, H, S], sum [B, H, S]) into the softmax-weighted output."""
+    if acc.is_cuda or _interpreting():
+        bsz, heads, splits, dv = acc.shape
+        out = torch.empty(bsz, heads, dv, device=acc.device, dtype=torch.float32)
+        _combine_kernel[(bsz * heads,)](acc, m, l, out, splits, dv, BLOCK_S=max(2, triton.next_power_of_2(splits)),
+                                        BLOCK_DV=min(128, _pow2(dv)))
+        return out
+    return combine_reference(acc, m, l)
+
+
+def _interpreting() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def combine_reference(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
+    """PyTorch reference of the split merge."""
     top = m.max(dim=-1, keepdim=True).values
     w = torch.exp(m - top)
     w = torch.where(torch.isfinite(m), w, torch.zeros_like(w))
