@@ -15,7 +15,8 @@ row of ``block_table`` [B, max_blocks].
 * :func:`int2_decode_attention` - one query token per sequence: ``q' = R_k q`` (a small kernel), split-K attention
   over the packed cache that unpacks and dequantizes INT2 in registers (flash-decoding: each program covers a
   slice of the context for all query heads of one KV head), then a merge kernel that combines the slices and
-  rotates the output back by ``R_vᵀ`` (skipped when R_v is folded into W_v/W_o).
+  rotates the output back by ``R_vᵀ`` (skipped when R_v is folded into W_v/W_o). An optional full-precision
+  segment per sequence (sink + recent tokens, stored rotated) is one more partial of that merge.
 
 PyTorch references beside them: :func:`quantize_pack_reference`, :func:`decode_attention_reference`. Only standard
 ``tl.*`` ops are used (Triton 3.6+); tests run them with ``TRITON_INTERPRET=1``.
@@ -140,6 +141,8 @@ def gather_paged(cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], block_t
     """Dequantized [G, seq_len, d] of sequence ``b`` read through its block-table row (reference path)."""
     data, scale, zero = cache
     bs = data.shape[2]
+    if seq_len == 0:
+        return torch.zeros(data.shape[1], 0, data.shape[-1] * 4, device=data.device)
     n_blocks = (seq_len + bs - 1) // bs
     blocks = block_table[b, :n_blocks].long()
     x = unpack_dequantize(data[blocks], scale[blocks], zero[blocks])  # [n, G, bs, d]
@@ -258,6 +261,42 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
 
 
 @triton.jit
+def _fp_segment_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, m_ptr, l_ptr, sm_scale_log2, H, G, REP, W, NUM_PARTS,
+                       PART, D: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Attention partials over the full-precision segment (sink + recent tokens, stored rotated) of one KV head."""
+    b = tl.program_id(0)
+    g = tl.program_id(1)
+    n_len = tl.load(len_ptr + b)
+    rows = tl.arange(0, GP)
+    row_ok = rows < REP
+    heads = g * REP + rows
+    i = tl.arange(0, D)
+    q = tl.load(q_ptr + (b * H + heads[:, None]) * D + i[None, :], mask=row_ok[:, None], other=0.0).to(tl.float16)
+    m_i = tl.full((GP,), float("-inf"), tl.float32)
+    l_i = tl.zeros((GP,), tl.float32)
+    acc = tl.zeros((GP, D), tl.float32)
+    n_off = tl.arange(0, BLOCK_N)
+    base = (b * G + g) * W
+    for n0 in range(0, n_len, BLOCK_N):
+        n = n0 + n_off
+        ok = n < n_len
+        k = tl.load(k_ptr + (base + n)[:, None] * D + i[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
+        s = tl.dot(q, tl.trans(k)) * sm_scale_log2
+        s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        m_i = m_new
+        v = tl.load(v_ptr + (base + n)[:, None] * D + i[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
+        acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
+    part = (b * H + heads) * NUM_PARTS + PART
+    tl.store(m_ptr + part, m_i, mask=row_ok)
+    tl.store(l_ptr + part, l_i, mask=row_ok)
+    tl.store(o_ptr + part[:, None] * D + i[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
 def _merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, H, REP, NUM_SPLITS,
                   D: tl.constexpr, SP: tl.constexpr, HAS_ROT: tl.constexpr):
     pid = tl.program_id(0)  # b * H + h
@@ -289,11 +328,15 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
                           seq_lens: torch.Tensor, k_rot: torch.Tensor | None = None,
                           v_rot: torch.Tensor | None = None, sm_scale: float | None = None, *,
                           max_seq_len: int | None = None, block_n: int = 64, num_splits: int | None = None,
-                          target_programs: int = 512) -> torch.Tensor:
+                          target_programs: int = 512, fp_segment: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          fp_lens: torch.Tensor | None = None) -> torch.Tensor:
     """Decode attention of q [B, H, d] (after RoPE, unrotated) over a paged INT2 K/V cache; returns [B, H, d].
 
     ``k_rot``/``v_rot``: [G, d, d] float32 rotations the cache was written with (None: identity / folded).
     ``max_seq_len`` avoids a device sync when given (defaults to ``seq_lens.max()``).
+    ``fp_segment`` = (k, v) [B, G, W, d] (bf16/fp16/fp32): the full-precision sink + recent tokens of each sequence,
+    stored rotated like the cache (``R_k k``, ``R_v v``); ``fp_lens`` [B] says how many are valid. They are one more
+    partial in the split merge (online softmax), so the result is attention over INT2 history ∪ FP tokens.
     """
     bsz, h, d = q.shape
     data = k_cache[0]
@@ -311,25 +354,35 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     splits = num_splits or _num_splits(bsz, g, max_len, block_n, target_programs)
     per_split = math.ceil(max(max_len, 1) / splits / block_n) * block_n
     splits = max(1, math.ceil(max(max_len, 1) / per_split))
-    o_part = torch.empty(bsz, h, splits, d, device=q.device, dtype=torch.float32)
-    m_part = torch.empty(bsz, h, splits, device=q.device, dtype=torch.float32)
+    parts = splits + (fp_segment is not None)
+    o_part = torch.empty(bsz, h, parts, d, device=q.device, dtype=torch.float32)
+    m_part = torch.empty(bsz, h, parts, device=q.device, dtype=torch.float32)
     l_part = torch.empty_like(m_part)
     gp = max(16, triton.next_power_of_2(rep))
     _int2_attention_split_kernel[(bsz, g, splits)](
         qf, *k_cache, *v_cache, block_table.int().contiguous(), seq_lens.int().contiguous(),
-        o_part, m_part, l_part, sm_scale * LOG2E, h, g, rep, block_size, block_table.shape[1], per_split, splits,
+        o_part, m_part, l_part, sm_scale * LOG2E, h, g, rep, block_size, block_table.shape[1], per_split, parts,
         D=d, GS=gs, GP=gp, BLOCK_N=block_n)
+    if fp_segment is not None:
+        fk, fv = (t.contiguous() for t in fp_segment)
+        if fk.shape[:2] != (bsz, g) or fk.shape[-1] != d or fv.shape != fk.shape or fp_lens is None:
+            raise KvtoolError("fp_segment must be (k, v) of shape [B, G, W, head_dim] with fp_lens [B]")
+        _fp_segment_kernel[(bsz, g)](qf, fk, fv, fp_lens.int().contiguous(), o_part, m_part, l_part,
+                                     sm_scale * LOG2E, h, g, rep, fk.shape[2], parts, splits,
+                                     D=d, GP=gp, BLOCK_N=min(block_n, 64))
     out = torch.empty(bsz, h, d, device=q.device, dtype=torch.float32)
     rot = v_rot.float().contiguous() if v_rot is not None else qf.new_empty(1)
-    _merge_kernel[(bsz * h,)](o_part, m_part, l_part, rot, out, h, rep, splits,
-                              D=d, SP=triton.next_power_of_2(splits), HAS_ROT=v_rot is not None)
+    _merge_kernel[(bsz * h,)](o_part, m_part, l_part, rot, out, h, rep, parts,
+                              D=d, SP=triton.next_power_of_2(parts), HAS_ROT=v_rot is not None)
     return out.to(q.dtype)
 
 
 def decode_attention_reference(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
                                v_cache: tuple[torch.Tensor, torch.Tensor, torch.Tensor], block_table: torch.Tensor,
                                seq_lens: torch.Tensor, k_rot: torch.Tensor | None = None,
-                               v_rot: torch.Tensor | None = None, sm_scale: float | None = None) -> torch.Tensor:
+                               v_rot: torch.Tensor | None = None, sm_scale: float | None = None,
+                               fp_segment: tuple[torch.Tensor, torch.Tensor] | None = None,
+                               fp_lens: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch reference of :func:`int2_decode_attention` (float32, dequantizing the whole cache)."""
     bsz, h, d = q.shape
     g = k_cache[0].shape[1]
@@ -340,6 +393,10 @@ def decode_attention_reference(q: torch.Tensor, k_cache: tuple[torch.Tensor, tor
         n = int(seq_lens[b])
         k = gather_paged(k_cache, block_table, b, n)  # rotated space [G, n, d]
         v = gather_paged(v_cache, block_table, b, n)
+        if fp_segment is not None:
+            w = int(fp_lens[b])
+            k = torch.cat([k, fp_segment[0][b, :, :w].float()], dim=1)
+            v = torch.cat([v, fp_segment[1][b, :, :w].float()], dim=1)
         qb = q[b].float().reshape(g, rep, d)
         if k_rot is not None:
             qb = torch.einsum("ged,grd->gre", k_rot.float(), qb)

@@ -123,3 +123,24 @@ def test_export_then_validate_on_tiny_model(tiny_checkpoint, tmp_path):
     report = json.loads(res.output)
     assert report["passed"] and report["max_kernel_vs_reference_rel_err"] < 1e-2
     assert report["max_packed_byte_mismatch"] <= 1e-3
+
+
+def test_full_precision_segment_merges_with_int2_history():
+    g, rep, d, gs, block = 2, 2, 64, 64, 8
+    k_rot, v_rot = _orth(g, d, 11), _orth(g, d, 12)
+    lens = [19, 0]  # the second sequence has only full-precision tokens
+    kc, vc, table, _ = _paged(lens, block, g, d, gs, seed=13, k_rot=k_rot, v_rot=v_rot)
+    gen = torch.Generator().manual_seed(14)
+    fk, fv = torch.randn(2, g, 6, d, generator=gen), torch.randn(2, g, 6, d, generator=gen)  # unrotated
+    fp_seg = (torch.einsum("ged,bgwd->bgwe", k_rot, fk), torch.einsum("ged,bgwd->bgwe", v_rot, fv))
+    fp_lens = torch.tensor([4, 6])
+    q = torch.randn(2, g * rep, d, generator=gen)
+    args = (q, kc, vc, table, torch.tensor(lens), k_rot, v_rot)
+    out = int2_decode_attention(*args, block_n=16, num_splits=2, fp_segment=fp_seg, fp_lens=fp_lens)
+    ref = decode_attention_reference(*args, fp_segment=fp_seg, fp_lens=fp_lens)
+    torch.testing.assert_close(out, ref, atol=3e-3, rtol=3e-3)
+    # sequence 1 is exact attention over its (unrotated) full-precision tokens: rotations cancel
+    qh = q[1].reshape(g, rep, d)
+    p = torch.softmax(torch.einsum("grd,gwd->grw", qh, fk[1]) * d ** -0.5, -1)
+    exact = torch.einsum("grw,gwd->grd", p, fv[1]).reshape(g * rep, d)
+    torch.testing.assert_close(out[1], exact, atol=1e-2, rtol=1e-2)

@@ -190,7 +190,8 @@ def validate_oscar(out: Path, manifest: dict[str, Any], options: dict[str, Any])
     """Run the INT2 kernels on real K/V of the source model: pack vs reference, decode attention vs reference.
 
     Keys/values/queries come from a held-out window; two layers (first and last) are checked; the block table is
-    shuffled so paging is exercised. Also reports the INT2 attention's error against exact attention.
+    shuffled so paging is exercised. The export's sink and recent tokens go to the kernel's full-precision segment,
+    the rest to the packed INT2 cache; also reports that attention's error against exact attention.
     """
     import torch
 
@@ -217,7 +218,8 @@ def validate_oscar(out: Path, manifest: dict[str, Any], options: dict[str, Any])
     loaded = load_model(source, device=device)
     spec = loaded.spec
     qspec = load_oscar_spec(out, head_dim=spec.head_dim, num_layers=spec.num_layers, num_kv_heads=spec.num_kv_heads)
-    n_tok = int(options.get("tokens", 64))
+    sink, recent = qspec.sink, qspec.residual_window
+    n_tok = max(int(options.get("tokens", 64)), sink + recent + 32)  # at least 32 INT2 history tokens
     ids = heldout_tokens(loaded.tokenizer, TextSource("embedded", "heldout"), n_tok)[None].to(device)
     layers = sorted({0, spec.num_layers - 1})
     got: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
@@ -233,7 +235,10 @@ def validate_oscar(out: Path, manifest: dict[str, Any], options: dict[str, Any])
     report: dict[str, Any] = {"layers": layers, "tokens": int(ids.shape[1])}
     worst_pack, worst_attn, worst_vs_exact = 0.0, 0.0, 0.0
     for i in layers:
-        q, k, v = (t.float() for t in got[i])  # q [H, d]; k, v [T, G, d]
+        q, k_all, v_all = (t.float() for t in got[i])  # q [H, d] (last position); k, v [T, G, d]
+        t_all = k_all.shape[0]
+        fp_idx = torch.cat([torch.arange(sink), torch.arange(t_all - recent, t_all)]).to(device)
+        k, v = k_all[sink:t_all - recent], v_all[sink:t_all - recent]  # INT2 history
         t_len = k.shape[0]
         n_blocks = (t_len + block - 1) // block
         perm = torch.randperm(n_blocks + 2, generator=gen)[:n_blocks].to(device)
@@ -248,12 +253,18 @@ def validate_oscar(out: Path, manifest: dict[str, Any], options: dict[str, Any])
         ref_packed, _, _ = quantize_pack_reference(k, k_rot, qspec.k_clip[i].to(device), gs)
         packed = kc[0][slots // block, :, slots % block]
         mismatch = float((packed != ref_packed).float().mean())
-        table = perm[None].int()
-        lens = torch.tensor([t_len], device=device)
-        out_k = int2_decode_attention(q[None], kc, vc, table, lens, k_rot, v_rot, block_n=16)
-        out_r = decode_attention_reference(q[None], kc, vc, table, lens, k_rot, v_rot)
+        fp_seg, fp_lens = None, None
+        if fp_idx.numel():  # full-precision sink + recent tokens, stored rotated like the cache
+            fk = torch.einsum("ged,tgd->gte", k_rot, k_all[fp_idx])
+            fv = v_all[fp_idx].transpose(0, 1) if v_rot is None else torch.einsum("ged,tgd->gte", v_rot,
+                                                                                   v_all[fp_idx])
+            fp_seg, fp_lens = (fk[None].contiguous(), fv[None].contiguous()), torch.tensor([fp_idx.numel()],
+                                                                                            device=device)
+        args = (q[None], kc, vc, perm[None].int(), torch.tensor([t_len], device=device), k_rot, v_rot)
+        out_k = int2_decode_attention(*args, block_n=16, fp_segment=fp_seg, fp_lens=fp_lens)
+        out_r = decode_attention_reference(*args, fp_segment=fp_seg, fp_lens=fp_lens)
         rep = q.shape[0] // spec.num_kv_heads
-        kk, vv = k.transpose(0, 1).repeat_interleave(rep, 0), v.transpose(0, 1).repeat_interleave(rep, 0)
+        kk, vv = k_all.transpose(0, 1).repeat_interleave(rep, 0), v_all.transpose(0, 1).repeat_interleave(rep, 0)
         exact = torch.softmax(torch.einsum("hd,htd->ht", q, kk) * spec.head_dim ** -0.5, -1)
         exact = torch.einsum("ht,htd->hd", exact, vv)
         attn_err = float((out_k - out_r).abs().max() / out_r.abs().max())
@@ -263,6 +274,8 @@ def validate_oscar(out: Path, manifest: dict[str, Any], options: dict[str, Any])
         report[f"layer{i}_int2_vs_exact_attention_rel_err"] = vs_exact
         worst_pack, worst_attn = max(worst_pack, mismatch), max(worst_attn, attn_err)
         worst_vs_exact = max(worst_vs_exact, vs_exact)
+    report["int2_history_tokens"] = int(n_tok - sink - recent)
+    report["fp_tokens (sink + recent)"] = int(sink + recent)
     report["max_packed_byte_mismatch"] = worst_pack
     report["max_kernel_vs_reference_rel_err"] = worst_attn
     report["max_int2_vs_exact_attention_rel_err"] = worst_vs_exact
