@@ -79,9 +79,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="tiny shapes, few steps (CPU smoke test)")
     p.add_argument("--json", default=None, help="write results as JSON here (rank 0)")
     args = p.parse_args()
-    if args.quick:
-        args.model, args.batch, args.steps, args.warmup, args.repeats = "tiny", "1,4", 10, 2, 2
-        args.prompt_len, args.cache_len = 8, 32
+    if args.quick:  # tiny defaults; options given explicitly keep their values
+        for key, value in (("model", "tiny"), ("batch", "1,4"), ("steps", 10), ("warmup", 2), ("repeats", 2),
+                           ("prompt_len", 8), ("cache_len", 32)):
+            if getattr(args, key) == p.get_default(key):
+                setattr(args, key, value)
         if args.device == "cpu":
             args.dtype = "float32"
     return args
