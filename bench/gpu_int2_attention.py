@@ -96,19 +96,24 @@ def pack_step_us(bsz: int, g: int, d: int, kc, k_rot, device: str, timer) -> flo
     return timer(lambda: quantize_pack(x, k_rot, None, slots, kc))
 
 
-def check(q, k, v, kc, vc, table, seq_lens, k_rot, v_rot, fn) -> tuple[float, float]:
-    """(max rel err vs the PyTorch INT2 reference on <= 2 sequences, rel err vs exact BF16 attention)."""
+def check(q, k, v, kc, vc, table, seq_lens, k_rot, v_rot, fn, fp=None, fp_lens=None) -> tuple[float, float]:
+    """(max rel err vs the PyTorch INT2 reference on <= 2 sequences, rel err vs exact BF16 attention).
+
+    The exact comparison ignores the full-precision segment (random extra tokens); it is only reported without one.
+    """
     import torch.nn.functional as F
 
     from kvtool.kernels.int2_kv import decode_attention_reference
 
     out = fn()
     nb = min(q.shape[0], 2)
-    ref = decode_attention_reference(q[:nb], kc, vc, table[:nb], seq_lens[:nb], k_rot, v_rot)
+    seg = None if fp is None else (fp[0][:nb], fp[1][:nb])
+    ref = decode_attention_reference(q[:nb], kc, vc, table[:nb], seq_lens[:nb], k_rot, v_rot, fp_segment=seg,
+                                     fp_lens=None if fp_lens is None else fp_lens[:nb])
     err_ref = float((out[:nb].float() - ref.float()).abs().max() / ref.float().abs().max())
     exact = F.scaled_dot_product_attention(q[:nb, :, None].float(), k[:nb].float(), v[:nb].float(),
                                            enable_gqa=True)[:, :, 0]
-    err_exact = float((out[:nb].float() - exact).norm() / exact.norm())
+    err_exact = float((out[:nb].float() - exact).norm() / exact.norm()) if fp is None else float("nan")
     return err_ref, err_exact
 
 
@@ -125,12 +130,16 @@ def bench_one(bsz: int, ctx: int, h: int, g: int, d: int, args, dev: str, sms: i
     settings = [(args.block_n, args.target_programs or 4 * sms)]
     if args.sweep:
         settings = [(bn, m * sms) for bn in (32, 64, 128) for m in (2, 4, 8)]
+    fp, fp_lens = None, None
+    if args.fp_tokens:  # BF16 sink + recent segment (stored rotated), merged with the INT2 history
+        fp = tuple(torch.randn(bsz, g, args.fp_tokens, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
+        fp_lens = torch.full((bsz,), args.fp_tokens, device=dev, dtype=torch.int32)
     best = None
     for bn, tp in settings:
         def fn(bn: int = bn, tp: int = tp) -> torch.Tensor:
             return int2_decode_attention(q, kc, vc, table, seq_lens, k_rot, v_rot, max_seq_len=ctx, block_n=bn,
-                                         target_programs=tp)
-        err_ref, err_exact = check(q, k, v, kc, vc, table, seq_lens, k_rot, v_rot, fn)
+                                         target_programs=tp, fp_segment=fp, fp_lens=fp_lens)
+        err_ref, err_exact = check(q, k, v, kc, vc, table, seq_lens, k_rot, v_rot, fn, fp, fp_lens)
         if err_ref > 2e-2:
             sys.exit(f"INT2 kernel disagrees with its reference (rel err {err_ref:.3e}) at B={bsz} S={ctx} "
                      f"block_n={bn}")
@@ -162,6 +171,8 @@ def main() -> None:
     ap.add_argument("--page", type=int, default=16, help="paged-cache block size (tokens)")
     ap.add_argument("--block-n", type=int, default=64, help="tokens per kernel tile")
     ap.add_argument("--target-programs", type=int, default=0, help="split-K programs to aim for (0: 4 x SMs)")
+    ap.add_argument("--fp-tokens", type=int, default=0,
+                    help="also attend to this many BF16 sink+recent tokens per sequence (OSCAR layout, e.g. 132)")
     ap.add_argument("--sweep", action="store_true", help="try block-n 32/64/128 x target 2/4/8 x SMs; keep best")
     args = ap.parse_args()
 
