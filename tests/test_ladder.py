@@ -211,3 +211,16 @@ def test_write_ladder_from_streamed_model(tiny_checkpoint, tmp_path):
     ids = torch.randint(0, 300, (1, 8), generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+def test_deepcopy_of_ladder_model_runs_independently():
+    import copy
+
+    model = install_ladder(tiny_model("llama", seed=4), [1, 2])
+    twin = copy.deepcopy(model)
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = model(ids).logits
+        for _ in range(2):  # a second forward must start again at layer 0 in the copy too
+            assert torch.equal(twin(ids).logits, ref)
+        assert torch.equal(model(ids).logits, ref)

@@ -96,10 +96,10 @@ def _ladder_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attentio
     return mid + mlp_out
 
 
-def _reset_state(state: dict) -> Any:
-    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        state.clear()
-    return hook
+def _reset_state(module: nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook on the base model: a new forward starts at layer 0 (state lives on the module, so
+    ``copy.deepcopy`` of a ladder model keeps its own state)."""
+    getattr(module, _STATE).clear()
 
 
 def install_ladder(model: nn.Module, ladder_layers: Iterable[int]) -> nn.Module:
@@ -125,7 +125,8 @@ def install_ladder(model: nn.Module, ladder_layers: Iterable[int]) -> nn.Module:
         layer.kvtool_ladder = i in chosen
         setattr(layer, _STATE, state)
         layer.forward = types.MethodType(_ladder_layer_forward, layer)
-    model._kvtool_ladder_hook = model.model.register_forward_pre_hook(_reset_state(state), with_kwargs=True)
+    setattr(model.model, _STATE, state)
+    model._kvtool_ladder_hook = model.model.register_forward_pre_hook(_reset_state, with_kwargs=True)
     model._kvtool_ladder_layers = chosen
     return model
 
@@ -136,6 +137,8 @@ def remove_ladder(model: nn.Module) -> nn.Module:
     if hook is not None:
         hook.remove()
         model._kvtool_ladder_hook = None
+    if _STATE in vars(model.model):
+        delattr(model.model, _STATE)
     for layer in model.model.layers:
         if "forward" in vars(layer):
             del layer.forward
