@@ -8,7 +8,8 @@ CPU (embedded SmolLM2-135M, same windows for all three, each in its own process 
         step of preprocess_corda), hooks on all seven linears of every layer
 
 GPU (an 8B Llama-shaped model with random bf16 weights, 128 windows x 2048 tokens):
-    python bench/calib_throughput.py --synthetic-8b --device cuda --samples 128 --seq-len 2048
+    python bench/calib_throughput.py --synthetic-8b --device cuda --samples 128 --seq-len 2048 \
+        --stats attn_in,q,k,v,o_in,mlp_in   (the default set of `kvtool calibrate`)
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def run_one(args) -> dict:
     if args.mode == "kvtool":
         from kvtool.calib import collect_statistics
 
-        collect_statistics(loaded, windows, STATS, device=dev, batch_size=args.batch_size, offload=args.offload)
+        collect_statistics(loaded, windows, args.stats, device=dev, batch_size=args.batch_size, offload=args.offload)
     elif args.mode == "forward":
         with torch.no_grad():
             for i in range(0, windows.shape[0], args.batch_size):
@@ -104,6 +105,7 @@ def main() -> None:
     ap.add_argument("--offload", action="store_true")
     ap.add_argument("--synthetic-8b", action="store_true")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--stats", default=STATS, help="kvtool statistics (default: inputs of all seven linears)")
     args = ap.parse_args()
     if args.mode != "all":
         print(json.dumps(run_one(args)))
@@ -113,8 +115,8 @@ def main() -> None:
     for mode in modes:
         cmd = [sys.executable, __file__, "--mode", mode, "--samples", str(args.samples), "--seq-len",
                str(args.seq_len), "--batch-size", str(args.batch_size), "--device", args.device,
-               "--layers", str(args.layers)] + (["--synthetic-8b"] if args.synthetic_8b else []) + (
-               ["--offload"] if args.offload else [])
+               "--layers", str(args.layers), "--stats", args.stats]
+        cmd += (["--synthetic-8b"] if args.synthetic_8b else []) + (["--offload"] if args.offload else [])
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             print(proc.stderr[-3000:], file=sys.stderr)
