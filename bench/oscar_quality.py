@@ -61,7 +61,8 @@ def main() -> None:
             out.v_rotation[i] = tensors[f"layers.{i}.v_rotation"]
             out.k_clip[i] = tensors[f"layers.{i}.k_clip"]
             out.v_clip[i] = tensors[f"layers.{i}.v_clip"]
-        return out, {"seconds": time.perf_counter() - t, "mean_k_rel_error": report["mean_k_rel_error"],
+        return out, {"transform_seconds": round(time.perf_counter() - t, 1),
+                     "mean_k_rel_error": report["mean_k_rel_error"],
                      "mean_v_rel_error": report["mean_v_rel_error"]}
 
     oscar, oscar_info = oscar_spec("cov-hadamard", True)
