@@ -91,7 +91,7 @@ def damped_inverse(cov: torch.Tensor, damp: float = DEFAULT_DAMP, max_damp: floa
     scale = float(torch.diagonal(c).mean())
     if not scale > 0:
         raise KvtoolError(f"{what} is zero (no signal reached this linear): recalibrate with more/other text")
-    eye = torch.eye(c.shape[0], dtype=torch.float64)
+    eye = torch.eye(c.shape[0], dtype=torch.float64, device=c.device)
     lam = damp
     while True:
         damped = c + (lam * scale) * eye
@@ -132,8 +132,8 @@ def corda_factor(weight: torch.Tensor, cov: DampedInverse | None, rank: int, mod
     if mode == "lora":
         gen = torch.Generator().manual_seed(seed)
         bound = 1.0 / math.sqrt(in_f)  # kaiming_uniform_(a=sqrt(5)) as in PEFT / nn.Linear
-        a = (torch.rand(rank, in_f, generator=gen, dtype=torch.float64) * 2 - 1) * bound
-        b = torch.zeros(out_f, rank, dtype=torch.float64)
+        a = ((torch.rand(rank, in_f, generator=gen, dtype=torch.float64) * 2 - 1) * bound).to(w.device)
+        b = torch.zeros(out_f, rank, dtype=torch.float64, device=w.device)
         report.update(energy_kept=0.0)
         return Factor(a, b, w.clone(), report)
     if mode == "pissa":
@@ -170,7 +170,7 @@ def corda_transform(weights: dict[str, torch.Tensor], covariance: CovarianceFn |
                     max_damp: float = DEFAULT_MAX_DAMP, inverse_tol: float = DEFAULT_INVERSE_TOL,
                     seed: int = 0, adapter_dtype: torch.dtype = torch.float32,
                     base_dtype: torch.dtype | None = None, layers: list[int] | None = None,
-                    on_layer: Callable[[int], None] | None = None,
+                    on_layer: Callable[[int], None] | None = None, device: str | torch.device = "cpu",
                     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """CorDA (or a baseline) for every target linear of every (selected) layer.
 
@@ -186,6 +186,7 @@ def corda_transform(weights: dict[str, torch.Tensor], covariance: CovarianceFn |
         adapter_dtype: dtype of the written adapter tensors; base_dtype: of the residual weights (default: input's).
         layers: only these layer indices (default all).
         on_layer: called after each layer (progress).
+        device: where the float64 factorizations run (e.g. ``cuda``); results come back to the CPU.
 
     Returns:
         (adapter tensors keyed ``base_model.model.<module>.lora_{A,B}.weight``, residual weights keyed like
@@ -216,13 +217,14 @@ def corda_transform(weights: dict[str, torch.Tensor], covariance: CovarianceFn |
                 if stat not in inverses:
                     if covariance is None:
                         raise KvtoolError(f"mode {mode} needs input statistics: pass --stats or collect them")
-                    inverses[stat] = damped_inverse(covariance(i, stat), damp, max_damp, inverse_tol,
+                    inverses[stat] = damped_inverse(covariance(i, stat).to(device), damp, max_damp, inverse_tol,
                                                     what=f"statistic {stat} of layer {i}")
                 cov = inverses[stat]
-            f = corda_factor(w, cov, rank, mode, seed=seed * 1_000_003 + i * len(ALL_TARGETS) + j, what=key)
-            adapter[f"base_model.model.{key}.lora_A.weight"] = f.lora_a.to(adapter_dtype).contiguous()
-            adapter[f"base_model.model.{key}.lora_B.weight"] = f.lora_b.to(adapter_dtype).contiguous()
-            residual[f"{key}.weight"] = f.residual.to(base_dtype or w.dtype).contiguous()
+            f = corda_factor(w.to(device), cov, rank, mode, seed=seed * 1_000_003 + i * len(ALL_TARGETS) + j,
+                             what=key)
+            adapter[f"base_model.model.{key}.lora_A.weight"] = f.lora_a.to("cpu", adapter_dtype).contiguous()
+            adapter[f"base_model.model.{key}.lora_B.weight"] = f.lora_b.to("cpu", adapter_dtype).contiguous()
+            residual[f"{key}.weight"] = f.residual.to("cpu", base_dtype or w.dtype).contiguous()
             modules[key] = {"layer": i, "target": t, **({"stat": STAT_OF[t]} if cov is not None else {}), **f.report}
         if on_layer is not None:
             on_layer(i)

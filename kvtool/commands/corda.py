@@ -117,11 +117,13 @@ def write_corda(loaded: LoadedModel, store: StatsStore | None, out: Path, *, mod
                 targets: tuple[str, ...] | str | None = None, layers: list[int] | str | None = None,
                 damp: float = DEFAULT_DAMP, max_damp: float = DEFAULT_MAX_DAMP,
                 inverse_tol: float = DEFAULT_INVERSE_TOL, seed: int = 0, overwrite: bool = False,
-                progress: bool = False, options: dict[str, Any] | None = None, release_stats: bool = False) -> dict:
+                progress: bool = False, options: dict[str, Any] | None = None, release_stats: bool = False,
+                device: str = "cpu") -> dict:
     """Run CorDA (or a baseline) on a loaded model and write ``out`` (adapter/, base/, kvtool.json) atomically.
 
     ``release_stats=True`` drops each layer's statistics from ``store`` once that layer is factored (lower peak
-    memory when the store is not needed afterwards, as in the CLI).
+    memory when the store is not needed afterwards, as in the CLI). ``device`` runs the float64 factorizations
+    there (e.g. ``cuda``); the model and outputs stay on the CPU.
     """
     from kvtool.checkpoint import atomic_dir, check_output_dir, provenance, save_tensors, untie_for_saving, write_json
 
@@ -151,7 +153,7 @@ def write_corda(loaded: LoadedModel, store: StatsStore | None, out: Path, *, mod
         adapter, residual, report = corda_transform(
             state, (lambda i, s: store.second_moment(i, s)) if needed else None, spec.num_layers, targets, rank,
             mode, damp=damp, max_damp=max_damp, inverse_tol=inverse_tol, seed=seed, base_dtype=base_dtype,
-            layers=layers, on_layer=done)
+            layers=layers, on_layer=done, device=device)
     new_state = {**state, **residual}
     stats_meta = None
     if store is not None and needed:
@@ -237,7 +239,7 @@ def corda(
                                                          "calib_seed": calib_seed}
     report = write_corda(loaded, store, output, mode=mode, rank=rank, targets=target_list, layers=layer_list,
                          damp=damp, max_damp=max_damp, seed=seed, overwrite=overwrite, progress=progress,
-                         release_stats=True,
+                         release_stats=True, device=device,
                          options={"stats": str(stats) if stats else None, "dtype": dtype, **calib})
     table = Table(title=f"corda {mode} r={rank} -> {output}")
     for col in ("target", "modules", "energy kept (mean)", "min", "max", "max damping", "max inverse err"):
