@@ -23,11 +23,30 @@ import time
 import torch
 
 
-def _timer(device: str):
+def _timer(device: str, graphs: bool = True):
+    """Median time in us. On CUDA: triton.testing.do_bench, on a CUDA-graph replay of ``fn`` when ``graphs`` (decode
+    steps run under CUDA graphs in serving engines, so Python/launch overhead is excluded; falls back to eager)."""
     if device.startswith("cuda"):
         import triton.testing
 
-        return lambda fn: triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3  # us
+        def cuda_time(fn):
+            if graphs:
+                try:
+                    fn()  # compile / warm up outside the capture
+                    torch.cuda.synchronize()
+                    stream = torch.cuda.Stream()
+                    stream.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(stream):
+                        fn()
+                    torch.cuda.current_stream().wait_stream(stream)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph):
+                        fn()
+                    return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
+                except Exception as exc:  # noqa: BLE001
+                    print(f"(CUDA graph capture failed: {type(exc).__name__}; timing eagerly)", flush=True)
+            return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
+        return cuda_time
     def cpu_time(fn):  # noqa: E306
         fn()
         ts = []
@@ -127,32 +146,32 @@ def bench_one(bsz: int, ctx: int, h: int, g: int, d: int, args, dev: str, sms: i
     k, v, kc, vc, table, k_rot, v_rot = build(bsz, ctx, g, d, args.page, dev, seed=bsz * 7919 + ctx)
     q = torch.randn(bsz, h, d, device=dev, dtype=torch.bfloat16)
     seq_lens = torch.full((bsz,), ctx, device=dev, dtype=torch.int32)
-    settings = [(args.block_n, args.target_programs or 4 * sms)]
+    settings = [(args.block_n, args.target_programs or 4 * sms, args.num_warps)]
     if args.sweep:
-        settings = [(bn, m * sms) for bn in (32, 64, 128) for m in (2, 4, 8)]
+        settings = [(bn, m * sms, w) for bn in (32, 64, 128, 256) for m in (1, 2, 4, 8) for w in (4, 8)]
     fp, fp_lens = None, None
     if args.fp_tokens:  # BF16 sink + recent segment (stored rotated), merged with the INT2 history
         fp = tuple(torch.randn(bsz, g, args.fp_tokens, d, device=dev, dtype=torch.bfloat16) for _ in range(2))
         fp_lens = torch.full((bsz,), args.fp_tokens, device=dev, dtype=torch.int32)
     best = None
-    for bn, tp in settings:
-        def fn(bn: int = bn, tp: int = tp) -> torch.Tensor:
+    for bn, tp, nw in settings:
+        def fn(bn: int = bn, tp: int = tp, nw: int = nw) -> torch.Tensor:
             return int2_decode_attention(q, kc, vc, table, seq_lens, k_rot, v_rot, max_seq_len=ctx, block_n=bn,
-                                         target_programs=tp, fp_segment=fp, fp_lens=fp_lens)
+                                         target_programs=tp, fp_segment=fp, fp_lens=fp_lens, num_warps=nw)
         err_ref, err_exact = check(q, k, v, kc, vc, table, seq_lens, k_rot, v_rot, fn, fp, fp_lens)
         if err_ref > 2e-2:
             sys.exit(f"INT2 kernel disagrees with its reference (rel err {err_ref:.3e}) at B={bsz} S={ctx} "
                      f"block_n={bn}")
         us = timer(fn)
         if best is None or us < best[0]:
-            best = (us, bn, tp, err_ref, err_exact)
+            best = (us, f"{bn}/{tp}/{nw}", err_ref, err_exact)
     qs = q[:, :, None]
     sdpa_us = timer(lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True))
-    us, bn, tp, err_ref, err_exact = best
+    us, setting, err_ref, err_exact = best
     pack_us = pack_step_us(bsz, g, d, kc, k_rot, dev, timer)
     r = dict(pack_us=pack_us, batch=bsz, ctx=ctx, sdpa_us=sdpa_us, int2_us=us, speedup=sdpa_us / us,
              bf16_gbs=bsz * ctx * bf16_bpt / (sdpa_us * 1e-6) / 1e9,
-             int2_gbs=bsz * ctx * int2_bpt / (us * 1e-6) / 1e9, block_n=bn, target=tp,
+             int2_gbs=bsz * ctx * int2_bpt / (us * 1e-6) / 1e9, setting=setting,
              err_ref=err_ref, err_exact=err_exact)
     print(f"B={bsz} S={ctx}: sdpa {sdpa_us:.1f} us, int2 {us:.1f} us ({r['speedup']:.2f}x), "
           f"err vs ref {err_ref:.1e}, vs exact bf16 {err_exact:.2f}; pack step {pack_us:.1f} us", flush=True)
@@ -173,7 +192,10 @@ def main() -> None:
     ap.add_argument("--target-programs", type=int, default=0, help="split-K programs to aim for (0: 4 x SMs)")
     ap.add_argument("--fp-tokens", type=int, default=0,
                     help="also attend to this many BF16 sink+recent tokens per sequence (OSCAR layout, e.g. 132)")
-    ap.add_argument("--sweep", action="store_true", help="try block-n 32/64/128 x target 2/4/8 x SMs; keep best")
+    ap.add_argument("--sweep", action="store_true",
+                    help="try block-n 32/64/128/256 x target 1/2/4/8 x SMs x num_warps 4/8; keep the best")
+    ap.add_argument("--num-warps", type=int, default=4, help="warps of the main INT2 kernel")
+    ap.add_argument("--eager", action="store_true", help="time eager calls (default: CUDA-graph replays)")
     args = ap.parse_args()
 
     dev = args.device
@@ -186,7 +208,7 @@ def main() -> None:
     batches = [int(x) for x in args.batch.split(",")]
     contexts = [int(x) for x in args.context.split(",")]
     h, g, d = args.heads, args.kv_heads, args.head_dim
-    timer = _timer(dev)
+    timer = _timer(dev, graphs=not args.eager)
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.startswith("cuda") else 4
     ceiling = copy_ceiling_gbs(dev, (1 << 31) if dev.startswith("cuda") else (1 << 22), timer)
     name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu (TRITON_INTERPRET=1)"
@@ -202,12 +224,12 @@ def main() -> None:
     print(f"\nKV bytes/token/layer: bf16 {bf16_bpt}, int2 {int2_bpt} ({bf16_bpt / int2_bpt:.2f}x less); "
           f"copy ceiling {ceiling:.0f} GB/s")
     print("| batch | context | SDPA bf16 (us) | INT2 kernel (us) | speedup | bf16 GB/s | INT2 GB/s | INT2 % of copy "
-          "| block_n/target | err vs ref | err vs exact | pack B keys (us) |")
+          "| block_n/target/warps | err vs ref | err vs exact | pack B keys (us) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['ctx']} | {r['sdpa_us']:.1f} | {r['int2_us']:.1f} | {r['speedup']:.2f}x | "
               f"{r['bf16_gbs']:.0f} | {r['int2_gbs']:.0f} | {100 * r['int2_gbs'] / ceiling:.0f}% | "
-              f"{r['block_n']}/{r['target']} | {r['err_ref']:.1e} | {r['err_exact']:.2f} | {r['pack_us']:.1f} |")
+              f"{r['setting']} | {r['err_ref']:.1e} | {r['err_exact']:.2f} | {r['pack_us']:.1f} |")
 
 
 if __name__ == "__main__":

@@ -329,7 +329,7 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
                           v_rot: torch.Tensor | None = None, sm_scale: float | None = None, *,
                           max_seq_len: int | None = None, block_n: int = 64, num_splits: int | None = None,
                           target_programs: int = 512, fp_segment: tuple[torch.Tensor, torch.Tensor] | None = None,
-                          fp_lens: torch.Tensor | None = None) -> torch.Tensor:
+                          fp_lens: torch.Tensor | None = None, num_warps: int = 4) -> torch.Tensor:
     """Decode attention of q [B, H, d] (after RoPE, unrotated) over a paged INT2 K/V cache; returns [B, H, d].
 
     ``k_rot``/``v_rot``: [G, d, d] float32 rotations the cache was written with (None: identity / folded).
@@ -337,6 +337,7 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     ``fp_segment`` = (k, v) [B, G, W, d] (bf16/fp16/fp32): the full-precision sink + recent tokens of each sequence,
     stored rotated like the cache (``R_k k``, ``R_v v``); ``fp_lens`` [B] says how many are valid. They are one more
     partial in the split merge (online softmax), so the result is attention over INT2 history ∪ FP tokens.
+    ``num_warps`` applies to the main (split) kernel.
     """
     bsz, h, d = q.shape
     data = k_cache[0]
@@ -362,7 +363,7 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     _int2_attention_split_kernel[(bsz, g, splits)](
         qf, *k_cache, *v_cache, block_table.int().contiguous(), seq_lens.int().contiguous(),
         o_part, m_part, l_part, sm_scale * LOG2E, h, g, rep, block_size, block_table.shape[1], per_split, parts,
-        D=d, GS=gs, GP=gp, BLOCK_N=block_n)
+        D=d, GS=gs, GP=gp, BLOCK_N=block_n, num_warps=num_warps)
     if fp_segment is not None:
         fk, fv = (t.contiguous() for t in fp_segment)
         if fk.shape[:2] != (bsz, g) or fk.shape[-1] != d or fv.shape != fk.shape or fp_lens is None:
