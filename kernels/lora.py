@@ -75,11 +75,16 @@ def _lora_linear_kernel(x_ptr, w_ptr, a_ptr, b_ptr, bias_ptr, y_ptr, M, N, K, R,
 
 
 def default_blocks(m: int, n: int, k: int) -> dict[str, int]:
-    """Block sizes for an (m tokens) × (n out) × (k in) problem: small BM for decode, larger tiles for prefill."""
-    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if m <= 64 else 128
-    bn = 64 if m <= 64 else 128
-    bk = 64 if k >= 64 else 32
-    return {"BM": bm, "BN": bn, "BK": bk, "num_warps": 4 if bm * bn <= 64 * 64 else 8, "num_stages": 3}
+    """Block sizes for an (m tokens) × (n out) × (k in) problem, from the H100 block sweep of ``bench/gpu_lora.py``
+    (docs/gpu-logs/lora_h100.log): decode uses 16-row tiles (narrow, deep ones for long K such as down_proj),
+    medium batches 64/128-row tiles, prefill 128×128 tiles."""
+    if m <= 16:
+        long_k = k >= 8192
+        return {"BM": 16, "BN": 32 if long_k else 64, "BK": 128 if long_k else 64, "num_warps": 4, "num_stages": 4}
+    if m <= 128:
+        return {"BM": min(128, max(32, triton.next_power_of_2(m))), "BN": 64, "BK": 64, "num_warps": 4,
+                "num_stages": 4}
+    return {"BM": 128, "BN": 128, "BK": 64, "num_warps": 8, "num_stages": 3}
 
 
 def lora_linear(x: torch.Tensor, weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
