@@ -78,7 +78,7 @@ def main() -> None:
                 q = torch.randn(b, H, D, device=dev, dtype=dt, generator=g)
                 k = torch.randn(b, G, s, D, device=dev, dtype=dt, generator=g)
                 v = torch.randn(b, G, s, D, device=dev, dtype=dt, generator=g)
-                t_gqa = bench(lambda: gqa_decode_reference(q, k, v), dev)
+                t_gqa = bench(lambda q=q, k=k, v=v: gqa_decode_reference(q, k, v), dev)
                 gqa_bytes = 2 * b * G * s * D * k.element_size()
                 del k, v
                 # absorbed (decoupled RoPE): [c_K | k_pe] and c_V
@@ -91,8 +91,10 @@ def main() -> None:
                             mla_decode_absorbed_reference(qa, kv[:, :2048], vl[:, :2048], 0.08))
                 best = None
                 for bn, nw in ((32, 4), (64, 4), (64, 8)):
-                    t = bench(lambda bn=bn, nw=nw: mla_decode_absorbed(qa, kv, vl, 0.08, block_n=bn, num_warps=nw),
-                              dev)
+                    def absorbed(bn=bn, nw=nw, qa=qa, kv=kv, vl=vl):
+                        return mla_decode_absorbed(qa, kv, vl, 0.08, block_n=bn, num_warps=nw)
+
+                    t = bench(absorbed, dev)
                     best = (t, bn, nw) if best is None or t < best[0] else best
                 t_abs = best[0]
                 abs_bytes = b * s * width * kv.element_size()
@@ -105,7 +107,7 @@ def main() -> None:
                 wkb = (torch.randn(G, r_k2, D, device=dev, dtype=dt, generator=g) / r_k2 ** 0.5).contiguous()
                 err_k = rel(mla_decode_keep(q, ck[:, :1024], cv[:, :1024], wkb, inv_freq, D ** -0.5),
                             mla_decode_keep_reference(q, ck[:, :1024], cv[:, :1024], wkb, inv_freq, D ** -0.5))
-                t_keep = bench(lambda: mla_decode_keep(q, ck, cv, wkb, inv_freq, D ** -0.5), dev)
+                t_keep = bench(lambda q=q, ck=ck, cv=cv, w=wkb: mla_decode_keep(q, ck, cv, w, inv_freq, D ** -0.5), dev)
                 del ck, cv
                 rows.append(dict(ratio=ratio, batch=b, ctx=s, gqa_ms=t_gqa, gqa_gbs=gqa_bytes / t_gqa / 1e6,
                                  abs_ms=t_abs, abs_gbs=abs_bytes / t_abs / 1e6, abs_cfg=best[1:], keep_ms=t_keep,

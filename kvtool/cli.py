@@ -276,6 +276,56 @@ def validate_(
         raise typer.Exit(1)
 
 
+@app.command("run")
+@fails_cleanly
+def run_(
+    recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).")],
+    output: Annotated[Path | None, typer.Option(
+        "-o", "--output", help="Output folder (default: the recipe's `output`, else out/<recipe name>).")] = None,
+    set_: Annotated[list[str] | None, typer.Option(
+        "--set", help="Override a recipe key, e.g. --set dataset.samples=4 --set steps.0.care.kv_ratio=0.25.")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the plan (steps, statistics, memory).")] = False,
+    progress: Annotated[bool, typer.Option(help="Show progress bars.")] = True,
+) -> None:
+    """Run a recipe: one calibration pass for all steps' statistics, then transforms, validation and eval.
+
+    Example: kvtool run recipes/care-smoke.yaml --set dataset.samples=8
+    Statistics saved in OUT/stats are reused when rerun with the same model and dataset.
+    """
+    from kvtool.recipe import load_recipe, plan, report_markdown, run_recipe
+
+    rec = load_recipe(recipe, set_)
+    out = output or Path(rec.output or Path("out") / recipe.stem)
+    if dry_run:
+        from kvtool.models import arch_spec_from_config, resolve_model_path
+
+        spec = None
+        try:
+            directory, _, _ = resolve_model_path(rec.model)
+        except KvtoolError as exc:
+            directory = None
+            console.print(f"[yellow]note:[/] {exc} (no memory estimate; the run itself will fail until it exists)")
+        if directory is not None:
+            from transformers import AutoConfig
+
+            spec = arch_spec_from_config(AutoConfig.from_pretrained(str(directory)))
+        p = plan(rec, spec)
+        table = Table(title=f"plan for {recipe} -> {out}")
+        table.add_column("#")
+        table.add_column("step")
+        table.add_column("options")
+        table.add_row("0", "calibrate", f"{','.join(p['statistics']) or '(none)'} on {p['dataset']}")
+        for i, st in enumerate(p["steps"], 1):
+            table.add_row(str(i), f"{st['kind']}: {st['name']}", json.dumps(st["options"]))
+        out_console.print(table)
+        for k, v in p["estimated_peak_bytes"].items():
+            out_console.print(f"estimated {k}: {v / 2**20:.0f} MiB")
+        return
+    report = run_recipe(rec, out, progress=progress)
+    out_console.print(report_markdown(report))
+    out_console.print(f"[green]wrote {out}/report.json and {out}/report.md[/]")
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

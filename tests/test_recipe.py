@@ -1,0 +1,84 @@
+"""Recipes: validation errors, one calibration pass for all steps, reports, and resume from saved statistics."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from kvtool.cli import app
+from kvtool.errors import KvtoolError
+from kvtool.recipe import load_recipe, required_stats
+
+runner = CliRunner()
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(yaml.safe_dump(data))
+    return p
+
+
+def test_shipped_recipes_are_valid():
+    names = sorted(p.name for p in RECIPES.glob("*.yaml"))
+    assert {"care-smoke.yaml", "corda-smoke.yaml", "oscar-smoke.yaml", "ladder-smoke.yaml"} <= set(names)
+    for p in RECIPES.glob("*.yaml"):
+        load_recipe(p)
+
+
+def test_statistics_union_over_steps(tmp_path):
+    r = load_recipe(write(tmp_path, {"steps": [{"care": {"kv_ratio": 0.5}}, {"oscar": {"bits": 2}}]}))
+    assert required_stats(r) == ("attn_in", "q", "k", "v")
+
+
+@pytest.mark.parametrize("data,fragment", [
+    ({"steps": [{"care": {"kv_ratio": 0.5}}], "modle": "x"}, "unknown key 'modle'"),
+    ({"steps": [{"care": {"kv_ratio": "half"}}]}, "kv_ratio must be float"),
+    ({"steps": [{"care": {"bogus": 1}}]}, "unknown key 'bogus'"),
+    ({"steps": [{"quantize": {}}]}, "unknown kind 'quantize'"),
+    ({"steps": [{"validate": {"target": "mla"}}]}, "not an earlier transform step"),
+    ({"dataset": {"samples": "many"}, "steps": [{"care": {}}]}, "samples must be int"),
+    ({"steps": []}, "no steps"),
+])
+def test_bad_recipes_fail_cleanly(tmp_path, data, fragment):
+    with pytest.raises(KvtoolError, match=fragment):
+        load_recipe(write(tmp_path, data))
+
+
+def test_missing_recipe_file_and_bad_override(tmp_path):
+    res = runner.invoke(app, ["run", str(tmp_path / "nope.yaml")])
+    assert res.exit_code == 2 and "does not exist" in res.output
+    p = write(tmp_path, {"steps": [{"care": {}}]})
+    res = runner.invoke(app, ["run", str(p), "--set", "steps.3.care.kv_ratio=1"])
+    assert res.exit_code == 2 and "not a step index" in res.output
+
+
+def test_run_care_recipe_then_resume_reuses_statistics(tiny_checkpoint, tmp_path):
+    model = tiny_checkpoint("llama", head_dim=32, hidden_size=128)
+    recipe = write(tmp_path, {
+        "model": str(model), "dataset": {"samples": 4, "seq_len": 64},
+        "calibrate": {"device": "cpu"},
+        "steps": [{"care": {"name": "mla", "kv_ratio": 0.5}}, {"validate": {"target": "mla"}},
+                  {"eval": {"targets": ["original", "mla"], "max_tokens": 512, "seq_len": 128}}]})
+    out = tmp_path / "out"
+    res = runner.invoke(app, ["run", str(recipe), "-o", str(out), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["steps"][0]["kind"] == "calibrate" and report["steps"][0]["reused"] is False
+    assert report["steps"][0]["statistics"] == ["attn_in"]
+    assert set(report["perplexity"]) == {"original", "mla"}
+    assert report["steps"][2]["report"]["passed"] is True
+    assert "| mla | care |" in (out / "report.md").read_text()
+    assert (out / "mla" / "kvtool.json").is_file() and (out / "stats" / "manifest.json").is_file()
+    res = runner.invoke(app, ["run", str(recipe), "-o", str(out), "--no-progress",
+                              "--set", "steps.0.care.kv_ratio=0.25"])
+    assert res.exit_code == 0, res.output
+    report2 = json.loads((out / "report.json").read_text())
+    assert report2["steps"][0]["reused"] is True
+    assert report2["perplexity"]["original"] == pytest.approx(report["perplexity"]["original"])
+    res = runner.invoke(app, ["run", str(recipe), "-o", str(out), "--no-progress", "--set", "dataset.seed=3"])
+    assert json.loads((out / "report.json").read_text())["steps"][0]["reused"] is False
