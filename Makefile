@@ -8,7 +8,7 @@ TORCH_VERSION ?= 2.13.0
 OUT ?= out
 export TRITON_INTERPRET ?= 1
 
-.PHONY: setup test lint demo bench-calib clean
+.PHONY: setup test lint demo bench-calib clean recipes-smoke
 
 setup: $(STAMP)
 
@@ -28,10 +28,19 @@ lint: setup
 test: setup lint
 	$(PY) -m pytest -q -p no:cacheprovider
 
-# The main job on the embedded model and text: calibrate, then held-out perplexity.
+# The main job on the embedded model and text: the CARE smoke recipe (calibrate, GQA->MLA, validate through the
+# Triton kernel, held-out perplexity of original and converted), then its report.
 demo: setup
-	$(KVTOOL) calibrate smollm2-135m -o $(OUT)/demo/stats --samples 32 --seq-len 512 --overwrite
-	$(KVTOOL) eval smollm2-135m --max-tokens 16384
+	$(KVTOOL) run recipes/care-smoke.yaml -o $(OUT)/demo
+	cat $(OUT)/demo/report.md
+
+# make recipe-NAME runs recipes/NAME.yaml into out/NAME
+recipe-%: setup
+	$(KVTOOL) run recipes/$*.yaml -o $(OUT)/$* --no-progress
+
+SMOKE := $(patsubst recipes/%.yaml,%,$(wildcard recipes/*-smoke.yaml))
+recipes-smoke: setup
+	set -e; for r in $(SMOKE); do echo "=== recipe $$r"; $(KVTOOL) run recipes/$$r.yaml -o $(OUT)/$$r --no-progress; done
 
 bench-calib: setup
 	$(PY) bench/calib_throughput.py --samples 16 --seq-len 512
