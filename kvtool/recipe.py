@@ -176,16 +176,14 @@ def required_stats(recipe: Recipe) -> tuple[str, ...]:
     for step in recipe.steps:
         if step.kind not in TRANSFORMS:
             continue
-        module = importlib.import_module(TRANSFORMS[step.kind])
         if step.kind == "corda":
+            from kvtool.convert.corda import parse_targets
             from kvtool.convert.corda import required_stats as corda_stats
 
-            targets = step.options.get("targets") or module.ALL_TARGETS
-            if isinstance(targets, str):
-                targets = tuple(t.strip() for t in targets.split(",") if t.strip())
-            wanted |= set(corda_stats(tuple(targets), step.options.get("mode", "kpa")))
+            targets = parse_targets(step.options.get("targets"))
+            wanted |= set(corda_stats(targets, step.options.get("mode", "kpa")))
         else:
-            wanted |= set(module.REQUIRED_STATS)
+            wanted |= set(importlib.import_module(TRANSFORMS[step.kind]).REQUIRED_STATS)
     return tuple(n for n in ALL_STATS if n in wanted)
 
 
