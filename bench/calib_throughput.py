@@ -80,9 +80,9 @@ def run_one(args) -> dict:
 
         config = LoraConfig(r=8, target_modules=TARGETS, init_lora_weights="corda", corda_config=CordaConfig())
 
-        def run_model() -> None:
-            for i in range(0, windows.shape[0], args.batch_size):
-                loaded.model(input_ids=windows[i:i + args.batch_size].to(dev), use_cache=False)
+        def run_model() -> None:  # PEFT's hook squeezes the batch dimension: one window per call, as its docs do
+            for i in range(windows.shape[0]):
+                loaded.model(input_ids=windows[i:i + 1].to(dev), use_cache=False)
 
         calib_cov_distribution(loaded.model, config, run_model, None, None)
     if dev.type == "cuda":
