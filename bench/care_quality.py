@@ -60,6 +60,10 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.75,0.5,0.375,0.25")
     ap.add_argument("--ropes", default="keep,decoupled")
     ap.add_argument("--damping", type=float, default=0.01)
+    ap.add_argument("--variants", default=",".join(f"{m}:{a}" for m, a in VARIANTS),
+                    help="method:allocation pairs, e.g. care:uniform")
+    ap.add_argument("--rope-select", default="uniform", help="decoupled: uniform (DeepSeek-exportable) or norm")
+    ap.add_argument("--rope-dims", default="", help="decoupled: comma-separated rope widths (default: kvtool's)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -72,20 +76,24 @@ def main() -> None:
     results = {"original": perplexity(loaded.model, tokens, 512)["perplexity"], "rows": [],
                "calibration_tokens": int(windows.numel()), "heldout_tokens": int(tokens.numel())}
     print(f"original: {results['original']:.3f}", flush=True)
-    for rope in args.ropes.split(","):
+    variants = [tuple(v.split(":")) for v in args.variants.split(",")]
+    rope_dims = [int(d) for d in args.rope_dims.split(",") if d] or [None]
+    runs = [(rope, dim) for rope in args.ropes.split(",") for dim in (rope_dims if rope == "decoupled" else [None])]
+    for rope, rope_dim in runs:
         for ratio in [float(r) for r in args.ratios.split(",")]:
-            for method, alloc in VARIANTS:
+            for method, alloc in variants:
                 opts = CareOptions(method=method, rank_alloc=alloc, kv_ratio=ratio, rope=rope, damping=args.damping,
-                                   rope_select="uniform" if rope == "decoupled" else "norm")
+                                   rope_select=args.rope_select if rope == "decoupled" else "norm", rope_dim=rope_dim)
                 t0 = time.time()
                 model, layers, report, weights = mla_model(loaded, store, opts)
                 secs = time.time() - t0
                 ppl = perplexity(model, tokens, 512)["perplexity"]
-                row = {"rope": rope, "ratio": ratio, "method": method, "alloc": alloc, "ppl": ppl,
+                row = {"rope": rope, "rope_dim": rope_dim, "rope_select": opts.rope_select, "ratio": ratio,
+                       "method": method, "alloc": alloc, "ppl": ppl,
                        "kv_ratio": report["kv_ratio"], "err_k": report["mean_err_k"], "err_v": report["mean_err_v"],
                        "ranks_k": [r["r_k"] for r in report["layers"]], "ranks_v": [r["r_v"] for r in report["layers"]],
                        "convert_seconds": secs}
-                if rope == "decoupled" and method == "care" and alloc == "uniform":
+                if rope == "decoupled" and method == "care" and alloc == "uniform" and opts.rope_select == "uniform":
                     row["deepseek_v3_ppl"] = perplexity(deepseek_model(loaded, store, layers, weights), tokens,
                                                         512)["perplexity"]
                 results["rows"].append(row)
@@ -95,6 +103,11 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=1))
     print(f"\noriginal perplexity {results['original']:.2f} ({results['heldout_tokens']} held-out tokens)")
+    if variants != VARIANTS or rope_dims != [None]:
+        for r in results["rows"]:
+            print(f"| {r['rope']} dim={r['rope_dim']} select={r['rope_select']} | {r['ratio']} | {r['method']}+"
+                  f"{r['alloc']} | {r['ppl']:.2f} |")
+        return
     print("| rope | KV ratio | svd+uniform | care+uniform | care+care | care+energy | DeepSeek-V3 export |")
     print("|---|---|---|---|---|---|---|")
     for rope in args.ropes.split(","):
