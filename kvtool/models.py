@@ -261,11 +261,10 @@ def resolve_model_path(model: str | None) -> tuple[Path | None, str, str | None]
         if not weight_files(path):
             raise KvtoolError(f"{model} has a config.json but no .safetensors/.bin weights")
         return path.resolve(), str(path.resolve()), None
-    looks_like_path = model.startswith((".", "/", "~")) or os.sep in model.strip("/").replace("/", os.sep, 1)
-    if looks_like_path or model.count("/") != 1:
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise KvtoolError(f"model path {model} does not exist: give an existing folder, a .gguf file, "
                           f"a hub id (owner/name) or '{EMBEDDED_MODEL}'")
-    return None, model, None
+    return None, model, None  # a hub id: "owner/name" (or a bare name)
 
 
 def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = None,
@@ -296,8 +295,8 @@ def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = No
         tokenizer = AutoTokenizer.from_pretrained(target)
     except (OSError, ValueError) as exc:
         if directory is None:
-            raise KvtoolError(f"could not load {source} from the Hugging Face hub (offline or not found): "
-                              "download it elsewhere and pass the local folder") from exc
+            raise KvtoolError(f"{source} is not a local path and could not be loaded from the Hugging Face hub "
+                              "(offline or not found): download it elsewhere and pass the local folder") from exc
         raise KvtoolError(f"could not read {target}: {exc}".splitlines()[0]) from exc
     if directory is not None and digest is None:
         digest = files_digest(weight_files(directory) + [directory / "config.json"])

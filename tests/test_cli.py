@@ -47,6 +47,12 @@ def test_nonexistent_model_path(tmp_path):
     assert_clean_error(run("calibrate", tmp_path / "missing", "-o", tmp_path / "st"), "does not exist", tmp_path, "st")
 
 
+def test_hub_id_offline_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    res = run("eval", "some-owner/some-model")
+    assert_clean_error(res, "could not be loaded from the Hugging Face hub (offline or not found)", tmp_path)
+
+
 def test_folder_without_config(tmp_path):
     (tmp_path / "m").mkdir()
     assert_clean_error(run("eval", tmp_path / "m"), "no config.json", tmp_path)
