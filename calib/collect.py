@@ -20,6 +20,7 @@ from torch import nn
 
 from kvtool.calib.stats import StatsStore, parse_stats
 from kvtool.models import ArchSpec, LayerStreamer, LoadedModel
+from kvtool.progress import progress_bar
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -116,13 +117,6 @@ def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
     return [windows[i:i + batch_size] for i in range(0, windows.shape[0], batch_size)]
 
 
-def _progress(enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                    TimeElapsedColumn(), disable=not enabled, transient=False)
-
-
 @torch.no_grad()
 def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[str, ...] | str | None = None, *,
                        device: str | torch.device = "cpu", batch_size: int = 8, offload: bool = False,
@@ -166,7 +160,7 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
         m.to(home)
 
     streamer = LayerStreamer(loaded, device)
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("calibrating layers", total=(max(wanted) + 1) if wanted else 0)
         for i in range(max(wanted) + 1 if wanted else 0):
             layer = streamer.acquire(i)

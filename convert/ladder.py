@@ -163,8 +163,9 @@ def layer_drift(loaded: Any, windows: torch.Tensor, *, device: str | torch.devic
     ``mlp_drift`` (the parts from the stale attention / MLP input), ``update`` (‖out - h‖ / ‖out‖, the size of
     the layer's own contribution, for scale).
     """
-    from kvtool.calib.collect import _batches, _device_of, _layer_inputs, _progress
+    from kvtool.calib.collect import _batches, _device_of, _layer_inputs
     from kvtool.models import LayerStreamer
+    from kvtool.progress import progress_bar
 
     model, spec = loaded.model, loaded.spec
     check_ladder_supported(model)
@@ -186,7 +187,7 @@ def layer_drift(loaded: Any, windows: torch.Tensor, *, device: str | torch.devic
     stale = list(hidden)  # x_{-1} := x_0
     streamer = LayerStreamer(loaded, device)
     report: list[dict[str, Any]] = []
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("ladder drift", total=spec.num_layers)
         for i in range(spec.num_layers):
             layer = streamer.acquire(i)

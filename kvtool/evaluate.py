@@ -26,8 +26,8 @@ def _model_device(model: nn.Module) -> torch.device:
 def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int = 512, stride: int | None = None,
                batch_size: int = 4, progress: bool = False) -> dict[str, Any]:
     """Perplexity of ``model`` on a 1-D token stream; returns ppl, mean NLL, tokens scored and the mode."""
-    from kvtool.calib.collect import _progress
     from kvtool.errors import KvtoolError
+    from kvtool.progress import progress_bar
 
     if tokens.numel() < 2:
         raise KvtoolError("need at least 2 held-out tokens for perplexity")
@@ -54,7 +54,7 @@ def perplexity(model: nn.Module, tokens: torch.Tensor, seq_len: int = 512, strid
     by_len: dict[int, list[tuple[int, int, int]]] = {}
     for s in spans:
         by_len.setdefault(s[1] - s[0], []).append(s)
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("perplexity", total=len(spans))
         for group in by_len.values():
             for i in range(0, len(group), batch_size):

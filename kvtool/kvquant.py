@@ -393,7 +393,7 @@ def collect_kv_samples(model: nn.Module, windows: torch.Tensor, *, sink: int = 0
 
     Positions ``< sink`` (kept in full precision at decode) are left out. Float32 on the CPU.
     """
-    from kvtool.calib.collect import _progress
+    from kvtool.progress import progress_bar
 
     got: dict[int, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
 
@@ -404,7 +404,7 @@ def collect_kv_samples(model: nn.Module, windows: torch.Tensor, *, sink: int = 0
             dst.append(x.reshape(-1, x.shape[2], x.shape[3]).cpu())
 
     device = next(model.parameters()).device
-    with kv_quantization(model, None, capture=capture), _progress(progress) as bar:
+    with kv_quantization(model, None, capture=capture), progress_bar(progress) as bar:
         task = bar.add_task("K/V samples", total=windows.shape[0])
         for start in range(0, windows.shape[0], batch_size):
             chunk = windows[start:start + batch_size].to(device)

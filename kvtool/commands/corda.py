@@ -140,7 +140,7 @@ def write_corda(loaded: LoadedModel, store: StatsStore | None, out: Path, *, mod
     state = loaded.model.state_dict()
     base_dtype = next(loaded.model.parameters()).dtype
 
-    from kvtool.calib.collect import _progress
+    from kvtool.progress import progress_bar
 
     def done(i: int) -> None:
         bar.advance(task)
@@ -148,7 +148,7 @@ def write_corda(loaded: LoadedModel, store: StatsStore | None, out: Path, *, mod
             for name in needed:
                 store.sums.pop((i, name), None)
 
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task(f"corda {mode} r={rank}", total=len(chosen))
         adapter, residual, report = corda_transform(
             state, (lambda i, s: store.second_moment(i, s)) if needed else None, spec.num_layers, targets, rank,

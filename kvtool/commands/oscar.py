@@ -55,7 +55,6 @@ def write_oscar(loaded: LoadedModel, store: StatsStore | None, out: Path, *, bit
     ``store`` needs ``q``, ``k``, ``v`` (None: collect them now on ``dataset``); calibration keys/values for the clip
     search come from ``kv_samples`` windows of ``seq_len`` tokens (seed ``seed + 1``).
     """
-    from kvtool.calib.collect import _progress
     from kvtool.checkpoint import (
         atomic_dir,
         check_output_dir,
@@ -68,6 +67,7 @@ def write_oscar(loaded: LoadedModel, store: StatsStore | None, out: Path, *, bit
     from kvtool.data import TextSource, calibration_windows
     from kvtool.kvquant import collect_kv_samples
     from kvtool.pipeline import statistics_for
+    from kvtool.progress import progress_bar
 
     spec = loaded.spec
     opts = OscarOptions(bits=bits, group_size=group_size, rotation=rotation, clip=clip,
@@ -84,7 +84,7 @@ def write_oscar(loaded: LoadedModel, store: StatsStore | None, out: Path, *, bit
                                   spec.max_positions)
     samples = collect_kv_samples(loaded.model, windows, sink=sink, progress=progress)
     w_o = {i: layer.self_attn.o_proj.weight.detach().cpu() for i, layer in enumerate(spec.layers(loaded.model))}
-    with _progress(progress) as bar:
+    with progress_bar(progress) as bar:
         task = bar.add_task("rotations + clip search", total=spec.num_layers)
         tensors, report = oscar_transform(w_o, store, samples, spec, opts, progress=lambda i: bar.advance(task))
     report["kv_calibration"] = {"windows": kv_samples, "seq_len": seq_len, "tokens_per_head": int(
