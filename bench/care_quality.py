@@ -22,8 +22,8 @@ from kvtool.convert.care import CareOptions, convert_layers, mla_state_dict
 from kvtool.convert.deepseek_export import deepseek_v3_checkpoint, latent_rms
 from kvtool.data import TextSource, calibration_windows, heldout_tokens
 from kvtool.evaluate import perplexity
-from kvtool.modeling.mla import MLA_MODELS, mla_config
 from kvtool.models import load_model
+from kvtool.runtime.mla import MLA_MODELS, mla_config
 
 VARIANTS = [("svd", "uniform"), ("care", "uniform"), ("care", "care"), ("care", "energy")]
 

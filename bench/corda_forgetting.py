@@ -7,7 +7,7 @@ Domains (both offline):
 * **B = software licenses**: the license texts in ``/usr/share/common-licenses`` (Debian/Ubuntu ``base-files``;
   symlinks de-duplicated). Held out: Apache-2.0, MPL-2.0, CC0-1.0, BSD; fine-tuning text: all others.
 
-Adapters are written by ``kvtool.commands.corda.write_corda`` (the real output path), loaded with stock
+Adapters are written by ``kvtool.methods.run_method('corda', ...)`` (the real output path), loaded with stock
 ``PeftModel.from_pretrained(base, adapter, is_trainable=True)``, checked against the original model at
 initialization (max |Δlogits| and perplexity on both domains), then trained with the same seed, data order,
 optimizer and learning rate, and evaluated again. KPA uses statistics of A (the knowledge to keep, as in the
@@ -88,10 +88,11 @@ def main() -> None:
     from transformers.utils import logging as hf_logging
 
     from kvtool.calib import collect_statistics
-    from kvtool.commands.corda import parse_layers, write_corda
     from kvtool.convert.corda import parse_targets, required_stats
     from kvtool.data import TextSource, calibration_windows, embedded_text
+    from kvtool.methods import run_method
     from kvtool.models import load_model
+    from kvtool.options import parse_layers
 
     hf_logging.set_verbosity_error()
     torch.manual_seed(args.seed)
@@ -134,8 +135,8 @@ def main() -> None:
     for mode in args.modes.split(","):
         store = {"kpa": stats_a, "ipa": stats_b}.get(mode)
         out = tmpdir / mode
-        rep = write_corda(loaded, store, out, mode=mode, rank=args.rank, targets=targets, layers=layers,
-                          seed=args.seed)
+        rep = run_method("corda", loaded, store, out, mode=mode, rank=args.rank, targets=",".join(targets),
+                         layers=",".join(map(str, layers)), init_seed=args.seed)
         base = AutoModelForCausalLM.from_pretrained(str(out / "base"), dtype=torch.float32)
         model = PeftModel.from_pretrained(base, str(out / "adapter"), is_trainable=True)
         with torch.no_grad():

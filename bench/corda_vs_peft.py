@@ -45,8 +45,8 @@ def windows_for(tok, samples: int, seq_len: int, seed: int) -> torch.Tensor:
 def child_kvtool(args: argparse.Namespace) -> dict:
     """kvtool end to end: load, layer-by-layer statistics (batches of 8), decompose, write."""
     from kvtool.calib import collect_statistics
-    from kvtool.commands.corda import write_corda
     from kvtool.convert.corda import parse_targets, required_stats
+    from kvtool.methods import run_method
     from kvtool.models import load_model
 
     loaded = load_model("smollm2-135m")
@@ -54,7 +54,7 @@ def child_kvtool(args: argparse.Namespace) -> dict:
     windows = windows_for(loaded.tokenizer, args.samples, args.seq_len, args.seed)
     store = collect_statistics(loaded, windows, required_stats(targets), batch_size=8)
     t_stats = time.perf_counter() - T_START
-    write_corda(loaded, store, args.out, mode=args.mode, rank=args.rank, targets=targets, release_stats=True)
+    run_method("corda", loaded, store, args.out, mode=args.mode, rank=args.rank, targets=",".join(targets))
     return {"stats_done_s": t_stats}
 
 
@@ -102,7 +102,7 @@ def run_child(role: str, args: argparse.Namespace, out: Path) -> dict:
 # ------------------------------------------------------------------------------------------- agreement
 
 def load_pairs(adapter_dir: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    from kvtool.commands.corda import adapted_modules, load_adapter
+    from kvtool.methods.corda import adapted_modules, load_adapter
 
     return adapted_modules(load_adapter(adapter_dir)[1])
 
@@ -207,7 +207,7 @@ def main() -> None:
     pstore, spread = peft_normalized_store(loaded, windows, required_stats(targets))
     adapter_pn, _, rep_pn = corda_transform(loaded.model.state_dict(), pstore.second_moment, loaded.spec.num_layers,
                                             targets, args.rank, args.mode)
-    from kvtool.commands.corda import adapted_modules
+    from kvtool.methods.corda import adapted_modules
 
     kv_pn = adapted_modules(adapter_pn)
 

@@ -2,7 +2,7 @@
 
 Runs on the embedded SmolLM2-135M (30 layers) on the CPU:
 
-* per-layer drift from one layer-sequential pass over calibration windows (``kvtool.convert.ladder.layer_drift``);
+* per-layer drift from one layer-sequential pass over calibration windows (``kvtool.calib.drift.layer_drift``);
 * held-out perplexity (embedded held-out text, non-overlapping windows) with 0, 25 %, 50 % and all layers
   rewired, choosing the layers top-down (the paper's choice: the upper part) or by least drift (``auto``);
 * optionally (``--heal-steps N``) a short healing fine-tune of the rewired layers only (AdamW on calibration
@@ -41,11 +41,12 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from kvtool.convert.ladder import choose_least_drift, layer_drift
+    from kvtool.calib.drift import layer_drift
+    from kvtool.convert.ladder import choose_least_drift
     from kvtool.data import TextSource, calibration_windows, heldout_tokens
     from kvtool.evaluate import perplexity
-    from kvtool.modeling.ladder import install_ladder, remove_ladder
     from kvtool.models import load_model
+    from kvtool.runtime.ladder import install_ladder, remove_ladder
 
     torch.manual_seed(0)
     loaded = load_model(args.model)

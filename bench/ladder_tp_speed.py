@@ -1,4 +1,4 @@
-"""Decode speed of standard vs Ladder-residual blocks under tensor parallelism (kvtool.tp), random weights.
+"""Decode speed of standard vs Ladder-residual blocks under tensor parallelism (kvtool.runtime.tp), random weights.
 
 For each model shape and batch size this measures one decode step (B sequences x 1 token, static KV cache,
 greedy next token fed back) in four variants on the same weights:
@@ -140,8 +140,8 @@ def check_correctness(rank: int, world: int, device: torch.device, fused: bool) 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import kvtool  # noqa: F401
-    from kvtool.modeling.ladder import install_ladder
-    from kvtool.tp import TPDecoder
+    from kvtool.runtime.ladder import install_ladder
+    from kvtool.runtime.tp import TPDecoder
 
     torch.manual_seed(0)
     cfg = LlamaConfig(hidden_size=256, intermediate_size=512, num_hidden_layers=4, num_attention_heads=16,
@@ -254,9 +254,11 @@ def try_compile(tp, shape, rank: int, device: torch.device) -> bool:
 
 def bench_shape(name: str, shape_kw: dict[str, Any], args: argparse.Namespace, rank: int, world: int,
                 device: torch.device, copy_bw: float) -> list[dict[str, Any]]:
-    from kvtool.tp import TPDecoder, TPShape
+    from kvtool.models import ArchSpec
+    from kvtool.runtime.tp import TPDecoder
 
-    shape = TPShape(**shape_kw)
+    shape = ArchSpec(model_type="llama", qkv_bias=False, o_bias=False, rope_type="default", max_positions=131072,
+                     **{"rope_theta": 500000.0, "qk_norm": False, **shape_kw})
     dtype = DTYPES[args.dtype]
     t0 = time.perf_counter()
     tp = TPDecoder(shape, rank, world, None, dtype, device, fused_norm=args.kernel == "triton").random_init(seed=1)
@@ -331,7 +333,7 @@ def bench_shape(name: str, shape_kw: dict[str, Any], args: argparse.Namespace, r
 
 
 def print_table(rows: list[dict[str, Any]], args: argparse.Namespace, check_err: float | None) -> None:
-    print("\nLadder-residual decode benchmark (kvtool.tp, random weights, all layers ladder)")
+    print("\nLadder-residual decode benchmark (kvtool.runtime.tp, random weights, all layers ladder)")
     print(f"device: {rows[0]['device']}; dtype {args.dtype}; add+norm: {args.kernel}; "
           f"compiled: {all(r['compiled'] for r in rows)}; CUDA graphs: "
           f"{'no' if args.no_graphs or args.device == 'cpu' else 'yes'}; prompt {args.prompt_len}, KV cache "

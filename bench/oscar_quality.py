@@ -3,9 +3,9 @@ OSCAR-INT2 (and OSCAR ablations), same group size and full-precision windows for
 
     .venv/bin/python bench/oscar_quality.py --max-tokens 4096 --windows 0:0,4:64 --json out/oscar_quality.json
 
-Every method is emulated as decode would see it (kvtool.kvquant: each key/value outside the sink/recent window of
-a query is read dequantized). Statistics and calibration K/V come from the embedded *calibration* text; perplexity
-from the embedded *held-out* text.
+Every method is emulated as decode would see it (kvtool.runtime.kvquant: each key/value outside the sink/recent
+window of a query is read dequantized). Statistics and calibration K/V come from the embedded *calibration* text;
+perplexity from the embedded *held-out* text.
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
+    from kvtool.calib.kv_samples import collect_kv_samples
     from kvtool.convert.oscar import OscarOptions, oscar_transform
     from kvtool.data import TextSource, calibration_windows, heldout_tokens
-    from kvtool.kvquant import KVQuantSpec, collect_kv_samples, perplexity_with_kv_quant, resolve_kv_quant
+    from kvtool.methods import statistics_for
     from kvtool.models import load_model
-    from kvtool.pipeline import statistics_for
+    from kvtool.options import DataOptions
+    from kvtool.runtime.kvquant import KVQuantSpec, perplexity_with_kv_quant, resolve_kv_quant
 
     torch.manual_seed(0)
     t0 = time.perf_counter()
@@ -44,7 +46,7 @@ def main() -> None:
     d = spec.head_dim
     gs = args.group_size or d
     windows = [tuple(int(x) for x in w.split(":")) for w in args.windows.split(",")]
-    store = statistics_for(loaded, ("q", "k", "v"), samples=args.samples, seq_len=args.seq_len, progress=False)
+    store = statistics_for(loaded, ("q", "k", "v"), None, DataOptions(samples=args.samples, seq_len=args.seq_len))
     calib = calibration_windows(loaded.tokenizer, TextSource("embedded"), args.kv_samples, args.seq_len, 1,
                                 spec.max_positions)
     kv = collect_kv_samples(loaded.model, calib, sink=max(s for s, _ in windows))

@@ -1,11 +1,8 @@
-"""Layer-sequential statistics collection.
+"""Second-moment statistics: a visitor of the layer-by-layer runner (:mod:`kvtool.calib.runner`).
 
-Embed all calibration windows once; then for each decoder layer: put it on the compute device, run it on
-every window batch with hooks that accumulate the requested statistics, pass its outputs on as the next
-layer's inputs, and take it off the device again. Peak memory is one decoder layer plus the hidden states
-of the calibration windows (kept on the CPU with ``offload=True``). Because every layer sees the outputs
-of the *original* previous layers, the result equals collecting with hooks during full forward passes
-(:func:`collect_statistics_full_forward`, used by the tests).
+Hooks on each decoder layer accumulate the requested statistics while the runner passes the calibration windows
+through it. Because every layer sees the outputs of the *original* previous layers, the result equals collecting
+with hooks during full forward passes (:func:`collect_statistics_full_forward`, used by the tests).
 
 Under torch.distributed each rank processes ``windows[rank::world]`` and the sums are all-reduced.
 """
@@ -13,26 +10,15 @@ Under torch.distributed each rank processes ``windows[rank::world]`` and the sum
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
 
+from kvtool.calib.runner import LayerVisitor, batches, run_layers
 from kvtool.calib.stats import StatsStore, parse_stats
-from kvtool.models import ArchSpec, LayerStreamer, LoadedModel
-from kvtool.progress import progress_bar
-
-
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    """HF's RoPE helper: (x1, x2) -> (-x2, x1) over the last dimension's halves."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """RoPE on x of shape (B, L, heads, d) with cos/sin of shape (B or 1, L, d), HF's half-split convention."""
-    cos, sin = cos[:, :, None, :].to(x.dtype), sin[:, :, None, :].to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+from kvtool.data import TextSource, calibration_windows
+from kvtool.models import ArchSpec, LoadedModel
+from kvtool.runtime.rope import apply_rope
 
 
 class _StatHooks:
@@ -82,39 +68,22 @@ class _StatHooks:
             h.remove()
 
 
-class _Caught(Exception):
-    pass
+class StatsVisitor(LayerVisitor):
+    """Accumulates the requested statistics of the chosen layers into ``store``."""
 
+    def __init__(self, spec: ArchSpec, stats: tuple[str, ...], store: StatsStore, layers: set[int]):
+        self.spec, self.stats, self.store, self.layers = spec, stats, store, layers
+        self.hooks: _StatHooks | None = None
 
-def _layer_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
-    """Run the model's embedding/mask/rotary preamble and return layer 0's (hidden_states, kwargs)."""
-    captured: dict[str, Any] = {}
+    def layer_start(self, index: int, layer: nn.Module) -> None:
+        if index in self.layers:
+            self.hooks = _StatHooks(layer, index, self.spec, self.stats, self.store)
 
-    def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "hidden_states")}
-        raise _Caught
-
-    handle = spec.layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        model.model(input_ids=input_ids, use_cache=False)
-    except _Caught:
-        pass
-    finally:
-        handle.remove()
-    kwargs = captured["kwargs"]
-    kwargs["use_cache"] = False
-    return captured["hidden"], kwargs
-
-
-def _device_of(module: nn.Module) -> torch.device:
-    for t in list(module.parameters()) + list(module.buffers()):
-        return t.device
-    return torch.device("cpu")
-
-
-def _batches(windows: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
-    return [windows[i:i + batch_size] for i in range(0, windows.shape[0], batch_size)]
+    def layer_end(self, index: int, layer: nn.Module) -> None:
+        if self.hooks is not None:
+            self.hooks.remove()
+            self.hooks = None
+            self.store.offload(index)
 
 
 @torch.no_grad()
@@ -139,42 +108,18 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
     import torch.distributed as dist
 
     stats = parse_stats(stats)
-    spec, model = loaded.spec, loaded.model
-    device = torch.device(device)
+    spec = loaded.spec
     if distributed and dist.is_available() and dist.is_initialized():
         windows = windows[dist.get_rank()::dist.get_world_size()]
     store = StatsStore()
-    wanted = sorted(set(range(spec.num_layers)) if layers is None else set(layers))
-    keep = torch.device("cpu") if offload else device
-
-    pre_modules = [model.model.embed_tokens, model.model.rotary_emb]
-    homes = [_device_of(m) for m in pre_modules]
-    for m in pre_modules:
-        m.to(device)
-    hidden, kwargs_by_size = [], {}
-    for batch in _batches(windows, batch_size):
-        h, kw = _layer_inputs(model, spec, batch.to(device))
-        hidden.append(h.to(keep))
-        kwargs_by_size.setdefault(batch.shape[0], kw)
-    for m, home in zip(pre_modules, homes, strict=True):
-        m.to(home)
-
-    streamer = LayerStreamer(loaded, device)
-    with progress_bar(progress) as bar:
-        task = bar.add_task("calibrating layers", total=(max(wanted) + 1) if wanted else 0)
-        for i in range(max(wanted) + 1 if wanted else 0):
-            layer = streamer.acquire(i)
-            hooks = _StatHooks(layer, i, spec, stats, store) if i in wanted else None
-            try:
-                for b, h in enumerate(hidden):
-                    out = layer(h.to(device), **kwargs_by_size[h.shape[0]])
-                    hidden[b] = (out[0] if isinstance(out, tuple) else out).to(keep)
-            finally:
-                if hooks is not None:
-                    hooks.remove()
-                    store.offload(i)
-                streamer.release(i)
-            bar.advance(task)
+    wanted = set(range(spec.num_layers)) if layers is None else set(layers)
+    visitor = StatsVisitor(spec, stats, store, wanted)
+    try:
+        run_layers(loaded, windows, [visitor], device=device, batch_size=batch_size, offload=offload,
+                   num_layers=max(wanted) + 1 if wanted else 0, progress=progress)
+    finally:
+        if visitor.hooks is not None:
+            visitor.hooks.remove()
     if distributed:
         store.all_reduce()
     return store
@@ -190,10 +135,33 @@ def collect_statistics_full_forward(loaded: LoadedModel, windows: torch.Tensor,
     store = StatsStore()
     hooks = [_StatHooks(layer, i, spec, stats, store) for i, layer in enumerate(spec.layers(model))]
     try:
-        for batch in _batches(windows, batch_size):
+        for batch in batches(windows, batch_size):
             model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
     finally:
         for h in hooks:
             h.remove()
     store.offload()
+    return store
+
+
+def calibrate(loaded: LoadedModel, source: TextSource, stats: tuple[str, ...] | str | None = None, *,
+              samples: int = 32, seq_len: int = 512, seed: int = 0, device: str | torch.device = "cpu",
+              batch_size: int = 8, offload: bool = False, progress: bool = False) -> StatsStore:
+    """Choose calibration windows of ``source``, collect ``stats`` on them, and stamp the store's metadata (the
+    one place statistics metadata is written: model identity and spec, dataset, windows, tokens)."""
+    import torch.distributed as dist
+
+    from kvtool import __version__
+
+    windows = calibration_windows(loaded.tokenizer, source, samples, seq_len, seed, loaded.spec.max_positions)
+    store = collect_statistics(loaded, windows, stats, device=device, batch_size=batch_size, offload=offload,
+                               progress=progress)
+    store.meta = {
+        "kvtool_version": __version__,
+        "model": loaded.identity(),
+        "spec": loaded.spec.to_dict(),
+        "dataset": {**source.describe(), "samples": samples, "seq_len": seq_len, "seed": seed},
+        "tokens": int(windows.numel()),
+        "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
+    }
     return store

@@ -43,7 +43,6 @@ from typing import Any
 
 import torch
 
-from kvtool.calib.stats import StatsStore
 from kvtool.errors import KvtoolError
 from kvtool.models import ArchSpec
 
@@ -274,7 +273,7 @@ def decouple_rope(w_q: torch.Tensor, w_k: torch.Tensor, c: torch.Tensor, spec: A
 
 # ---------------------------------------------------------------------------------------------- the transform
 
-def convert_layers(weights: dict[str, torch.Tensor], stats: StatsStore, spec: ArchSpec, opts: CareOptions,
+def convert_layers(weights: dict[str, torch.Tensor], stats: Any, spec: ArchSpec, opts: CareOptions,
                    device: str | torch.device = "cpu") -> tuple[list[MlaLayer], dict[str, Any]]:
     """Factor every layer's K and V (and rotate q/k for decoupled RoPE); returns layers and a report.
 

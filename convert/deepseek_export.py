@@ -32,14 +32,17 @@ def _interleave(rows: torch.Tensor) -> torch.Tensor:
     return torch.stack([rows[:p], rows[p:]], dim=1).reshape(rows.shape)
 
 
-def check_exportable(spec: ArchSpec, rope: str, rope_select: str) -> None:
-    """DeepSeek-V3 layout needs decoupled RoPE on native frequencies, no attention biases, no QK-norm."""
+def check_exportable(spec: ArchSpec | None, rope: str, rope_select: str) -> None:
+    """DeepSeek-V3 layout needs decoupled RoPE on native frequencies, no attention biases, no QK-norm (the
+    architecture checks are skipped when ``spec`` is None)."""
     if rope != "decoupled":
         raise KvtoolError("--format deepseek-v3 needs --rope decoupled (DeepSeek has no reconstruct-then-RoPE "
                           "path): add --rope decoupled or use --format kvtool")
     if rope_select != "uniform":
         raise KvtoolError("--format deepseek-v3 needs --rope-select uniform (DeepSeek's rotary uses evenly spaced "
                           "frequencies): add --rope-select uniform or use --format kvtool")
+    if spec is None:
+        return
     if spec.qkv_bias or spec.o_bias:
         raise KvtoolError(f"{spec.model_type} has attention biases, which DeepSeek-V3 (and vLLM) cannot express: "
                           "use --format kvtool")

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 
 from kvtool.errors import KvtoolError
-from kvtool.kvquant import check_bits_group, fake_quantize, hadamard
+from kvtool.runtime.kvquant import check_bits_group, fake_quantize, hadamard
 
 ROTATIONS = ("none", "hadamard", "cov", "cov-hadamard")
 DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))

@@ -1,12 +1,20 @@
 """kvtool: offline model conversion for cheaper LLM serving.
 
-Importing :mod:`kvtool` registers kvtool's own model classes (converted checkpoints)
-with transformers' Auto classes, so ``AutoModelForCausalLM.from_pretrained(out)`` works.
+``import kvtool`` registers kvtool's own model classes (converted checkpoints) with transformers' Auto classes,
+so ``AutoModelForCausalLM.from_pretrained(out)`` works. The ``kvtool`` command skips that at start-up (it
+imports transformers, seconds) and registers when it loads a model.
 """
 
-import kvtool.modeling  # noqa: F401  (registers converted-model classes with transformers' Auto classes)
+import os
+import sys
+
 from kvtool.errors import KvtoolError
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+if os.path.basename(sys.argv[0] if sys.argv else "") != "kvtool":
+    from kvtool.runtime import register_auto_classes
+
+    register_auto_classes()
 
 __all__ = ["KvtoolError", "__version__"]

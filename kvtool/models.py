@@ -58,6 +58,7 @@ class ArchSpec:
     rope_theta: float
     rope_type: str
     max_positions: int
+    rms_norm_eps: float = 1e-6
 
     @property
     def group_size(self) -> int:
@@ -108,6 +109,7 @@ def arch_spec_from_config(config: Any) -> ArchSpec:
         rope_theta=float(rope_theta),
         rope_type=str(rope_type),
         max_positions=int(getattr(config, "max_position_embeddings", 0) or 0),
+        rms_norm_eps=float(getattr(config, "rms_norm_eps", 1e-6)),
     )
 
 
@@ -232,14 +234,14 @@ def _gguf_to_cached_dir(gguf: Path) -> tuple[Path, str]:
 
 
 def _parse_dtype(dtype: str | torch.dtype | None) -> torch.dtype:
-    if dtype is None:
+    if dtype is None or dtype == "auto":  # "auto" resolves against the config in load_model
         return torch.float32
     if isinstance(dtype, torch.dtype):
         return dtype
     table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
              "float16": torch.float16, "fp16": torch.float16}
     if dtype not in table:
-        raise KvtoolError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16")
+        raise KvtoolError(f"unknown dtype {dtype!r}: use one of auto, float32, bfloat16, float16")
     return table[dtype]
 
 
@@ -281,7 +283,9 @@ def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = No
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    import kvtool.modeling  # noqa: F401  (registers kvtool's own model classes with the Auto classes)
+    from kvtool.runtime import register_auto_classes
+
+    register_auto_classes()
 
     hf_logging.disable_progress_bar()
 
@@ -293,6 +297,8 @@ def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = No
         if strict:
             arch_spec_from_config(config)  # raises the unsupported-architecture error before any weights load
         tokenizer = AutoTokenizer.from_pretrained(target)
+        if dtype == "auto":  # the checkpoint's own dtype
+            torch_dtype = _parse_dtype(str(getattr(config, "dtype", None) or "float32").replace("torch.", ""))
     except (OSError, ValueError) as exc:
         if directory is None:
             raise KvtoolError(f"{source} is not a local path and could not be loaded from the Hugging Face hub "

@@ -1,28 +1,33 @@
-"""Recipes: YAML files that chain calibration, transforms, validation and evaluation (``kvtool run``).
+"""Recipes: YAML files that chain calibration, methods, validation and evaluation (``kvtool run``).
 
-Format::
+Format (every method step's keys are that method's Options, the same names as its CLI flags)::
 
     model: smollm2-135m                 # any model argument kvtool accepts
     output: out/care-smoke              # optional; -o overrides
-    dataset: {source: embedded, samples: 16, seq_len: 256, seed: 0, text_field: text}
-    calibrate: {batch_size: 8, device: auto, dtype: float32, stats: []}   # stats: extra statistics to collect
+    data: {dataset: embedded, samples: 16, seq_len: 256, seed: 0, batch_size: 8}   # the CLI's data flags
+    device: auto
+    dtype: auto
+    statistics: []                      # extra statistics to collect beyond what the steps need
     steps:
-      - care: {name: mla, kv_ratio: 0.5, rope: keep}      # transform steps: care, corda, oscar, ladder
-      - validate: {target: mla}                           # run the step's Triton-kernel check
-      - eval: {targets: [original, mla], max_tokens: 4096, seq_len: 512}
-      - eval: {targets: [original], kv_quant: oscar}      # OSCAR: a step name or int2/int4/hadamard-int2/kivi-int2
+      - convert-mla: {name: mla, kv_ratio: 0.5, rope: keep}   # method steps: convert-mla (care), corda,
+                                                             #   export (oscar), ladder
+      - validate: {target: mla}                              # the step's Triton-kernel check
+      - eval: {targets: [original, mla], max_tokens: 4096, seq_len: 512}   # held-out part of data.dataset
+      - eval: {targets: [original], kv_quant: oscar}         # OSCAR: a step name or int2/int4/hadamard-int2/kivi-int2
 
-Every transform declares the statistics it needs; the union is collected in one calibration pass into
-``OUT/stats`` (reused on a rerun when its manifest matches: same model hash and dataset, every needed statistic
-present). Each step writes ``OUT/<name>/``; the run ends with ``OUT/report.json`` and ``OUT/report.md``.
+Step names are plain names (letters, digits, ``.``, ``_``, ``-``; not ``stats`` or ``original``), unique, and each
+method step writes ``OUT/<name>/``. Everything checkable without the model (keys, types, values, names, targets)
+is checked when the recipe is read, so ``--dry-run`` catches it; checks that need the model's shapes run before
+calibrating. The statistics every step needs are collected in one calibration pass into ``OUT/stats`` (reused on a
+rerun when its manifest matches: same model hash, same data options and text, every needed statistic present). The
+run ends with ``OUT/report.json`` and ``OUT/report.md``.
 """
 
 from __future__ import annotations
 
 import copy
-import importlib
-import inspect
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,23 +36,22 @@ from typing import Any
 import yaml
 
 from kvtool.errors import KvtoolError
+from kvtool.options import DataOptions, _coerce
 
-TRANSFORMS = {"care": "kvtool.commands.care", "corda": "kvtool.commands.corda", "oscar": "kvtool.commands.oscar",
-              "ladder": "kvtool.commands.ladder"}
-TOP_KEYS = {"model": str, "output": str, "dataset": dict, "calibrate": dict, "steps": list}
-DATASET_KEYS = {"source": str, "samples": int, "seq_len": int, "seed": int, "text_field": str}
-CALIBRATE_KEYS = {"batch_size": int, "device": str, "dtype": str, "stats": list}
+TOP_KEYS = {"model": str | None, "output": str | None, "data": dict, "device": str, "dtype": str,
+            "statistics": list, "steps": list}
 VALIDATE_KEYS = {"target": str}
-EVAL_KEYS = {"targets": list, "max_tokens": int, "seq_len": int, "batch_size": int, "kv_quant": str,
-             "residual_window": int, "sink": int}
-RESERVED = {"loaded", "store", "out", "overwrite", "progress", "statistics", "options", "release_stats"}
+EVAL_KEYS = {"targets": list, "max_tokens": int, "seq_len": int, "batch_size": int, "kv_quant": str | None,
+             "residual_window": int | None, "sink": int | None}
+STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+RESERVED_NAMES = {"stats", "original", "report.json", "report.md"}
 
 
 @dataclass
 class Step:
-    kind: str
+    kind: str  # a method name, validate or eval
     name: str
-    options: dict[str, Any] = field(default_factory=dict)
+    options: Any = field(default_factory=dict)  # the method's Options, or a dict for validate/eval
 
 
 @dataclass
@@ -55,46 +59,37 @@ class Recipe:
     path: Path
     model: str | None
     output: str | None
-    dataset: dict[str, Any]
-    calibrate: dict[str, Any]
+    data: DataOptions
+    device: str
+    dtype: str
+    statistics: list[str]
     steps: list[Step]
 
 
-def _check_keys(where: str, given: dict[str, Any], allowed: dict[str, type]) -> None:
+def _check_keys(where: str, given: dict[str, Any], allowed: dict[str, Any]) -> dict[str, Any]:
+    out = {}
     for key, value in given.items():
         if key not in allowed:
             raise KvtoolError(f"{where}: unknown key {key!r} (allowed: {', '.join(sorted(allowed))})")
-        want = allowed[key]
-        ok = isinstance(value, want) or (want is float and isinstance(value, int)) or value is None
-        if want is int and isinstance(value, bool):
-            ok = False
-        if not ok:
-            raise KvtoolError(f"{where}: {key} must be {want.__name__}, got {type(value).__name__} ({value!r})")
-
-
-def transform_signature(kind: str) -> dict[str, type]:
-    """Option names and types a transform step accepts (from its ``write_<kind>`` keyword arguments)."""
-    module = importlib.import_module(TRANSFORMS[kind])
-    fn = getattr(module, f"write_{kind}")
-    allowed: dict[str, type] = {}
-    for name, p in inspect.signature(fn).parameters.items():
-        if p.kind != inspect.Parameter.KEYWORD_ONLY or name in RESERVED:
-            continue
-        d = p.default
-        allowed[name] = type(d) if d not in (None, inspect.Parameter.empty) and not isinstance(d, tuple) else object
-    if kind == "care":
-        from kvtool.convert.care import CareOptions
-
-        for name, f in CareOptions.__dataclass_fields__.items():
-            allowed[name] = type(f.default) if f.default is not None else object
-    return allowed
+        if allowed[key] in (dict, list):
+            if not isinstance(value, allowed[key]):
+                raise KvtoolError(f"{where}: {key} must be a {allowed[key].__name__}, got {type(value).__name__}")
+            out[key] = value
+        else:
+            out[key] = _coerce(value, allowed[key], f"{where}: {key}")
+    return out
 
 
 def set_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply ``key.path=value`` (value parsed as YAML; list indices allowed: ``steps.0.care.kv_ratio=0.25``)."""
+    """Apply ``key.path=value`` (value parsed as YAML; list indices allowed: ``steps.0.convert-mla.kv_ratio=0.25``)."""
     if "=" not in assignment:
-        raise KvtoolError(f"--set {assignment!r}: use KEY=VALUE, e.g. dataset.samples=8")
+        raise KvtoolError(f"--set {assignment!r}: use KEY=VALUE, e.g. data.samples=8")
     key, raw = assignment.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        raise KvtoolError(f"--set {key}: {raw!r} is not a valid YAML value (quote strings with special "
+                          "characters)") from None
     parts = key.split(".")
     node: Any = data
     for i, part in enumerate(parts):
@@ -103,88 +98,118 @@ def set_override(data: dict[str, Any], assignment: str) -> None:
             if not part.isdigit() or int(part) >= len(node):
                 raise KvtoolError(f"--set {key}: {part!r} is not a step index (0..{len(node) - 1})")
             if last:
-                node[int(part)] = yaml.safe_load(raw)
+                node[int(part)] = value
             node = node[int(part)]
-        else:
+        elif isinstance(node, dict):
             if last:
-                node[part] = yaml.safe_load(raw)
+                node[part] = value
             else:
                 node = node.setdefault(part, {})
+        else:
+            raise KvtoolError(f"--set {key}: {'.'.join(parts[:i])} is not a mapping or list")
+
+
+def _step_name(path: Path, i: int, name: Any, names: set[str]) -> str:
+    if not isinstance(name, str) or not STEP_NAME.fullmatch(name) or name in RESERVED_NAMES or name.startswith(".."):
+        raise KvtoolError(f"{path}: steps[{i}] name {name!r} is not a plain name: use letters, digits, '.', '_' "
+                          "and '-' (not a path; not stats or original)")
+    if name in names:
+        raise KvtoolError(f"{path}: steps[{i}] name {name!r} is already used: give each step a unique name")
+    return name
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; every problem is a KvtoolError naming the key."""
+    from kvtool.methods import ALIASES, METHODS
+
     path = Path(path)
     if not path.is_file():
         raise KvtoolError(f"recipe {path} does not exist: give a YAML file (see recipes/)")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise KvtoolError(f"recipe {path} is not valid YAML: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(data, dict):
-        raise KvtoolError(f"recipe {path} must be a mapping with model, dataset, calibrate, steps")
-    data = copy.deepcopy(data)
+    if not isinstance(raw, dict):
+        raise KvtoolError(f"recipe {path} must be a mapping with model, data, steps")
+    raw = copy.deepcopy(raw)
     for o in overrides or []:
-        set_override(data, o)
-    _check_keys(str(path), data, TOP_KEYS)
-    dataset = {"source": "embedded", "samples": 16, "seq_len": 256, "seed": 0, "text_field": "text",
-               **(data.get("dataset") or {})}
-    _check_keys(f"{path}: dataset", dataset, DATASET_KEYS)
-    calibrate = {"batch_size": 8, "device": "auto", "dtype": "float32", "stats": [], **(data.get("calibrate") or {})}
-    _check_keys(f"{path}: calibrate", calibrate, CALIBRATE_KEYS)
+        set_override(raw, o)
+    top = _check_keys(str(path), raw, TOP_KEYS)
+    data = DataOptions.from_dict({"samples": 16, "seq_len": 256, **(top.get("data") or {})}, f"{path}: data")
+    if data.split != "calib":
+        raise KvtoolError(f"{path}: data.split must be calib (recipes calibrate on the calibration part and "
+                          "evaluate on the held-out part)")
+    from kvtool.calib.stats import parse_stats
+
+    statistics = list(parse_stats(top["statistics"])) if top.get("statistics") else []
     steps: list[Step] = []
     names: set[str] = set()
-    for i, raw in enumerate(data.get("steps") or []):
-        if not isinstance(raw, dict) or len(raw) != 1:
-            raise KvtoolError(f"{path}: steps[{i}] must be a mapping with one key (care, corda, oscar, ladder, "
-                              "validate or eval)")
-        kind, opts = next(iter(raw.items()))
+    kinds = ", ".join([*METHODS, "validate", "eval"])
+    for i, entry in enumerate(top.get("steps") or []):
+        if not isinstance(entry, dict) or len(entry) != 1:
+            raise KvtoolError(f"{path}: steps[{i}] must be a mapping with one key ({kinds})")
+        kind, opts = next(iter(entry.items()))
+        if opts is not None and not isinstance(opts, dict):
+            raise KvtoolError(f"{path}: steps[{i}].{kind} must be a mapping of options")
         opts = dict(opts or {})
-        if kind in TRANSFORMS:
-            name = opts.pop("name", kind)
-            _check_keys(f"{path}: steps[{i}].{kind}", opts, transform_signature(kind))
-            if name in names or name == "original":
-                raise KvtoolError(f"{path}: steps[{i}] name {name!r} is already used: give each step a unique name")
+        kind = ALIASES.get(kind, kind)
+        where = f"{path}: steps[{i}].{kind}"
+        if kind in METHODS:
+            name = _step_name(path, i, opts.pop("name", kind), names)
             names.add(name)
+            method = METHODS[kind]
+            options: Any = method.Options.from_dict(opts, where)
+            method.preflight(None, options)
         elif kind == "validate":
-            _check_keys(f"{path}: steps[{i}].validate", opts, VALIDATE_KEYS)
-            name = f"validate-{opts.get('target')}"
-            if opts.get("target") not in names:
-                raise KvtoolError(f"{path}: steps[{i}].validate target {opts.get('target')!r} is not an earlier "
-                                  "transform step")
+            options = _check_keys(where, opts, VALIDATE_KEYS)
+            if options.get("target") not in names:
+                raise KvtoolError(f"{where} target {options.get('target')!r} is not an earlier method step")
+            name = f"validate-{options['target']}"
         elif kind == "eval":
-            _check_keys(f"{path}: steps[{i}].eval", opts, EVAL_KEYS)
-            opts.setdefault("targets", ["original"])
-            for t in opts["targets"]:
+            options = _check_keys(where, opts, EVAL_KEYS)
+            options.setdefault("targets", ["original"])
+            for t in options["targets"]:
                 if t != "original" and t not in names:
-                    raise KvtoolError(f"{path}: steps[{i}].eval target {t!r} is not 'original' or an earlier step")
+                    raise KvtoolError(f"{where} target {t!r} is not 'original' or an earlier step")
+                if t != "original" and not METHODS[next(s.kind for s in steps if s.name == t)].writes_model:
+                    raise KvtoolError(f"{where} target {t!r} wrote no model to evaluate (an export is evaluated "
+                                      f"with `kv_quant: {t}` on the original model)")
+            kv = options.get("kv_quant")
+            if kv is not None and kv not in names and kv not in ("int2", "int4", "hadamard-int2", "kivi-int2"):
+                raise KvtoolError(f"{where} kv_quant {kv!r} is not an earlier export step or one of int2, int4, "
+                                  "hadamard-int2, kivi-int2")
+            for key in ("max_tokens", "seq_len", "batch_size"):
+                if key in options and options[key] < (2 if key == "seq_len" else 1):
+                    raise KvtoolError(f"{where} {key} {options[key]} is too small")
             name = f"eval-{i}"
         else:
-            raise KvtoolError(f"{path}: steps[{i}] has unknown kind {kind!r}: use care, corda, oscar, ladder, "
-                              "validate or eval")
-        steps.append(Step(kind, name, opts))
+            raise KvtoolError(f"{path}: steps[{i}] has unknown kind {kind!r}: use {kinds}")
+        steps.append(Step(kind, name, options))
     if not steps:
         raise KvtoolError(f"{path}: no steps: add at least one step")
-    return Recipe(path, data.get("model"), data.get("output"), dataset, calibrate, steps)
+    return Recipe(path, top.get("model"), top.get("output"), data, top.get("device", "auto"),
+                  top.get("dtype", "auto"), statistics, steps)
 
 
 def required_stats(recipe: Recipe) -> tuple[str, ...]:
-    """Union of the statistics every transform step needs (plus calibrate.stats), in canonical order."""
-    from kvtool.calib.stats import ALL_STATS, parse_stats
+    """Union of the statistics every method step needs (plus ``statistics``), in canonical order."""
+    from kvtool.calib.stats import ALL_STATS
+    from kvtool.methods import METHODS
 
-    wanted = set(parse_stats(recipe.calibrate["stats"])) if recipe.calibrate["stats"] else set()
+    wanted = set(recipe.statistics)
     for step in recipe.steps:
-        if step.kind not in TRANSFORMS:
-            continue
-        if step.kind == "corda":
-            from kvtool.convert.corda import parse_targets
-            from kvtool.convert.corda import required_stats as corda_stats
-
-            targets = parse_targets(step.options.get("targets"))
-            wanted |= set(corda_stats(targets, step.options.get("mode", "kpa")))
-        else:
-            wanted |= set(importlib.import_module(TRANSFORMS[step.kind]).REQUIRED_STATS)
+        if step.kind in METHODS:
+            wanted |= set(METHODS[step.kind].required_stats(step.options))
     return tuple(n for n in ALL_STATS if n in wanted)
+
+
+def preflight(recipe: Recipe, spec: Any) -> None:
+    """The checks that need the model's shapes (before any calibration; also in --dry-run when the model is there)."""
+    from kvtool.methods import METHODS
+
+    for step in recipe.steps:
+        if step.kind in METHODS:
+            METHODS[step.kind].preflight(spec, step.options)
 
 
 def plan(recipe: Recipe, spec: Any | None) -> dict[str, Any]:
@@ -197,23 +222,25 @@ def plan(recipe: Recipe, spec: Any | None) -> dict[str, Any]:
                      "q": spec.num_kv_heads * spec.head_dim ** 2, "k": spec.num_kv_heads * spec.head_dim ** 2,
                      "v": spec.num_kv_heads * spec.head_dim ** 2}
         est["statistics"] = 8 * spec.num_layers * sum(per_layer[s] for s in stats)
-        est["hidden_states"] = 4 * recipe.dataset["samples"] * recipe.dataset["seq_len"] * d
+        est["hidden_states"] = 4 * recipe.data.samples * recipe.data.seq_len * d
         params = spec.num_layers * (d * (hd + 2 * spec.num_kv_heads * spec.head_dim) + hd * d + 3 * d * i)
         est["model"] = 4 * (params + 2 * spec.vocab_size * d)
         est["total"] = sum(est.values())
-    return {"model": recipe.model or "smollm2-135m", "dataset": recipe.dataset, "statistics": list(stats),
-            "steps": [{"kind": s.kind, "name": s.name, "options": s.options} for s in recipe.steps],
+    return {"model": recipe.model or "smollm2-135m", "data": recipe.data.to_dict(), "statistics": list(stats),
+            "steps": [{"kind": s.kind, "name": s.name,
+                       "options": s.options.to_dict() if hasattr(s.options, "to_dict") else s.options}
+                      for s in recipe.steps],
             "estimated_peak_bytes": est}
 
 
-def _stats_match(stats_dir: Path, model_hash: str, dataset: dict[str, Any], names: tuple[str, ...]) -> bool:
+def _stats_match(stats_dir: Path, model_hash: str, data: dict[str, Any], names: tuple[str, ...]) -> bool:
     from kvtool.calib.stats import MANIFEST_FILE
 
     try:
         manifest = json.loads((stats_dir / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return (manifest.get("model", {}).get("hash") == model_hash and manifest.get("recipe_dataset") == dataset
+    return (manifest.get("model", {}).get("hash") == model_hash and manifest.get("recipe_data") == data
             and set(names) <= set(manifest.get("stats", [])))
 
 
@@ -230,65 +257,54 @@ def _load_target(name: str, out: Path, loaded: Any) -> Any:
         base = load_model(str(folder / "base"), strict=False)
         base.model = PeftModel.from_pretrained(base.model, str(folder / "adapter")).eval()
         return base
-    if (folder / "config.json").is_file():
-        return load_model(str(folder), strict=False)
-    raise KvtoolError(f"step {name!r} wrote no model checkpoint to evaluate (OSCAR outputs are evaluated with "
-                      "`kv_quant: <step>` on the original model)")
+    return load_model(str(folder), strict=False)
 
 
-def run_recipe(recipe: Recipe, out: Path, progress: bool = True, console: Any = None) -> dict[str, Any]:
+def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     """Execute a recipe into ``out``; returns the report (also written as report.json and report.md)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from kvtool.calib import StatsStore, collect_statistics
+    from kvtool.calib import StatsStore, calibrate
     from kvtool.checkpoint import atomic_dir, write_json
-    from kvtool.cli import resolve_device
-    from kvtool.data import TextSource, calibration_windows, heldout_tokens
+    from kvtool.data import TextSource, heldout_tokens
+    from kvtool.device import resolve_device
     from kvtool.evaluate import perplexity
+    from kvtool.methods import METHODS, RunContext, validate
     from kvtool.models import load_model
-    from kvtool.validate import validate
+    from kvtool.progress import progress_bar
 
+    device = resolve_device(recipe.device)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(recipe.calibrate["device"])
     report: dict[str, Any] = {"recipe": str(recipe.path), "plan": plan(recipe, None), "steps": [], "perplexity": {}}
     t_all = time.perf_counter()
-    loaded = load_model(recipe.model, dtype=recipe.calibrate["dtype"], device="cpu")
+    loaded = load_model(recipe.model, dtype=recipe.dtype, device="cpu")
+    preflight(recipe, loaded.spec)
     report["plan"] = plan(recipe, loaded.spec)
     names = required_stats(recipe)
-    ds = recipe.dataset
+    data = recipe.data
     stats_dir = out / "stats"
     store = None
     if names:
         t0 = time.perf_counter()
-        if _stats_match(stats_dir, loaded.model_hash, ds, names):
+        if _stats_match(stats_dir, loaded.model_hash, data.to_dict(), names):
             store = StatsStore.load(stats_dir)
             report["steps"].append({"kind": "calibrate", "name": "stats", "seconds": 0.0, "reused": True})
         else:
-            windows = calibration_windows(loaded.tokenizer, TextSource(ds["source"], "calib", ds["text_field"]),
-                                          ds["samples"], ds["seq_len"], ds["seed"], loaded.spec.max_positions)
-            store = collect_statistics(loaded, windows, names, device=device,
-                                       batch_size=recipe.calibrate["batch_size"], progress=progress)
-            store.meta = {"model": loaded.identity(), "recipe_dataset": ds, "tokens": int(windows.numel()),
-                          "dataset": {"dataset": ds["source"], "split": "calib", "samples": ds["samples"],
-                                      "seq_len": ds["seq_len"], "seed": ds["seed"]}}
+            store = calibrate(loaded, data.source(), names, samples=data.samples, seq_len=data.seq_len,
+                              seed=data.seed, device=device, batch_size=data.batch_size, progress=progress)
+            store.meta["recipe_data"] = data.to_dict()
             with atomic_dir(stats_dir, overwrite=True) as tmp:
                 store.save(tmp)
             report["steps"].append({"kind": "calibrate", "name": "stats", "seconds": time.perf_counter() - t0,
-                                    "reused": False, "statistics": list(names), "tokens": int(windows.numel())})
-    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), disable=not progress) as bar:
+                                    "reused": False, "statistics": list(names), "tokens": store.meta["tokens"]})
+    ctx = RunContext(device=device, dtype=recipe.dtype, data=data, overwrite=True, progress=False)
+    heldout = TextSource(data.dataset, "heldout", data.text_field)
+    with progress_bar(progress) as bar:
         task = bar.add_task("recipe steps", total=len(recipe.steps))
         for step in recipe.steps:
             bar.update(task, description=f"{step.kind}: {step.name}")
             t0 = time.perf_counter()
             entry: dict[str, Any] = {"kind": step.kind, "name": step.name}
-            if step.kind in TRANSFORMS:
-                module = importlib.import_module(TRANSFORMS[step.kind])
-                kwargs = dict(step.options)
-                if "device" in inspect.signature(getattr(module, f"write_{step.kind}")).parameters:
-                    kwargs.setdefault("device", device)
-                result = getattr(module, f"write_{step.kind}")(loaded, store, out / step.name, overwrite=True,
-                                                               **kwargs)
+            if step.kind in METHODS:
+                result = METHODS[step.kind].run(loaded, store, out / step.name, step.options, ctx)
                 entry["report"] = {k: v for k, v in result.items() if not isinstance(v, list | dict)}
             elif step.kind == "validate":
                 entry["report"] = validate(out / step.options["target"], {"device": device})
@@ -298,13 +314,12 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True, console: Any = 
                 seq_len, max_tokens = step.options.get("seq_len", 512), step.options.get("max_tokens", 4096)
                 for target in step.options["targets"]:
                     model = _load_target(target, out, loaded)
-                    tokens = heldout_tokens(model.tokenizer or loaded.tokenizer, TextSource(split="heldout"),
-                                            max_tokens)
+                    tokens = heldout_tokens(model.tokenizer or loaded.tokenizer, heldout, max_tokens)
                     kv = step.options.get("kv_quant")
                     if kv:
-                        from kvtool.kvquant import eval_kv_quant
+                        from kvtool.runtime.kvquant import eval_kv_quant
 
-                        kv_arg = str(out / kv) if (out / kv).is_dir() else kv
+                        kv_arg = str(out / kv) if kv not in ("int2", "int4", "hadamard-int2", "kivi-int2") else kv
                         res = eval_kv_quant(model, tokens, kv_arg, None, step.options.get("residual_window"),
                                             step.options.get("sink"), seq_len=seq_len)
                         key = f"{target} + kv {kv}"

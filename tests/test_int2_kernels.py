@@ -20,7 +20,7 @@ from kvtool.kernels.int2_kv import (
     quantize_pack_reference,
     unpack_dequantize,
 )
-from kvtool.kvquant import fake_quantize
+from kvtool.runtime.kvquant import fake_quantize
 
 assert os.environ.get("TRITON_INTERPRET") == "1"
 

@@ -1,15 +1,23 @@
-"""CLI commands of the transforms, one module each; importing the package registers them on ``kvtool.cli.app``.
+"""The CLI verbs, one module each; :func:`register_all` adds them to the typer app.
 
-A module here does ``from kvtool.cli import app, fails_cleanly`` and decorates its commands; keep each command
-a thin layer that parses options, calls the transform in ``kvtool.convert``, writes outputs atomically and prints
-a rich summary.
+Every method in :data:`kvtool.methods.METHODS` gets a verb built from its Options (:mod:`kvtool.commands.method`);
+the others (calibrate, eval, stats, validate, run) are written out.
 """
 
-import importlib
-import pkgutil
+from __future__ import annotations
+
+import typer
 
 
-def load_all() -> None:
-    """Import every command module in this package (each registers its commands on the app)."""
-    for info in pkgutil.iter_modules(__path__):
-        importlib.import_module(f"{__name__}.{info.name}")
+def register_all(app: typer.Typer) -> None:
+    """Add every verb to ``app``."""
+    from kvtool.commands import calibrate, evaluate, method, run, stats, validate
+    from kvtool.methods import METHODS
+
+    calibrate.register(app)
+    for m in METHODS.values():
+        method.register(app, m)
+    evaluate.register(app)
+    stats.register(app)
+    validate.register(app)
+    run.register(app)

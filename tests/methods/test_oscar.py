@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_model
 from typer.testing import CliRunner
 
+from kvtool.calib.kv_samples import collect_kv_samples
 from kvtool.cli import app
 from kvtool.convert.oscar import (
     OscarOptions,
@@ -20,8 +21,8 @@ from kvtool.convert.oscar import (
     weighted_error,
 )
 from kvtool.errors import KvtoolError
-from kvtool.kvquant import KVQuantSpec, collect_kv_samples, kv_quantization, load_oscar_spec
 from kvtool.models import wrap_model
+from kvtool.runtime.kvquant import KVQuantSpec, kv_quantization, load_oscar_spec
 
 runner = CliRunner()
 
@@ -145,9 +146,9 @@ def test_export_cli_outputs_fold_and_errors(tiny_checkpoint, tmp_path):
     _assert_clean_error(runner.invoke(app, ["export", str(model), "-o", str(out), "--group-size", "5"] + common),
                         "does not divide head_dim", out)
     res = runner.invoke(app, ["calibrate", str(model), "-o", str(tmp_path / "st"), "--samples", "2", "--seq-len",
-                              "32", "--stats", "attn_in", "--no-progress", "--device", "cpu"])
+                              "32", "--statistics", "attn_in", "--no-progress", "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    _assert_clean_error(runner.invoke(app, ["export", str(model), "-o", str(out), "--stats", str(tmp_path / "st")]
+    _assert_clean_error(runner.invoke(app, ["export", str(model), "-o", str(out), "--stats-dir", str(tmp_path / "st")]
                                       + common), "statistic 'q' missing", out)
 
     res = runner.invoke(app, ["export", str(model), "-o", str(out), "--group-size", "8", "--sink", "2",

@@ -11,9 +11,9 @@ from typer.testing import CliRunner
 
 from kvtool.calib import collect_statistics
 from kvtool.cli import app
-from kvtool.commands.corda import REQUIRED_STATS, write_corda
 from kvtool.convert.corda import ALL_TARGETS, corda_factor, damped_inverse, parse_targets, required_stats
 from kvtool.errors import KvtoolError
+from kvtool.methods import run_method
 from kvtool.models import wrap_model
 
 
@@ -78,7 +78,7 @@ def test_targets_and_required_stats():
         parse_targets("lm_head")
     assert required_stats(("q_proj", "k_proj")) == ("attn_in",)
     assert required_stats(("o_proj", "up_proj")) == ("o_in", "mlp_in")
-    assert "down_in" in REQUIRED_STATS and required_stats(ALL_TARGETS, "pissa") == ()
+    assert "down_in" in required_stats(ALL_TARGETS, "kpa") and required_stats(ALL_TARGETS, "pissa") == ()
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +97,7 @@ def test_peft_loads_and_equals_original_at_init(tiny_corda, mode):
 
     loaded, store, windows, root = tiny_corda
     out = root / mode
-    report = write_corda(loaded, store, out, mode=mode, rank=4)
+    report = run_method("corda", loaded, store, out, mode=mode, rank=4, targets=",".join(ALL_TARGETS))
     assert sorted(p.name for p in out.iterdir()) == ["adapter", "base", "kvtool.json"]
     manifest = json.loads((out / "kvtool.json").read_text())
     assert manifest["command"] == "corda" and manifest["report"]["mode"] == mode
@@ -118,8 +118,10 @@ def test_peft_loads_and_equals_original_at_init(tiny_corda, mode):
 
 def test_energy_kept_ipa_above_kpa(tiny_corda, tmp_path):
     loaded, store, _, _ = tiny_corda
-    kpa = write_corda(loaded, store, tmp_path / "k", mode="kpa", rank=4, targets="q_proj,down_proj", layers="0-1")
-    ipa = write_corda(loaded, store, tmp_path / "i", mode="ipa", rank=4, targets="q_proj,down_proj", layers="0-1")
+    kpa = run_method("corda", loaded, store, tmp_path / "k", mode="kpa", rank=4, targets="q_proj,down_proj",
+                     layers="0-1")
+    ipa = run_method("corda", loaded, store, tmp_path / "i", mode="ipa", rank=4, targets="q_proj,down_proj",
+                     layers="0-1")
     assert set(kpa["modules"]) == {f"model.layers.{i}.{p}" for i in (0, 1)
                                    for p in ("self_attn.q_proj", "mlp.down_proj")}
     for key in kpa["modules"]:
@@ -130,10 +132,10 @@ def test_energy_kept_ipa_above_kpa(tiny_corda, tmp_path):
 
 
 def test_validator_runs_the_kernel(tiny_corda, tmp_path):
-    from kvtool.validate import validate
+    from kvtool.methods import validate
 
     loaded, store, _, _ = tiny_corda
-    write_corda(loaded, store, tmp_path / "v", mode="kpa", rank=4, targets="q_proj,v_proj,down_proj")
+    run_method("corda", loaded, store, tmp_path / "v", mode="kpa", rank=4, targets="q_proj,v_proj,down_proj")
     rep = validate(tmp_path / "v", {"device": "cpu", "tokens": 16})
     assert rep["passed"] and rep["adapted_linears"] == 9 and rep["kernel_vs_merged_rel"] < 1e-5
 
@@ -142,19 +144,19 @@ def test_bad_input_writes_nothing(tiny_corda, tmp_path):
     loaded, store, _, _ = tiny_corda
     out = tmp_path / "bad"
     with pytest.raises(KvtoolError, match="not below min"):
-        write_corda(loaded, store, out, mode="kpa", rank=64)
+        run_method("corda", loaded, store, out, mode="kpa", rank=64)
     with pytest.raises(KvtoolError, match="missing"):
-        write_corda(loaded, store.__class__(), out, mode="kpa", rank=4)
-    with pytest.raises(KvtoolError, match="unknown --mode"):
-        write_corda(loaded, store, out, mode="xpa", rank=4)
+        run_method("corda", loaded, store.__class__(), out, mode="kpa", rank=4)
+    with pytest.raises(KvtoolError, match="mode 'xpa' is not one of"):
+        run_method("corda", loaded, store, out, mode="xpa", rank=4)
     with pytest.raises(KvtoolError, match="outside"):
-        write_corda(loaded, store, out, mode="kpa", rank=4, layers="0-9")
+        run_method("corda", loaded, store, out, mode="kpa", rank=4, layers="0-9")
     # a covariance that cannot be inverted even with damping (all-zero input to down_proj)
     broken = store.__class__()
     broken.merge(store)
     broken.sums[(2, "down_in")] = torch.zeros_like(broken.sums[(2, "down_in")])
     with pytest.raises(KvtoolError, match="down_in of layer 2 is zero"):
-        write_corda(loaded, broken, out, mode="kpa", rank=4)
+        run_method("corda", loaded, broken, out, mode="kpa", rank=4, targets=",".join(ALL_TARGETS))
     assert not out.exists() and not list(tmp_path.glob(".bad.tmp-*"))
 
 
@@ -165,8 +167,10 @@ def test_cli_errors_exit_2(tiny_checkpoint, tmp_path):
     cases = [
         (["--targets", "q_proj,lm_head"], "lm_head"),
         (["--rank", "64"], "not below min"),
-        (["--mode", "foo"], "unknown --mode"),
-        (["--stats", str(tmp_path / "nostats")], "not a folder"),
+        (["--mode", "foo"], "--mode 'foo' is not one of: kpa, ipa, pissa, lora"),
+        (["--damping", "nan"], "--damping must be a finite number"),
+        (["--rank", "0"], "--rank must be > 0"),
+        (["--stats-dir", str(tmp_path / "nostats")], "is not a statistics folder"),
     ]
     for extra, msg in cases:
         res = runner.invoke(app, ["corda", str(ckpt), "-o", str(out), "--device", "cpu", *extra])
@@ -180,13 +184,14 @@ def test_cli_stats_missing_down_in(tiny_checkpoint, tmp_path):
     runner = CliRunner()
     stats = tmp_path / "stats"
     res = runner.invoke(app, ["calibrate", str(ckpt), "-o", str(stats), "--samples", "2", "--seq-len", "32",
-                              "--stats", "attn_in,o_in,mlp_in", "--device", "cpu", "--no-progress"])
+                              "--statistics", "attn_in,o_in,mlp_in", "--device", "cpu", "--no-progress"])
     assert res.exit_code == 0, res.output
-    res = runner.invoke(app, ["corda", str(ckpt), "-o", str(tmp_path / "o"), "--stats", str(stats), "--rank", "4",
+    res = runner.invoke(app, ["corda", str(ckpt), "-o", str(tmp_path / "o"), "--stats-dir", str(stats), "--rank", "4",
+                              "--targets", "q_proj,down_proj", "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 2 and "down_in" in res.output and not (tmp_path / "o").exists()
+    # the defaults chain: default targets need only what `kvtool calibrate` collects by default
+    res = runner.invoke(app, ["corda", str(ckpt), "-o", str(tmp_path / "o"), "--stats-dir", str(stats), "--rank", "4",
                               "--device", "cpu", "--no-progress"])
-    assert res.exit_code == 2 and "down_in" in res.output
-    res = runner.invoke(app, ["corda", str(ckpt), "-o", str(tmp_path / "o"), "--stats", str(stats), "--rank", "4",
-                              "--targets", "q_proj,o_proj,up_proj", "--device", "cpu", "--no-progress"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "o" / "adapter" / "adapter_model.safetensors").is_file()
 
@@ -200,7 +205,7 @@ def test_embedded_kpa_identity_and_peft(embedded, tmp_path):
 
     windows = calibration_windows(embedded.tokenizer, TextSource("embedded"), 4, 64, 0)
     store = collect_statistics(embedded, windows, "attn_in,o_in", layers=list(range(6)))
-    rep = write_corda(embedded, store, tmp_path / "e", mode="kpa", rank=8, targets="q_proj,v_proj,o_proj",
+    rep = run_method("corda", embedded, store, tmp_path / "e", mode="kpa", rank=8, targets="q_proj,v_proj,o_proj",
                       layers="0-5")  # a slice keeps the test short; PEFT's layers_to_transform must match
     assert rep["inverse_error_max"] < 0.05 and rep["energy_kept_max"] < 0.05
     base = AutoModelForCausalLM.from_pretrained(str(tmp_path / "e" / "base"), dtype=torch.float32)

@@ -7,7 +7,7 @@ partial sum that one ``torch.distributed`` all-reduce completes. Embeddings, nor
 replicated (as in gpt-fast). Biases of o_proj are added on rank 0 only, before the all-reduce.
 
 Schedule. The decoder is a sequence of modules ``j = 0 .. 2L-1`` (attention ``2i``, MLP ``2i+1``); a module of a
-ladder layer reads the residual stream without the output of module ``j-1`` (see :mod:`kvtool.modeling.ladder`).
+ladder layer reads the residual stream without the output of module ``j-1`` (see :mod:`kvtool.runtime.ladder`).
 So the all-reduce of module ``j`` is issued asynchronously (``async_op=True``) exactly when module ``j+1`` is a
 ladder module, and it is waited for one module later, just before module ``j+2`` needs it; otherwise it is a
 plain blocking all-reduce. Before each module the outputs that have arrived are added to the residual and the
@@ -23,7 +23,6 @@ compute-only timing).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,70 +31,32 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvtool.errors import KvtoolError
+from kvtool.models import ArchSpec, arch_spec_from_config
+from kvtool.runtime.rope import rms_norm, rope_tables, rotate_half
 
 
-@dataclass(frozen=True)
-class TPShape:
-    """Shapes of a Llama-family decoder (global, before sharding)."""
-
-    num_layers: int
-    hidden_size: int
-    intermediate_size: int
-    num_heads: int
-    num_kv_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float = 1e-5
-    rope_theta: float = 500000.0
-    qk_norm: bool = False
-    qkv_bias: bool = False
-    o_bias: bool = False
-
-    def check(self, world: int) -> None:
-        """Raise KvtoolError when the heads or MLP columns cannot be split evenly over ``world`` ranks."""
-        for name, n in (("attention heads", self.num_heads), ("KV heads", self.num_kv_heads),
-                        ("MLP columns", self.intermediate_size)):
-            if n % world:
-                raise KvtoolError(f"{name} ({n}) do not split over {world} ranks: use a TP degree dividing {n}")
+def check_tp_split(spec: ArchSpec, world: int) -> None:
+    """Raise KvtoolError when the heads or MLP columns cannot be split evenly over ``world`` ranks."""
+    for name, n in (("attention heads", spec.num_heads), ("KV heads", spec.num_kv_heads),
+                    ("MLP columns", spec.intermediate_size)):
+        if n % world:
+            raise KvtoolError(f"{name} ({n}) do not split over {world} ranks: use a TP degree dividing {n}")
 
 
-def shape_from_config(config: Any) -> TPShape:
-    """TPShape of a HF config (source or ladder checkpoint) of a supported architecture."""
-    from kvtool.models import arch_spec_from_config
-
+def spec_for_tp(config: Any) -> ArchSpec:
+    """The ArchSpec of a HF config (source or ladder checkpoint) that the TP path can run."""
     spec = arch_spec_from_config(config)
     if getattr(config, "hidden_act", "silu") != "silu":
         raise KvtoolError(f"the TP path supports SiLU-gated MLPs only (got {config.hidden_act})")
     if getattr(config, "mlp_bias", False):
         raise KvtoolError("the TP path does not support MLP biases")
-    return TPShape(spec.num_layers, spec.hidden_size, spec.intermediate_size, spec.num_heads, spec.num_kv_heads,
-                   spec.head_dim, spec.vocab_size, float(config.rms_norm_eps), spec.rope_theta, spec.qk_norm,
-                   spec.qkv_bias, spec.o_bias)
-
-
-def rope_tables(head_dim: int, max_len: int, theta: float, device: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Default (unscaled) RoPE cos/sin tables, (max_len, head_dim), HF's half-split layout, float32."""
-    inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64, device=device).float() / head_dim))
-    freqs = torch.outer(torch.arange(max_len, device=device).float(), inv)
-    emb = torch.cat((freqs, freqs), dim=-1)
-    return emb.cos(), emb.sin()
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def _rmsnorm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return w * h.to(x.dtype)
+    return spec
 
 
 class TPLayer(nn.Module):
     """One decoder layer's local shard: attention heads and MLP columns of this rank, plus its KV cache."""
 
-    def __init__(self, shape: TPShape, world: int, dtype: torch.dtype, device: Any):
+    def __init__(self, shape: ArchSpec, world: int, dtype: torch.dtype, device: Any):
         super().__init__()
         d, hl, kvl = shape.head_dim, shape.num_heads // world, shape.num_kv_heads // world
         il, dm = shape.intermediate_size // world, shape.hidden_size
@@ -139,10 +100,10 @@ def attention_core(x: torch.Tensor, wqkv: torch.Tensor, bqkv: torch.Tensor | Non
     q, k, v = qkv.split([hl * d, kvl * d, kvl * d], dim=-1)
     q, k, v = q.view(b, t, hl, d), k.view(b, t, kvl, d), v.view(b, t, kvl, d)
     if q_norm is not None:
-        q, k = _rmsnorm(q, q_norm, eps), _rmsnorm(k, k_norm, eps)
+        q, k = rms_norm(q, q_norm, eps), rms_norm(k, k_norm, eps)
     c, s = cos[None, :, None, :].to(q.dtype), sin[None, :, None, :].to(q.dtype)
-    q = (q * c + _rotate_half(q) * s).transpose(1, 2)
-    k = (k * c + _rotate_half(k) * s).transpose(1, 2)
+    q = (q * c + rotate_half(q) * s).transpose(1, 2)
+    k = (k * c + rotate_half(k) * s).transpose(1, 2)
     k_cache.index_copy_(2, input_pos, k)
     v_cache.index_copy_(2, input_pos, v.transpose(1, 2))
     # GQA without repeating the cache: the g query heads of a KV head become g*t query rows of that head
@@ -169,7 +130,7 @@ def add_norm_core(r: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | Non
         r = r + a
     if b is not None:
         r = r + b
-    return r, _rmsnorm(r, w, eps)
+    return r, rms_norm(r, w, eps)
 
 
 class TPDecoder(nn.Module):
@@ -183,10 +144,10 @@ class TPDecoder(nn.Module):
         fused_norm: use the Triton add+RMSNorm kernel (needs CUDA, or ``TRITON_INTERPRET=1`` on the CPU).
     """
 
-    def __init__(self, shape: TPShape, rank: int = 0, world: int = 1, group: Any = None,
+    def __init__(self, shape: ArchSpec, rank: int = 0, world: int = 1, group: Any = None,
                  dtype: torch.dtype = torch.float32, device: Any = "cpu", fused_norm: bool = False):
         super().__init__()
-        shape.check(world)
+        check_tp_split(shape, world)
         self.shape, self.rank, self.world, self.group = shape, rank, world, group
         self.dtype, self.device = dtype, torch.device(device)
         self.fused_norm = fused_norm
@@ -254,12 +215,12 @@ class TPDecoder(nn.Module):
         """This rank's shard of a HF Llama/Qwen2/Qwen3/Mistral model (or a kvtool ladder checkpoint of one).
 
         The ladder layers are those installed in ``model`` (a ladder checkpoint's ``config.ladder_layers``, or
-        :func:`kvtool.modeling.ladder.install_ladder` on a source model). RoPE tables come from
+        :func:`kvtool.runtime.ladder.install_ladder` on a source model). RoPE tables come from
         the model's own rotary embedding (so scaled RoPE variants match).
         """
         config = model.config
-        shape = shape_from_config(config)
-        shape.check(world)
+        shape = spec_for_tp(config)
+        check_tp_split(shape, world)
         sliding = getattr(config, "sliding_window", None) if getattr(config, "use_sliding_window", True) else None
         if sliding and max_len and max_len > sliding:
             raise KvtoolError(f"the TP path has no sliding-window attention: keep sequences <= {sliding} tokens")
@@ -298,7 +259,7 @@ class TPDecoder(nn.Module):
                 put(dst.bo, at.o_proj.bias)
             put(dst.w13, torch.cat([rows(mlp.gate_proj.weight, il), rows(mlp.up_proj.weight, il)]))
             put(dst.w2, mlp.down_proj.weight[:, rank * il:(rank + 1) * il])
-        from kvtool.modeling.ladder import ladder_layers_of
+        from kvtool.runtime.ladder import ladder_layers_of
 
         tp.set_ladder(ladder_layers_of(model))
         n = max_len or int(getattr(config, "max_position_embeddings", 0) or 2048)

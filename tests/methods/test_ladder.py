@@ -10,11 +10,12 @@ from conftest import tiny_model
 from typer.testing import CliRunner
 
 import kvtool  # noqa: F401  (registers the ladder classes)
+from kvtool.calib.drift import layer_drift
 from kvtool.cli import app
-from kvtool.convert.ladder import check_ladder_supported, choose_least_drift, layer_drift, parse_layers
+from kvtool.convert.ladder import check_ladder_supported, choose_least_drift, parse_layers
 from kvtool.errors import KvtoolError
-from kvtool.modeling.ladder import install_ladder, ladder_layers_of, remove_ladder
 from kvtool.models import load_model, wrap_model
+from kvtool.runtime.ladder import install_ladder, ladder_layers_of, remove_ladder
 
 runner = CliRunner()
 
@@ -58,7 +59,7 @@ def test_zero_ladder_layers_reproduce_logits_exactly(tiny_checkpoint, tmp_path):
     from transformers import AutoModelForCausalLM
 
     src = tiny_checkpoint("qwen3")
-    res = runner.invoke(app, ["ladder", str(src), "-o", str(tmp_path / "l0"), "--layers", "0", "--samples", "2",
+    res = runner.invoke(app, ["ladder", str(src), "-o", str(tmp_path / "l0"), "--layers", "none", "--samples", "2",
                               "--seq-len", "16", "--device", "cpu", "--no-progress"])
     assert res.exit_code == 0, res.output
     ids = torch.randint(0, 300, (2, 11), generator=torch.Generator().manual_seed(1))
@@ -74,7 +75,7 @@ def test_checkpoint_roundtrip_and_generation(tiny_checkpoint, tmp_path):
 
     src = tiny_checkpoint("llama")
     out = tmp_path / "lad"
-    res = runner.invoke(app, ["ladder", str(src), "-o", str(out), "--layers", "1:", "--samples", "2",
+    res = runner.invoke(app, ["ladder", str(src), "-o", str(out), "--layers", "1-", "--samples", "2",
                               "--seq-len", "16", "--device", "cpu", "--no-progress"])
     assert res.exit_code == 0, res.output
     cfg = json.loads((out / "config.json").read_text())
@@ -112,11 +113,12 @@ def test_validate_ladder_checkpoint(tiny_checkpoint, tmp_path):
 
 
 def test_parse_layers():
-    assert parse_layers("16:").resolve(30) == list(range(16, 30))
-    assert parse_layers("-8:").resolve(30) == list(range(22, 30))
-    assert parse_layers("4:6").resolve(30) == [4, 5]
-    assert parse_layers("8").resolve(30) == list(range(22, 30))
-    assert parse_layers("0").resolve(30) == []
+    assert parse_layers("16-").resolve(30) == list(range(16, 30))
+    assert parse_layers("4-6").resolve(30) == [4, 5, 6]
+    assert parse_layers("0-3,12").resolve(30) == [0, 1, 2, 3, 12]
+    assert parse_layers("8").resolve(30) == [8]
+    assert parse_layers("all").resolve(4) == [0, 1, 2, 3]
+    assert parse_layers("none").resolve(30) == []
     assert parse_layers("50%").resolve(30) == list(range(15, 30))
     assert parse_layers("25%").resolve(30) == list(range(22, 30))  # 7.5 -> 8
     assert parse_layers("5,3,3").resolve(30) == [3, 5]
@@ -126,9 +128,10 @@ def test_parse_layers():
 
 
 @pytest.mark.parametrize("text,count,fragment", [
-    ("16:40", None, "out of range"), ("40:", None, "out of range"), ("31", None, "at most 30"),
-    ("3,31", None, "out of range"), ("auto", None, "needs --count"), ("8", 3, "--count applies only"),
-    ("top", None, "not understood"), ("5:2", None, "selects no layer"), ("150%", None, "0..100"),
+    ("16-40", None, "outside the model's 30 layers"), ("40-", None, "outside"), ("31", None, "outside"),
+    ("3,31", None, "outside"), ("auto", None, "needs --count"), ("8", 3, "--count applies only"),
+    ("top", None, "not understood"), ("5-2", None, "is empty"), ("150%", None, "0..100"),
+    ("16:", None, "not understood"), ("auto", 31, "only 30 layers"),
 ])
 def test_parse_layers_errors(text, count, fragment):
     with pytest.raises(KvtoolError, match=fragment):
@@ -164,7 +167,7 @@ def test_unsupported_architecture_and_already_ladder(tmp_path, tiny_checkpoint, 
         check_ladder_supported(gpt2)
     gpt2.save_pretrained(tmp_path / "gpt2")
     tiny_tokenizer.save_pretrained(tmp_path / "gpt2")
-    res = runner.invoke(app, ["ladder", str(tmp_path / "gpt2"), "-o", str(tmp_path / "x"), "--layers", "1:",
+    res = runner.invoke(app, ["ladder", str(tmp_path / "gpt2"), "-o", str(tmp_path / "x"), "--layers", "1-",
                               "--device", "cpu", "--no-progress"])
     assert res.exit_code == 2 and res.output.strip().startswith("error:") and "gpt2" in res.output
     assert len(res.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
@@ -174,8 +177,8 @@ def test_unsupported_architecture_and_already_ladder(tmp_path, tiny_checkpoint, 
     assert runner.invoke(app, ["ladder", str(src), "-o", str(tmp_path / "l"), "--layers", "1", *args]).exit_code == 0
     res = runner.invoke(app, ["ladder", str(tmp_path / "l"), "-o", str(tmp_path / "ll"), "--layers", "1", *args])
     assert res.exit_code == 2 and "already a ladder checkpoint" in res.output and not (tmp_path / "ll").exists()
-    res = runner.invoke(app, ["ladder", str(src), "-o", str(tmp_path / "bad"), "--layers", "2:9", *args])
-    assert res.exit_code == 2 and "out of range" in res.output and "layers 0..2" in res.output
+    res = runner.invoke(app, ["ladder", str(src), "-o", str(tmp_path / "bad"), "--layers", "2-9", *args])
+    assert res.exit_code == 2 and "outside the model's 3 layers" in res.output
     assert not (tmp_path / "bad").exists() and not [p for p in tmp_path.iterdir() if ".tmp-" in p.name]
 
 
@@ -198,12 +201,14 @@ def test_embedded_model_exact_and_recurrence(embedded):
 
 def test_write_ladder_from_streamed_model(tiny_checkpoint, tmp_path):
     """A lazily loaded model (layers streamed from disk) gives the same drift and checkpoint as a loaded one."""
-    from kvtool.commands.ladder import write_ladder
+    from kvtool.methods import run_method
 
     src = tiny_checkpoint("llama")
-    opts = dict(layers="auto", count=1, samples=2, seq_len=16)
-    eager = write_ladder(load_model(str(src)), None, tmp_path / "a", **opts)
-    lazy = write_ladder(load_model(str(src), lazy=True), None, tmp_path / "b", **opts)
+    from kvtool.options import DataOptions
+
+    opts = dict(layers="auto", count=1, data=DataOptions(samples=2, seq_len=16, batch_size=4))
+    eager = run_method("ladder", load_model(str(src)), None, tmp_path / "a", **opts)
+    lazy = run_method("ladder", load_model(str(src), lazy=True), None, tmp_path / "b", **opts)
     assert eager["ladder_layers"] == lazy["ladder_layers"]
     for r1, r2 in zip(eager["drift"], lazy["drift"], strict=True):
         assert r1["drift"] == pytest.approx(r2["drift"], rel=1e-6)

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from kvtool.calib.collect import apply_rope
+from kvtool.runtime.rope import apply_rope
 
 SOURCES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
 

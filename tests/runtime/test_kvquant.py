@@ -10,7 +10,7 @@ from conftest import tiny_model
 from typer.testing import CliRunner
 
 from kvtool.cli import app
-from kvtool.kvquant import (
+from kvtool.runtime.kvquant import (
     KVQuantSpec,
     fake_quantize,
     fake_quantize_per_channel,

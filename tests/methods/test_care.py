@@ -25,8 +25,8 @@ from kvtool.convert.care import (
     weighted_error,
 )
 from kvtool.errors import KvtoolError
-from kvtool.modeling.mla import MLA_MODELS, mla_config
 from kvtool.models import wrap_model
+from kvtool.runtime.mla import MLA_MODELS, mla_config
 
 runner = CliRunner()
 
@@ -142,12 +142,13 @@ def run(*args):
 
 def test_cli_kvtool_format_loads_with_auto_class_and_validates(tiny_checkpoint, tmp_path):
     model_dir = tiny_checkpoint("llama", head_dim=32, hidden_size=128)
-    res = run("calibrate", model_dir, "-o", tmp_path / "st", "--samples", 4, "--seq-len", 64, "--stats", "attn_in",
+    res = run("calibrate", model_dir, "-o", tmp_path / "st", "--samples", 4, "--seq-len", 64, "--statistics", "attn_in",
               "--no-progress", "--device", "cpu")
     assert res.exit_code == 0, res.output
     for rope in ("keep", "decoupled"):
         out = tmp_path / f"mla-{rope}"
-        res = run("convert-mla", model_dir, "--stats", tmp_path / "st", "-o", out, "--kv-ratio", "0.5", "--rope", rope,
+        res = run("convert-mla", model_dir, "--stats-dir", tmp_path / "st", "-o", out, "--kv-ratio", "0.5",
+                  "--rope", rope,
                   "--rank-alloc", "care", "--device", "cpu")
         assert res.exit_code == 0, res.output
         manifest = json.loads((out / "kvtool.json").read_text())
@@ -197,9 +198,10 @@ print(type(ds).__name__, exact, approx)
     (["--kv-rank", "999"], "exceeds the GQA cache width"),
     (["--rank-alloc", "care", "--rank-max", "8"], "exceeds the ceiling 8"),
     (["--rank-alloc", "care", "--rank-min", "20", "--kv-ratio", "0.25"], "below the floor"),
-    (["--rope", "decoupled", "--format", "deepseek-v3"], "--rope-select uniform"),
-    (["--format", "deepseek-v3"], "needs --rope decoupled"),
-    (["--method", "pca"], "unknown --method"),
+    (["--rope-select", "norm", "--format", "deepseek-v3"], "--rope-select uniform"),
+    (["--rope", "keep", "--format", "deepseek-v3"], "needs --rope decoupled"),
+    (["--method", "pca"], "--method 'pca' is not one of: care, svd"),
+    (["--kv-ratio", "nan"], "--kv-ratio must be a finite number"),
 ])
 def test_bad_options_fail_cleanly(tiny_checkpoint, tmp_path, args, fragment):
     res = run("convert-mla", tiny_checkpoint("llama"), "-o", tmp_path / "out", "--samples", 2, "--seq-len", 32,
@@ -220,12 +222,13 @@ def test_architecture_limits_fail_cleanly(tiny_checkpoint, tmp_path):
 
 def test_missing_and_mismatched_statistics(tiny_checkpoint, tmp_path):
     a, b = tiny_checkpoint("llama"), tiny_checkpoint("mistral")
-    res = run("calibrate", a, "-o", tmp_path / "st", "--samples", 2, "--seq-len", 32, "--stats", "k", "--device", "cpu")
-    assert res.exit_code == 0, res.output
-    res = run("convert-mla", a, "--stats", tmp_path / "st", "-o", tmp_path / "o", "--device", "cpu")
-    assert res.exit_code == 2 and "'attn_in' missing" in res.output
-    res = run("calibrate", b, "-o", tmp_path / "st2", "--samples", 2, "--seq-len", 32, "--stats", "attn_in",
+    res = run("calibrate", a, "-o", tmp_path / "st", "--samples", 2, "--seq-len", 32, "--statistics", "k",
               "--device", "cpu")
-    res = run("convert-mla", a, "--stats", tmp_path / "st2", "-o", tmp_path / "o", "--device", "cpu")
+    assert res.exit_code == 0, res.output
+    res = run("convert-mla", a, "--stats-dir", tmp_path / "st", "-o", tmp_path / "o", "--device", "cpu")
+    assert res.exit_code == 2 and "'attn_in' missing" in res.output
+    res = run("calibrate", b, "-o", tmp_path / "st2", "--samples", 2, "--seq-len", 32, "--statistics", "attn_in",
+              "--device", "cpu")
+    res = run("convert-mla", a, "--stats-dir", tmp_path / "st2", "-o", tmp_path / "o", "--device", "cpu")
     assert res.exit_code == 2 and "different model" in res.output
     assert not (tmp_path / "o").exists()

@@ -11,8 +11,9 @@ import torch.multiprocessing as mp
 from conftest import tiny_model
 
 from kvtool.errors import KvtoolError
-from kvtool.modeling.ladder import install_ladder
-from kvtool.tp import TPDecoder, TPShape, describe_schedule
+from kvtool.models import ArchSpec
+from kvtool.runtime.ladder import install_ladder
+from kvtool.runtime.tp import TPDecoder, describe_schedule
 
 CASES = [("llama", []), ("llama", [0, 1, 2]), ("llama", [1, 2]), ("qwen2", [0, 2]), ("qwen3", [0, 1, 2])]
 
@@ -107,7 +108,8 @@ def test_schedule_counts_and_bad_split():
     assert describe_schedule([0, 1, 2, 3], 4)["overlapped"] == 7
     assert describe_schedule([2, 3], 4)["overlapped"] == 4  # layer 1's MLP + layers 2, 3 (minus the last)
     with pytest.raises(KvtoolError, match="do not split over 3 ranks"):
-        TPDecoder(TPShape(2, 64, 96, 4, 2, 16, 100), rank=0, world=3)
+        spec = ArchSpec("llama", 2, 64, 96, 4, 2, 16, 100, False, False, False, 10000.0, "default", 256)
+        TPDecoder(spec, rank=0, world=3)
 
 
 def test_world1_fused_kernel_equals_hf_ladder():

@@ -30,7 +30,7 @@ def assert_clean_error(result, fragment: str, tmp_path, out_name: str | None = N
 
 def test_calibrate_then_stats_on_tiny_checkpoint(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("llama")
-    res = run("calibrate", model, "-o", tmp_path / "st", "--samples", 3, "--seq-len", 32, "--stats", "attn_in,k",
+    res = run("calibrate", model, "-o", tmp_path / "st", "--samples", 3, "--seq-len", 32, "--statistics", "attn_in,k",
               "--no-progress", "--device", "cpu")
     assert res.exit_code == 0, res.output
     manifest = json.loads((tmp_path / "st" / "manifest.json").read_text())
@@ -83,13 +83,14 @@ def test_fewer_tokens_than_requested(tiny_checkpoint, tmp_path):
 
 
 def test_unknown_statistic(tmp_path):
-    assert_clean_error(run("calibrate", "-o", tmp_path / "st", "--stats", "foo"), "unknown statistics foo", tmp_path,
+    assert_clean_error(run("calibrate", "-o", tmp_path / "st", "--statistics", "foo"), "unknown statistics foo",
+                       tmp_path,
                        "st")
 
 
 def test_mismatched_and_unreadable_statistics(tiny_checkpoint, tmp_path):
     a = tiny_checkpoint("llama")
-    res = run("calibrate", a, "-o", tmp_path / "st", "--samples", 2, "--seq-len", 16, "--stats", "attn_in",
+    res = run("calibrate", a, "-o", tmp_path / "st", "--samples", 2, "--seq-len", 16, "--statistics", "attn_in",
               "--no-progress", "--device", "cpu")
     assert res.exit_code == 0, res.output
     other = tiny_checkpoint("qwen3")

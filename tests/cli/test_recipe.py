@@ -14,7 +14,7 @@ from kvtool.errors import KvtoolError
 from kvtool.recipe import load_recipe, required_stats
 
 runner = CliRunner()
-RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
 def write(tmp_path: Path, data: dict) -> Path:
@@ -40,8 +40,21 @@ def test_statistics_union_over_steps(tmp_path):
     ({"steps": [{"care": {"kv_ratio": "half"}}]}, "kv_ratio must be float"),
     ({"steps": [{"care": {"bogus": 1}}]}, "unknown key 'bogus'"),
     ({"steps": [{"quantize": {}}]}, "unknown kind 'quantize'"),
-    ({"steps": [{"validate": {"target": "mla"}}]}, "not an earlier transform step"),
-    ({"dataset": {"samples": "many"}, "steps": [{"care": {}}]}, "samples must be int"),
+    ({"steps": [{"validate": {"target": "mla"}}]}, "not an earlier method step"),
+    ({"data": {"samples": "many"}, "steps": [{"care": {}}]}, "samples must be int"),
+    ({"data": {"samples": None}, "steps": [{"care": {}}]}, "samples must be int, got nothing"),
+    ({"steps": [{"care": {"kv_ratio": None}}]}, "kv_ratio must be float, got nothing"),
+    ({"steps": [{"care": {"rope": 3}}]}, "rope must be str or null, got int"),
+    ({"steps": [{"care": {"kv_ratio": 7}}]}, "kv_ratio must be <= 1.0"),
+    ({"steps": [{"care": {"name": "../victim"}}]}, "not a plain name"),
+    ({"steps": [{"care": {"name": "."}}]}, "not a plain name"),
+    ({"steps": [{"care": {"name": "/tmp/x"}}]}, "not a plain name"),
+    ({"steps": [{"care": {"name": "a/b"}}]}, "not a plain name"),
+    ({"steps": [{"care": {"name": "stats"}}]}, "not a plain name"),
+    ({"steps": [{"care": {"name": "m"}}, {"corda": {"name": "m"}}]}, "already used"),
+    ({"steps": [{"oscar": {"name": "q"}}, {"eval": {"targets": ["q"]}}]}, "wrote no model"),
+    ({"steps": [{"care": {"format": "deepseek-v3", "rope": "keep"}}]}, "needs --rope decoupled"),
+    ({"dataset": {"samples": 4}, "steps": [{"care": {}}]}, "unknown key 'dataset'"),
     ({"steps": []}, "no steps"),
 ])
 def test_bad_recipes_fail_cleanly(tmp_path, data, fragment):
@@ -55,13 +68,16 @@ def test_missing_recipe_file_and_bad_override(tmp_path):
     p = write(tmp_path, {"steps": [{"care": {}}]})
     res = runner.invoke(app, ["run", str(p), "--set", "steps.3.care.kv_ratio=1"])
     assert res.exit_code == 2 and "not a step index" in res.output
+    res = runner.invoke(app, ["run", str(p), "--set", "steps.0.care.kv_ratio=[1"])
+    assert res.exit_code == 2 and "not a valid YAML value" in res.output
+    res = runner.invoke(app, ["run", str(p), "--set", "steps.0.care.name=../victim", "--dry-run"])
+    assert res.exit_code == 2 and "not a plain name" in res.output
 
 
 def test_run_care_recipe_then_resume_reuses_statistics(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("llama", head_dim=32, hidden_size=128)
     recipe = write(tmp_path, {
-        "model": str(model), "dataset": {"samples": 4, "seq_len": 64},
-        "calibrate": {"device": "cpu"},
+        "model": str(model), "data": {"samples": 4, "seq_len": 64}, "device": "cpu",
         "steps": [{"care": {"name": "mla", "kv_ratio": 0.5}}, {"validate": {"target": "mla"}},
                   {"eval": {"targets": ["original", "mla"], "max_tokens": 512, "seq_len": 128}}]})
     out = tmp_path / "out"
@@ -72,7 +88,7 @@ def test_run_care_recipe_then_resume_reuses_statistics(tiny_checkpoint, tmp_path
     assert report["steps"][0]["statistics"] == ["attn_in"]
     assert set(report["perplexity"]) == {"original", "mla"}
     assert report["steps"][2]["report"]["passed"] is True
-    assert "| mla | care |" in (out / "report.md").read_text()
+    assert "| mla | convert-mla |" in (out / "report.md").read_text()
     assert (out / "mla" / "kvtool.json").is_file() and (out / "stats" / "manifest.json").is_file()
     res = runner.invoke(app, ["run", str(recipe), "-o", str(out), "--no-progress",
                               "--set", "steps.0.care.kv_ratio=0.25"])
@@ -80,5 +96,5 @@ def test_run_care_recipe_then_resume_reuses_statistics(tiny_checkpoint, tmp_path
     report2 = json.loads((out / "report.json").read_text())
     assert report2["steps"][0]["reused"] is True
     assert report2["perplexity"]["original"] == pytest.approx(report["perplexity"]["original"])
-    res = runner.invoke(app, ["run", str(recipe), "-o", str(out), "--no-progress", "--set", "dataset.seed=3"])
+    res = runner.invoke(app, ["run", str(recipe), "-o", str(out), "--no-progress", "--set", "data.seed=3"])
     assert json.loads((out / "report.json").read_text())["steps"][0]["reused"] is False

@@ -1,0 +1,91 @@
+"""``kvtool eval``: held-out perplexity of any model kvtool loads or writes (optionally with a quantized KV cache)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Optional
+
+import typer
+
+from kvtool.commands.options import DEVICE_HELP, DTYPE_HELP, MODEL_HELP, keep_layout
+from kvtool.options import DataOptions
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``kvtool eval``."""
+    from kvtool.commands.console import fails_cleanly
+
+    eval_.__doc__ = keep_layout(eval_.__doc__)
+    app.command("eval")(fails_cleanly(eval_))
+
+
+def eval_(
+    model: Annotated[Optional[str], typer.Argument(help=MODEL_HELP)] = None,  # noqa: UP045
+    dataset: Annotated[str, typer.Option("--dataset", help=DataOptions.__dataclass_fields__["dataset"].metadata[
+        "help"])] = "embedded",
+    text_field: Annotated[str, typer.Option("--text-field", help="Record field holding the text.")] = "text",
+    split: Annotated[str, typer.Option("--split", help="Part of the text to score: heldout (never calibrated on), "
+                                                        "calib, or all.")] = "heldout",
+    seq_len: Annotated[int, typer.Option("--seq-len", help="Window length.")] = 512,
+    stride: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="Sliding windows advancing by STRIDE (default: non-overlapping windows).")] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Score at most this many tokens (0 = all).")] = 16384,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Windows per forward call.")] = 4,
+    device: Annotated[str, typer.Option("--device", help=DEVICE_HELP)] = "auto",
+    dtype: Annotated[str, typer.Option("--dtype", help=DTYPE_HELP)] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout.")] = False,
+    progress: Annotated[bool, typer.Option("--progress/--no-progress", help="Show a progress bar.")] = True,
+    kv_quant: Annotated[Optional[str], typer.Option(  # noqa: UP045
+        "--kv-quant", help="Score with a quantized KV cache as decode reads it: int2, int4, hadamard-int2, "
+                           "kivi-int2, or a folder from `kvtool export` (OSCAR).")] = None,
+    group_size: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--group-size", help="--kv-quant: elements per scale/zero along head_dim (default: head_dim).")] = None,
+    residual_window: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        "--residual-window", help="--kv-quant: most recent tokens kept in full precision (default 0, or the "
+                                  "export's value).")] = None,
+    sink: Annotated[Optional[int], typer.Option(  # noqa: UP045
+        help="--kv-quant: first tokens kept in full precision (default 0, or the export's value).")] = None,
+) -> None:
+    """Perplexity on held-out text (the held-out part of --dataset) of any model kvtool can load.
+
+    Examples:
+      kvtool eval smollm2-135m --max-tokens 8192
+      kvtool eval out/mla --dataset my.txt
+      kvtool eval smollm2-135m --kv-quant out/oscar --sink 4 --residual-window 64
+    """
+    from kvtool.commands.console import print_json, print_table
+    from kvtool.data import TextSource, heldout_tokens
+    from kvtool.device import resolve_device
+    from kvtool.errors import KvtoolError
+    from kvtool.evaluate import perplexity
+    from kvtool.models import load_model
+
+    DataOptions(dataset=dataset, text_field=text_field, split=split, seq_len=seq_len,
+                batch_size=batch_size).check_fields("cli")
+    if max_tokens < 0:
+        raise KvtoolError(f"--max-tokens {max_tokens} must be >= 0 (0 = all)")
+    if stride is not None and not 0 < stride <= seq_len:
+        raise KvtoolError(f"--stride {stride} must be in 1..--seq-len ({seq_len})")
+    device = resolve_device(device)
+    loaded = load_model(model, dtype=dtype, device=device, strict=False)
+    context = getattr(loaded.model.config, "max_position_embeddings", 0) or 0
+    if context and seq_len > context:
+        raise KvtoolError(f"seq-len {seq_len} exceeds the model's context of {context} tokens: "
+                          f"use --seq-len {context} or less")
+    tokens = heldout_tokens(loaded.tokenizer, TextSource(dataset, split, text_field), max_tokens or None)
+    if kv_quant is not None:
+        from kvtool.runtime.kvquant import eval_kv_quant
+
+        result: dict[str, Any] = eval_kv_quant(loaded, tokens, kv_quant, group_size, residual_window, sink,
+                                               seq_len=seq_len, stride=stride, batch_size=batch_size,
+                                               progress=progress and not as_json)
+    else:
+        result = perplexity(loaded.model, tokens, seq_len, stride, batch_size, progress=progress and not as_json)
+    result = {"model": loaded.source, "dataset": dataset, "split": split, **result}
+    if as_json:
+        print_json(result)
+        return
+    how = f"{result['mode']}, seq-len {result['seq_len']}" + (f", stride {stride}" if stride else "")
+    if kv_quant is not None:
+        how += f", KV {result['kv_quant']['label']}"
+    print_table(f"held-out perplexity of {loaded.source}", ["text", "windows", "tokens scored", "perplexity"],
+                [[f"{dataset}:{split}", how, str(result["tokens_scored"]), f"{result['perplexity']:.3f}"]])

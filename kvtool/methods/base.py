@@ -1,0 +1,86 @@
+"""The interface every method implements (PEFT-tuner style: one module per method, one registry), and the glue
+they share: a run context and getting the statistics a method needs (from a folder, or calibrated now)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kvtool.errors import KvtoolError
+from kvtool.options import DataOptions, Options
+
+
+@dataclass
+class RunContext:
+    """What a method run needs besides its options."""
+
+    device: str = "cpu"
+    dtype: str = "auto"  # output dtype: auto = the source's
+    data: DataOptions = field(default_factory=DataOptions)
+    overwrite: bool = False
+    progress: bool = False
+    inputs: tuple[Path, ...] = ()  # folders the output must not replace (source model, statistics)
+    release_statistics: bool = False  # a method may free each layer's statistics once used (the CLI's store)
+
+
+class Method:
+    """One conversion method. Subclasses set the class attributes and implement :meth:`run`."""
+
+    name: ClassVar[str]  # the CLI verb, the recipe step key and kvtool.json's "command"
+    aliases: ClassVar[tuple[str, ...]] = ()  # other recipe step keys accepted (documented)
+    Options: ClassVar[type[Options]]
+    help: ClassVar[str]  # --help text (first line: summary; then examples)
+    data_defaults: ClassVar[dict[str, Any]] = {}  # per-method defaults of the data flags
+    writes_model: ClassVar[bool] = True  # the output folder is a loadable checkpoint (eval targets)
+
+    def required_stats(self, opts: Any) -> tuple[str, ...]:
+        """Statistics (kvtool.calib names) this run needs."""
+        return ()
+
+    def preflight(self, spec: Any, opts: Any) -> None:
+        """Every check that needs the model's shapes but no statistics (runs before any calibration)."""
+
+    def run(self, loaded: Any, store: Any, out: Path, opts: Any, ctx: RunContext) -> dict[str, Any]:
+        """Convert ``loaded`` and write ``out`` atomically; returns the report (also in kvtool.json)."""
+        raise NotImplementedError
+
+    def validate(self, out: Path, manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        """Run the output's hot path through its Triton kernel against PyTorch: ``{"passed": bool, ...}``."""
+        raise KvtoolError(f"outputs of {self.name} have no kernel validation")
+
+    def summary(self, report: dict[str, Any], out: Path) -> tuple[str, list[str], list[list[str]], list[str]]:
+        """(title, columns, rows, notes) the CLI prints after a run."""
+        return f"{self.name} -> {out}", [], [], []
+
+
+def statistics_for(loaded: Any, names: tuple[str, ...], stats_dir: str | Path | None, data: DataOptions, *,
+                   device: str = "cpu", progress: bool = False) -> Any:
+    """Load statistics from ``stats_dir`` (checked against the model and the needed names) or calibrate now."""
+    from kvtool.calib import StatsStore, calibrate
+
+    if stats_dir is not None:
+        store = StatsStore.load(stats_dir)
+        store.require(names, loaded.spec.num_layers, loaded.model_hash)
+        return store
+    return calibrate(loaded, data.source(), names, samples=data.samples, seq_len=data.seq_len, seed=data.seed,
+                     device=device, batch_size=data.batch_size, progress=progress)
+
+
+def statistics_provenance(store: Any) -> dict[str, Any] | None:
+    """What kvtool.json records about the statistics a method used."""
+    if store is None:
+        return None
+    return {k: store.meta.get(k) for k in ("model", "dataset", "tokens")}
+
+
+def output_dtype(dtype: str, loaded: Any) -> Any:
+    """The torch dtype outputs are written in: ``auto`` = the source model's parameter dtype."""
+    import torch
+
+    if dtype == "auto":
+        return next(loaded.model.parameters()).dtype
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if dtype not in table:
+        raise KvtoolError(f"unknown --dtype {dtype!r}: use auto, float32, bfloat16 or float16")
+    return table[dtype]

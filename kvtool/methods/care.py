@@ -1,0 +1,160 @@
+"""``convert-mla``: CARE GQA -> MLA (activation-aware factorization, rank allocation, KV-parity mapping).
+
+Recipe key ``convert-mla`` (alias ``care``); kvtool.json ``command: convert-mla``. Math: :mod:`kvtool.convert.care`
+and :mod:`kvtool.convert.deepseek_export`; the converted model runs in :mod:`kvtool.runtime.mla`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar
+
+from kvtool.errors import KvtoolError
+from kvtool.methods.base import Method, RunContext, output_dtype, statistics_provenance
+from kvtool.options import Options, option
+
+FORMATS = ("kvtool", "deepseek-v3")
+
+
+@dataclasses.dataclass
+class ConvertMlaOptions(Options):
+    """Options of ``kvtool convert-mla`` (CLI flags and recipe keys)."""
+
+    method: str = option("care", "care (activation-aware) or svd (weight-only baseline).", choices=("care", "svd"))
+    rank_alloc: str = option("uniform", "uniform, care (water-filling on σ²/tail) or energy (min. total residual).",
+                             choices=("uniform", "care", "energy"))
+    kv_rank: int | None = option(None, "Cache width per layer (r_K + r_V [+ rope dims]); overrides --kv-ratio.",
+                                 positive=True)
+    kv_ratio: float = option(0.5, "Cache width as a fraction of the GQA cache 2*g*d (e.g. 0.5).", positive=True,
+                             high=1.0)
+    rank_min: int | None = option(None, "Floor per K or V rank (care/energy allocation).", positive=True)
+    rank_max: int | None = option(None, "Ceiling per K or V rank.", positive=True)
+    damping: float = option(0.01, "λ: C + λ·mean(diag C)·I before the square root.", low=0.0)
+    rope: str | None = option(None, "keep (reconstruct keys, then RoPE; exact at full rank) or decoupled "
+                                    "(DeepSeek-style, absorbable). Default: keep, or decoupled for --format "
+                                    "deepseek-v3.", choices=("keep", "decoupled"))
+    rope_dim: int | None = option(None, "Decoupled: shared rope key width (default 64, or head_dim/2 when "
+                                        "head_dim <= 64).", positive=True)
+    rope_select: str | None = option(None, "Decoupled: norm (largest ‖q‖‖k‖ pairs) or uniform (native DeepSeek "
+                                           "rotary). Default: norm, or uniform for --format deepseek-v3.",
+                                     choices=("norm", "uniform"))
+    format: str = option("kvtool", "kvtool (per-layer ranks, exact) or deepseek-v3 (stock transformers "
+                                   "DeepseekV3ForCausalLM).", choices=FORMATS)
+
+    def resolved(self) -> ConvertMlaOptions:
+        """Defaults that depend on the format filled in (DeepSeek needs decoupled RoPE on uniform pairs)."""
+        ds = self.format == "deepseek-v3"
+        return dataclasses.replace(self, rope=self.rope or ("decoupled" if ds else "keep"),
+                                   rope_select=self.rope_select or ("uniform" if ds else "norm"))
+
+    def care_options(self) -> Any:
+        """The math's option bundle (:class:`kvtool.convert.care.CareOptions`)."""
+        from kvtool.convert.care import CareOptions
+
+        r = self.resolved()
+        return CareOptions(**{f.name: getattr(r, f.name) for f in dataclasses.fields(CareOptions)})
+
+
+class ConvertMla(Method):
+    name = "convert-mla"
+    aliases = ("care",)
+    Options = ConvertMlaOptions
+    help = """Convert GQA attention to MLA with CARE (activation-aware factorization, rank allocation, KV-parity).
+
+    Examples:
+      kvtool convert-mla smollm2-135m --stats-dir stats/ --kv-ratio 0.5 -o out/mla
+      kvtool convert-mla smollm2-135m --format deepseek-v3 --kv-ratio 0.5 -o out/mla-ds
+    """
+    required: ClassVar[tuple[str, ...]] = ("attn_in",)
+
+    def required_stats(self, opts: ConvertMlaOptions) -> tuple[str, ...]:
+        return self.required
+
+    def preflight(self, spec: Any, opts: ConvertMlaOptions) -> None:
+        from kvtool.convert.care import check_options
+        from kvtool.convert.deepseek_export import check_exportable
+
+        r = opts.resolved()
+        if r.format == "deepseek-v3":
+            check_exportable(spec, r.rope, r.rope_select)
+        if spec is not None:
+            check_options(spec, opts.care_options())
+
+    def run(self, loaded: Any, store: Any, out: Path, opts: ConvertMlaOptions, ctx: RunContext) -> dict[str, Any]:
+        from kvtool.checkpoint import atomic_dir, provenance, save_model_checkpoint
+        from kvtool.convert.care import convert_layers, mla_state_dict
+        from kvtool.convert.deepseek_export import deepseek_v3_checkpoint, latent_rms
+        from kvtool.runtime.mla import mla_config
+
+        spec = loaded.spec
+        self.preflight(spec, opts)
+        store.require(self.required, spec.num_layers, loaded.model_hash)
+        care = opts.care_options()
+        torch_dtype = output_dtype(ctx.dtype, loaded)
+        dtype_name = str(torch_dtype).replace("torch.", "")
+        weights = {k: v.detach() for k, v in loaded.model.state_dict().items()}
+        layers, report = convert_layers(weights, store, spec, care, device=ctx.device)
+        if opts.format == "kvtool":
+            state = mla_state_dict(weights, layers, spec, torch_dtype)
+            config: Any = mla_config(loaded.model.config, [(r["r_k"], r["r_v"]) for r in report["layers"]],
+                                     care.rope, report["rope_dim"], [r.get("rope_pairs", []) for r in report["layers"]])
+            config.dtype = dtype_name
+        else:
+            rms = latent_rms(layers, [store.second_moment(i, "attn_in") for i in range(spec.num_layers)])
+            state, config, export = deepseek_v3_checkpoint(weights, layers, spec, loaded.model.config, rms,
+                                                           torch_dtype)
+            config["dtype"] = dtype_name
+            report["deepseek_v3"] = export
+            report["kv_bytes_per_token_after"] = export["kv_bytes_per_token"]
+        report["format"] = opts.format
+        options = {**opts.resolved().to_dict(), "dtype": dtype_name}
+        manifest = provenance(self.name, options, loaded.identity(), statistics_provenance(store), report)
+        with atomic_dir(out, ctx.overwrite) as tmp:
+            save_model_checkpoint(tmp, state, config, manifest, loaded.tokenizer)
+        return report
+
+    def summary(self, report: dict[str, Any], out: Path) -> tuple[str, list[str], list[list[str]], list[str]]:
+        rk = [r["r_k"] for r in report["layers"]]
+        rv = [r["r_v"] for r in report["layers"]]
+        row = [str(len(rk)), f"{min(rk)}/{sum(rk) / len(rk):.1f}/{max(rk)}",
+               f"{min(rv)}/{sum(rv) / len(rv):.1f}/{max(rv)}",
+               f"{report['mean_err_k']:.4f}", f"{report['mean_err_v']:.4f}",
+               f"{report['kv_bytes_per_token_before']} -> {report['kv_bytes_per_token_after']}"]
+        cols = ["layers", "ranks K (min/mean/max)", "ranks V", "mean err K", "mean err V", "KV bytes/token"]
+        return f"CARE -> {out} ({report['format']})", cols, [row], []
+
+    def validate(self, out: Path, manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
+        """Decode held-out tokens with the MLA model twice, PyTorch path vs Triton kernels; compare logits."""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from kvtool.data import TextSource, heldout_tokens
+        from kvtool.runtime.mla import set_decode_kernel
+
+        if manifest.get("options", {}).get("format") != "kvtool":
+            raise KvtoolError("validate runs the kvtool-format MLA model: convert with --format kvtool "
+                              "(a deepseek-v3 export is checked by loading it in transformers and `kvtool eval`)")
+        device = options.get("device", "cpu")
+        model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).to(device).eval()
+        tokens = heldout_tokens(AutoTokenizer.from_pretrained(str(out)), TextSource(split="heldout"), 2 * 36)
+        ids = tokens.view(2, 36).to(device)
+        prefill, steps = 32, 4  # the Triton interpreter on a CPU runs each layer's kernel per step: keep it short
+        runs = {}
+        with torch.no_grad():
+            for use in (False, True):
+                n = set_decode_kernel(model, use)
+                out_ = model(input_ids=ids[:, :prefill], use_cache=True)
+                cache, logits = out_.past_key_values, []
+                for t in range(prefill, prefill + steps):
+                    step = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                    cache = step.past_key_values
+                    logits.append(step.logits[:, -1].float())
+                runs[use] = torch.stack(logits)
+        set_decode_kernel(model, False)
+        diff = (runs[True] - runs[False]).abs().max().item()
+        rel = ((runs[True] - runs[False]).norm() / runs[False].norm()).item()
+        agree = (runs[True].argmax(-1) == runs[False].argmax(-1)).float().mean().item()
+        return {"passed": bool(rel < 1e-3 and agree == 1.0), "layers_through_kernel": n, "decode_steps": steps,
+                "batch": 2, "prefill": prefill, "max_abs_logit_diff": diff, "rel_logit_diff": rel,
+                "argmax_agreement": agree, "rope": manifest["options"]["rope"]}

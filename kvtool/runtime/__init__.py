@@ -1,0 +1,13 @@
+"""Code that runs *converted* models: kvtool's MLA and Ladder model classes, the tensor-parallel decoder, the
+quantized-KV runtime, and the one RoPE/RMSNorm implementation.
+
+Importing this package is cheap; :func:`register_auto_classes` imports the model classes, which register
+themselves with transformers' Auto classes (``import kvtool`` calls it, except in the CLI, which calls it when
+it loads a model).
+"""
+
+
+def register_auto_classes() -> None:
+    """Register kvtool's converted-model configs and classes with AutoConfig / AutoModelForCausalLM (idempotent)."""
+    import kvtool.runtime.ladder  # noqa: F401
+    import kvtool.runtime.mla  # noqa: F401
