@@ -137,7 +137,7 @@ def provenance(command: str, options: dict[str, Any], model: dict[str, Any] | No
 
 
 def save_model_checkpoint(directory: Path, state: dict[str, torch.Tensor], config: Any,
-                          manifest: dict[str, Any], tokenizer: Any = None) -> None:
+                          manifest: dict[str, Any], tokenizer: Any = None, generation_config: Any = None) -> None:
     """Write a loadable HF checkpoint into ``directory``: config.json, safetensors shards, kvtool.json, tokenizer.
 
     ``config`` is a transformers config (or a plain dict written as config.json). Tied ``lm_head.weight`` is
@@ -154,4 +154,6 @@ def save_model_checkpoint(directory: Path, state: dict[str, torch.Tensor], confi
     save_tensors(directory, untie_for_saving(state, tie))
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
+    if generation_config is not None:
+        generation_config.save_pretrained(directory)
     write_json(directory / MANIFEST, manifest)

@@ -10,7 +10,6 @@ import signal
 import sys
 from typing import Annotated
 
-import click
 import typer
 
 from kvtool.commands.console import error
@@ -48,23 +47,21 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     try:
         rc = app(standalone_mode=False)
-    except click.exceptions.Exit as exc:
+    except typer.Exit as exc:
         sys.exit(exc.exit_code)
-    except click.exceptions.Abort:
+    except (typer.Abort, KeyboardInterrupt):
         error("interrupted")
         sys.exit(130)
-    except click.ClickException as exc:
-        msg = exc.format_message().replace("\n", " ")
+    except typer.TyperException as exc:  # usage errors: unknown option or command, bad value, missing option
+        format_message = getattr(exc, "format_message", None)
+        msg = (format_message() if format_message else str(exc)).replace("\n", " ").rstrip(".")
         ctx = getattr(exc, "ctx", None)
-        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+        hint = f" (see `{ctx.command_path} --help`)" if ctx is not None else " (see `kvtool --help`)"
         error(msg.replace("[", r"\[") + hint)
         sys.exit(2)
     except KvtoolError as exc:
         error(str(exc).replace("[", r"\["))
         sys.exit(2)
-    except KeyboardInterrupt:
-        error("interrupted")
-        sys.exit(130)
     sys.exit(rc if isinstance(rc, int) else 0)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -38,7 +39,7 @@ def run_(
       kvtool run recipes/care-smoke.yaml --set data.samples=8 --dry-run
     Statistics saved in OUT/stats are reused when rerun with the same model and data.
     """
-    from kvtool.commands.console import console, out_console, print_json, print_table
+    from kvtool.commands.console import console, print_json, print_table
     from kvtool.errors import KvtoolError
     from kvtool.recipe import load_recipe, plan, preflight, report_markdown, run_recipe
 
@@ -73,5 +74,5 @@ def run_(
     if as_json:
         print_json(report)
         return
-    out_console.print(report_markdown(report), markup=False, highlight=False)
-    out_console.print(f"wrote {out}/report.json and {out}/report.md", markup=False)
+    sys.stdout.write(report_markdown(report))
+    sys.stdout.write(f"wrote {out}/report.json and {out}/report.md\n")

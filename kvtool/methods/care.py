@@ -111,7 +111,8 @@ class ConvertMla(Method):
         options = {**opts.resolved().to_dict(), "dtype": dtype_name}
         manifest = provenance(self.name, options, loaded.identity(), statistics_provenance(store), report)
         with atomic_dir(out, ctx.overwrite) as tmp:
-            save_model_checkpoint(tmp, state, config, manifest, loaded.tokenizer)
+            save_model_checkpoint(tmp, state, config, manifest, loaded.tokenizer,
+                                  getattr(loaded.model, "generation_config", None))
         return report
 
     def summary(self, report: dict[str, Any], out: Path) -> tuple[str, list[str], list[list[str]], list[str]]:

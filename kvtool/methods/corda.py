@@ -149,6 +149,8 @@ class Corda(Method):
             save_tensors(tmp / "base", untie_for_saving(new_state, bool(getattr(config, "tie_word_embeddings", False))))
             if loaded.tokenizer is not None:
                 loaded.tokenizer.save_pretrained(tmp / "base")
+            if getattr(loaded.model, "generation_config", None) is not None:
+                loaded.model.generation_config.save_pretrained(tmp / "base")
             write_json(tmp / "kvtool.json", manifest)
         return report
 

@@ -90,7 +90,8 @@ class Ladder(Method):
         options = {**opts.to_dict(), "dtype": str(dtype).replace("torch.", "")}
         manifest = provenance(self.name, options, loaded.identity(), calib, report)
         with atomic_dir(out, ctx.overwrite) as tmp:
-            save_model_checkpoint(tmp, state, config, manifest, loaded.tokenizer)
+            save_model_checkpoint(tmp, state, config, manifest, loaded.tokenizer,
+                                  getattr(loaded.model, "generation_config", None))
         return report
 
     def _eval(self, loaded: Any, chosen: list[int], opts: LadderOptions, ctx: RunContext) -> dict[str, Any]:

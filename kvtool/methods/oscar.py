@@ -95,7 +95,7 @@ class Export(Method):
                 state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
                 v_rot = {i: tensors[f"layers.{i}.v_rotation"] for i in range(spec.num_layers)}
                 save_model_checkpoint(tmp, fold_value_rotation(state, spec, v_rot), loaded.model.config, manifest,
-                                      loaded.tokenizer)
+                                      loaded.tokenizer, getattr(loaded.model, "generation_config", None))
             else:
                 write_json(tmp / "kvtool.json", manifest)
         return report

@@ -108,8 +108,16 @@ def test_care_has_lower_weighted_error_than_svd_at_equal_rank():
     for a, b in zip(care["layers"], svd["layers"], strict=True):
         assert a["err_k"] <= b["err_k"] + 1e-12 and a["err_v"] <= b["err_v"] + 1e-12
     assert care["mean_err_k"] + care["mean_err_v"] < svd["mean_err_k"] + svd["mean_err_v"]
-    w = model.model.layers[0].self_attn.k_proj.weight
-    assert weighted_error(w, w, store.second_moment(0, "attn_in")) == 0.0
+
+
+def test_weighted_error_is_the_activation_error():
+    """weighted_error(W, Ŵ, C) = E‖x(W-Ŵ)ᵀ‖² / E‖xWᵀ‖² computed from the activations themselves."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(500, 24, dtype=torch.float64, generator=gen) * torch.linspace(0.1, 3.0, 24, dtype=torch.float64)
+    w = torch.randn(10, 24, dtype=torch.float64, generator=gen)
+    approx = w + 0.1 * torch.randn(10, 24, dtype=torch.float64, generator=gen)
+    brute = ((x @ (w - approx).T) ** 2).sum(1).mean() / ((x @ w.T) ** 2).sum(1).mean()
+    assert weighted_error(w, approx, x.T @ x / x.shape[0]) == pytest.approx(float(brute), rel=1e-10)
 
 
 def test_allocation_respects_budget_floor_ceiling_and_prefers_heavy_tails():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -204,7 +205,11 @@ def test_eval_kv_quant_cli(tiny_checkpoint):
     q = json.loads(res.output)
     assert q["kv_quant"]["method"] == "int2" and q["kv_quant"]["sink"] == 1 and q["kv_quant"]["group_size"] == 8
     assert q["kv_bits_per_element"] == 2 + 32 / 8
-    assert q["tokens_scored"] == fp["tokens_scored"] and q["perplexity"] != fp["perplexity"]
+    q4 = json.loads(runner.invoke(app, base + ["--kv-quant", "int4", "--group-size", "8", "--sink", "1"]).output)
+    assert q["tokens_scored"] == fp["tokens_scored"] == q4["tokens_scored"]
+    # the quantization error shows in the score and shrinks with more bits
+    gap2, gap4 = abs(math.log(q["perplexity"] / fp["perplexity"])), abs(math.log(q4["perplexity"] / fp["perplexity"]))
+    assert gap2 > 1e-4 and gap4 < 0.5 * gap2, (fp, q, q4)
     for extra, fragment in ((["--kv-quant", "int3"], "neither a method"),
                             (["--kv-quant", "int2", "--group-size", "5"], "does not divide head_dim"),
                             (["--kv-quant", "int2", "--sink", "-1"], "must be >= 0")):
