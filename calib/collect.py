@@ -90,7 +90,7 @@ class StatsVisitor(LayerVisitor):
 def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[str, ...] | str | None = None, *,
                        device: str | torch.device = "cpu", batch_size: int = 8, offload: bool = False,
                        layers: list[int] | None = None, progress: bool = False,
-                       distributed: bool = True) -> StatsStore:
+                       distributed: bool = True, visitors: list[LayerVisitor] = ()) -> StatsStore:
     """Collect second-moment statistics layer by layer.
 
     Args:
@@ -102,6 +102,7 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
         offload: keep the hidden states of all windows on the CPU between layers.
         layers: only accumulate statistics for these layer indices (layers above the last one are skipped).
         progress: show a rich progress bar per layer.
+        visitors: more visitors riding the same pass (e.g. Ladder drift); they see every layer.
         distributed: when torch.distributed is initialized, take this rank's share of the windows and
             all-reduce the sums at the end.
     """
@@ -115,8 +116,9 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
     wanted = set(range(spec.num_layers)) if layers is None else set(layers)
     visitor = StatsVisitor(spec, stats, store, wanted)
     try:
-        run_layers(loaded, windows, [visitor], device=device, batch_size=batch_size, offload=offload,
-                   num_layers=max(wanted) + 1 if wanted else 0, progress=progress)
+        count = spec.num_layers if visitors else (max(wanted) + 1 if wanted else 0)
+        run_layers(loaded, windows, [visitor, *visitors], device=device, batch_size=batch_size, offload=offload,
+                   num_layers=count, progress=progress)
     finally:
         if visitor.hooks is not None:
             visitor.hooks.remove()
@@ -146,16 +148,17 @@ def collect_statistics_full_forward(loaded: LoadedModel, windows: torch.Tensor,
 
 def calibrate(loaded: LoadedModel, source: TextSource, stats: tuple[str, ...] | str | None = None, *,
               samples: int = 32, seq_len: int = 512, seed: int = 0, device: str | torch.device = "cpu",
-              batch_size: int = 8, offload: bool = False, progress: bool = False) -> StatsStore:
-    """Choose calibration windows of ``source``, collect ``stats`` on them, and stamp the store's metadata (the
-    one place statistics metadata is written: model identity and spec, dataset, windows, tokens)."""
+              batch_size: int = 8, offload: bool = False, progress: bool = False,
+              visitors: list[LayerVisitor] = ()) -> StatsStore:
+    """Choose calibration windows of ``source``, collect ``stats`` on them (``visitors`` ride the same pass), and
+    stamp the store's metadata (the one place statistics metadata is written: model, spec, dataset, tokens)."""
     import torch.distributed as dist
 
     from kvtool import __version__
 
     windows = calibration_windows(loaded.tokenizer, source, samples, seq_len, seed, loaded.spec.max_positions)
     store = collect_statistics(loaded, windows, stats, device=device, batch_size=batch_size, offload=offload,
-                               progress=progress)
+                               progress=progress, visitors=visitors)
     store.meta = {
         "kvtool_version": __version__,
         "model": loaded.identity(),

@@ -18,7 +18,8 @@ Format (every method step's keys are that method's Options, the same names as it
 Step names are plain names (letters, digits, ``.``, ``_``, ``-``; not ``stats`` or ``original``), unique, and each
 method step writes ``OUT/<name>/``. Everything checkable without the model (keys, types, values, names, targets)
 is checked when the recipe is read, so ``--dry-run`` catches it; checks that need the model's shapes run before
-calibrating. The statistics every step needs are collected in one calibration pass into ``OUT/stats`` (reused on a
+calibrating. The statistics every step needs are collected in one calibration pass into ``OUT/stats`` (passes a
+step needs on the calibration windows, such as Ladder drift, ride the same pass; statistics are reused on a
 rerun when its manifest matches: same model hash, same data options and text, every needed statistic present). The
 run ends with ``OUT/report.json`` and ``OUT/report.md``.
 """
@@ -262,9 +263,9 @@ def _load_target(name: str, out: Path, loaded: Any) -> Any:
 
 def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     """Execute a recipe into ``out``; returns the report (also written as report.json and report.md)."""
-    from kvtool.calib import StatsStore, calibrate
+    from kvtool.calib import StatsStore, calibrate, run_layers
     from kvtool.checkpoint import atomic_dir, write_json
-    from kvtool.data import TextSource, heldout_tokens
+    from kvtool.data import TextSource, calibration_windows, heldout_tokens
     from kvtool.device import resolve_device
     from kvtool.evaluate import perplexity
     from kvtool.methods import METHODS, RunContext, validate
@@ -282,14 +283,27 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
     data = recipe.data
     stats_dir = out / "stats"
     store = None
+    # passes the steps need on the calibration windows (e.g. Ladder drift) ride the one calibration pass
+    step_visitors = {s.name: METHODS[s.kind].visitors(s.options) for s in recipe.steps if s.kind in METHODS}
+    riders = [v for vs in step_visitors.values() for v in vs.values()]
+    reuse = bool(names) and _stats_match(stats_dir, loaded.model_hash, data.to_dict(), names)
+    if riders and (reuse or not names):
+        t0 = time.perf_counter()
+        windows = calibration_windows(loaded.tokenizer, data.source(), data.samples, data.seq_len, data.seed,
+                                      loaded.spec.max_positions)
+        run_layers(loaded, windows, riders, device=device, batch_size=data.batch_size, progress=progress,
+                   description="calibration pass")
+        report["steps"].append({"kind": "calibrate", "name": "pass", "seconds": time.perf_counter() - t0,
+                                "reused": False, "statistics": [], "tokens": int(windows.numel())})
     if names:
         t0 = time.perf_counter()
-        if _stats_match(stats_dir, loaded.model_hash, data.to_dict(), names):
+        if reuse:
             store = StatsStore.load(stats_dir)
             report["steps"].append({"kind": "calibrate", "name": "stats", "seconds": 0.0, "reused": True})
         else:
             store = calibrate(loaded, data.source(), names, samples=data.samples, seq_len=data.seq_len,
-                              seed=data.seed, device=device, batch_size=data.batch_size, progress=progress)
+                              seed=data.seed, device=device, batch_size=data.batch_size, progress=progress,
+                              visitors=riders)
             store.meta["recipe_data"] = data.to_dict()
             with atomic_dir(stats_dir, overwrite=True) as tmp:
                 store.save(tmp)
@@ -304,6 +318,7 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
             t0 = time.perf_counter()
             entry: dict[str, Any] = {"kind": step.kind, "name": step.name}
             if step.kind in METHODS:
+                ctx.visitors = step_visitors[step.name]
                 result = METHODS[step.kind].run(loaded, store, out / step.name, step.options, ctx)
                 entry["report"] = {k: v for k, v in result.items() if not isinstance(v, list | dict)}
             elif step.kind == "validate":

@@ -18,7 +18,7 @@ def register(app: typer.Typer, method: Method) -> None:
     from kvtool.commands.console import fails_cleanly
 
     params = common_params(output_help="Output folder (written atomically).", stats_dir=True)
-    params += options_params(DataOptions, method.data_defaults, skip=("split",))
+    params += options_params(DataOptions, method.data_defaults)
     params += options_params(method.Options)
 
     def command(**values: Any) -> None:
@@ -49,10 +49,11 @@ def run_verb(method: Method, values: dict[str, Any]) -> None:
     if hasattr(method, "check_model"):
         method.check_model(loaded, opts)
     needed = method.required_stats(opts)
-    store = statistics_for(loaded, needed, stats_dir, data, device=device, progress=values["progress"]) \
-        if needed else None
+    visitors = method.visitors(opts)
+    store = statistics_for(loaded, needed, stats_dir, data, device=device, progress=values["progress"],
+                           visitors=list(visitors.values()))
     ctx = RunContext(device=device, dtype=values["dtype"], data=data, overwrite=values["overwrite"],
-                     progress=values["progress"], release_statistics=True)
+                     progress=values["progress"], release_statistics=True, visitors=visitors)
     t0 = time.perf_counter()
     report = method.run(loaded, store, output, opts, ctx)
     if values["as_json"]:

@@ -22,6 +22,7 @@ class RunContext:
     progress: bool = False
     inputs: tuple[Path, ...] = ()  # folders the output must not replace (source model, statistics)
     release_statistics: bool = False  # a method may free each layer's statistics once used (the CLI's store)
+    visitors: dict[str, Any] = field(default_factory=dict)  # this run's visitors that rode the calibration pass
 
 
 class Method:
@@ -37,6 +38,11 @@ class Method:
     def required_stats(self, opts: Any) -> tuple[str, ...]:
         """Statistics (kvtool.calib names) this run needs."""
         return ()
+
+    def visitors(self, opts: Any) -> dict[str, Any]:
+        """Calibration-pass visitors (``kvtool.calib.LayerVisitor``) this run needs on the calibration windows, by
+        name; ``kvtool run`` and the CLI run them in the statistics pass and hand them back in ``ctx.visitors``."""
+        return {}
 
     def preflight(self, spec: Any, opts: Any) -> None:
         """Every check that needs the model's shapes but no statistics (runs before any calibration)."""
@@ -55,16 +61,24 @@ class Method:
 
 
 def statistics_for(loaded: Any, names: tuple[str, ...], stats_dir: str | Path | None, data: DataOptions, *,
-                   device: str = "cpu", progress: bool = False) -> Any:
-    """Load statistics from ``stats_dir`` (checked against the model and the needed names) or calibrate now."""
-    from kvtool.calib import StatsStore, calibrate
+                   device: str = "cpu", progress: bool = False, visitors: list[Any] = ()) -> Any:
+    """Load statistics from ``stats_dir`` (checked against the model and the needed names) or calibrate now, in one
+    pass with ``visitors``; with nothing to collect, only the visitors' pass runs (None is returned)."""
+    from kvtool.calib import StatsStore, calibrate, run_layers
+    from kvtool.data import calibration_windows
 
-    if stats_dir is not None:
-        store = StatsStore.load(stats_dir)
-        store.require(names, loaded.spec.num_layers, loaded.model_hash)
+    if stats_dir is not None or not names:
+        store = None
+        if stats_dir is not None:
+            store = StatsStore.load(stats_dir)
+            store.require(names, loaded.spec.num_layers, loaded.model_hash)
+        if visitors:
+            windows = calibration_windows(loaded.tokenizer, data.source(), data.samples, data.seq_len, data.seed,
+                                          loaded.spec.max_positions)
+            run_layers(loaded, windows, list(visitors), device=device, batch_size=data.batch_size, progress=progress)
         return store
     return calibrate(loaded, data.source(), names, samples=data.samples, seq_len=data.seq_len, seed=data.seed,
-                     device=device, batch_size=data.batch_size, progress=progress)
+                     device=device, batch_size=data.batch_size, progress=progress, visitors=visitors)
 
 
 def statistics_provenance(store: Any) -> dict[str, Any] | None:

@@ -53,6 +53,11 @@ class Ladder(Method):
 
         return parse_layers(opts.layers, opts.count)
 
+    def visitors(self, opts: LadderOptions) -> dict[str, Any]:
+        from kvtool.calib.drift import DriftVisitor
+
+        return {"drift": DriftVisitor()} if opts.drift or self.choice(opts).mode == "auto" else {}
+
     def preflight(self, spec: Any, opts: LadderOptions) -> None:
         choice = self.choice(opts)
         if spec is not None and choice.mode != "auto":
@@ -71,12 +76,15 @@ class Ladder(Method):
             choice.resolve(spec.num_layers)  # range errors before the drift pass
         drift_rows, calib = None, None
         if opts.drift or choice.mode == "auto":
-            windows = calibration_windows(loaded.tokenizer, data.source(), data.samples, data.seq_len, data.seed,
-                                          spec.max_positions)
-            drift_rows = layer_drift(loaded, windows, device=ctx.device, batch_size=data.batch_size,
-                                     progress=ctx.progress)
+            if "drift" in ctx.visitors:  # rode the calibration pass
+                drift_rows = ctx.visitors["drift"].rows
+            else:
+                windows = calibration_windows(loaded.tokenizer, data.source(), data.samples, data.seq_len, data.seed,
+                                              spec.max_positions)
+                drift_rows = layer_drift(loaded, windows, device=ctx.device, batch_size=data.batch_size,
+                                         progress=ctx.progress)
             calib = {"dataset": data.source().describe(), "samples": data.samples, "seq_len": data.seq_len,
-                     "seed": data.seed, "tokens": int(windows.numel())}
+                     "seed": data.seed, "tokens": data.samples * data.seq_len}
         chosen = choice.resolve(spec.num_layers, drift_rows)
         lazy = getattr(loaded.model, "_kvtool_weights", None)  # layers streamed from disk: read the tensors there
         state = {k: lazy.get(k) for k in lazy._where} if lazy is not None else loaded.model.state_dict()

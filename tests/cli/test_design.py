@@ -16,7 +16,7 @@ from kvtool.methods import METHODS
 
 KVTOOL = shutil.which("kvtool", path=str(Path(sys.executable).parent)) or "kvtool"
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
-DATA_FLAGS = {"--dataset", "--text-field", "--samples", "--seq-len", "--seed", "--batch-size"}
+DATA_FLAGS = {"--dataset", "--text-field", "--split", "--samples", "--seq-len", "--seed", "--batch-size"}
 
 
 def flags_of(verb: str) -> set[str]:

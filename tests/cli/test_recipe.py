@@ -98,3 +98,28 @@ def test_run_care_recipe_then_resume_reuses_statistics(tiny_checkpoint, tmp_path
     assert report2["perplexity"]["original"] == pytest.approx(report["perplexity"]["original"])
     res = runner.invoke(app, ["run", str(recipe), "-o", str(out), "--no-progress", "--set", "data.seed=3"])
     assert json.loads((out / "report.json").read_text())["steps"][0]["reused"] is False
+
+
+def test_ladder_drift_rides_the_one_calibration_pass(tiny_checkpoint, tmp_path):
+    """A recipe with a statistics step and a ladder step runs one pass over the source model; the ladder's drift from
+    that pass equals a standalone drift pass on the same windows."""
+    from kvtool.calib.drift import layer_drift
+    from kvtool.data import TextSource, calibration_windows
+    from kvtool.models import load_model
+
+    model = tiny_checkpoint("llama")
+    recipe = write(tmp_path, {
+        "model": str(model), "data": {"samples": 3, "seq_len": 32, "batch_size": 2}, "device": "cpu",
+        "steps": [{"convert-mla": {"name": "mla", "kv_ratio": 0.5}},
+                  {"ladder": {"name": "lad", "layers": "auto", "count": 1}}]})
+    res = runner.invoke(app, ["run", str(recipe), "-o", str(tmp_path / "out"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [s["kind"] for s in report["steps"]].count("calibrate") == 1
+    drift = json.loads((tmp_path / "out" / "lad" / "kvtool.json").read_text())["report"]["drift"]
+    loaded = load_model(str(model))
+    windows = calibration_windows(loaded.tokenizer, TextSource(), 3, 32, 0, loaded.spec.max_positions)
+    alone = layer_drift(loaded, windows, batch_size=2)
+    assert [r["layer"] for r in drift] == [0, 1, 2]
+    for a, b in zip(drift, alone, strict=True):
+        assert a["drift"] == pytest.approx(b["drift"], rel=1e-9)
