@@ -6,16 +6,8 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from kvtool.commands.options import DEVICE_HELP, DTYPE_HELP, MODEL_HELP, keep_layout
+from kvtool.commands.options import DEVICE_HELP, DTYPE_HELP, MODEL_HELP
 from kvtool.options import DataOptions
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``kvtool eval``."""
-    from kvtool.commands.console import fails_cleanly
-
-    eval_.__doc__ = keep_layout(eval_.__doc__)
-    app.command("eval")(fails_cleanly(eval_))
 
 
 def eval_(

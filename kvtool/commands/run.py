@@ -9,16 +9,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvtool.commands.options import keep_layout
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``kvtool run``."""
-    from kvtool.commands.console import fails_cleanly
-
-    run_.__doc__ = keep_layout(run_.__doc__)
-    app.command("run")(fails_cleanly(run_))
-
 
 def run_(
     recipe: Annotated[Path, typer.Argument(help="A recipe YAML file (see recipes/).")],

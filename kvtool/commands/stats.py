@@ -7,16 +7,6 @@ from typing import Annotated, Optional
 
 import typer
 
-from kvtool.commands.options import keep_layout
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``kvtool stats``."""
-    from kvtool.commands.console import fails_cleanly
-
-    stats_.__doc__ = keep_layout(stats_.__doc__)
-    app.command("stats")(fails_cleanly(stats_))
-
 
 def stats_(
     directory: Annotated[Path, typer.Argument(help="A statistics folder written by `kvtool calibrate`.")],

@@ -7,15 +7,7 @@ from typing import Annotated
 
 import typer
 
-from kvtool.commands.options import DEVICE_HELP, keep_layout
-
-
-def register(app: typer.Typer) -> None:
-    """Add ``kvtool validate``."""
-    from kvtool.commands.console import fails_cleanly
-
-    validate_.__doc__ = keep_layout(validate_.__doc__)
-    app.command("validate")(fails_cleanly(validate_))
+from kvtool.commands.options import DEVICE_HELP
 
 
 def validate_(
