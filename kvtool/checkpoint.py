@@ -26,34 +26,132 @@ MANIFEST = "kvtool.json"
 DEFAULT_SHARD_BYTES = 4 << 30
 
 
-def check_output_dir(out: str | Path, overwrite: bool = False) -> Path:
-    """Validate an output folder before any work: it may not exist (or must be replaceable)."""
+def written_by_kvtool(folder: Path) -> bool:
+    """A folder kvtool wrote: a method output (``kvtool.json``) or a statistics folder (manifest + tensors)."""
+    return (folder / MANIFEST).is_file() or ((folder / "manifest.json").is_file()
+                                             and (folder / "stats.safetensors").is_file())
+
+
+def _tmp_prefix(name: str) -> str:
+    return f".{name}.tmp-"
+
+
+def local_input(arg: str | Path | None) -> Path | None:
+    """A model/data argument as a local path when it names one (None for hub ids and the embedded model)."""
+    if arg is None:
+        return None
+    path = Path(arg).expanduser()
+    return path if path.exists() else None
+
+
+def check_output_location(out: str | Path, inputs: tuple[str | Path | None, ...] = ()) -> Path:
+    """The output may not be the working directory or an ancestor of it, nor an input or an ancestor of one."""
     out = Path(out).expanduser()
-    if out.exists() and not overwrite:
-        if out.is_dir() and not any(out.iterdir()):
-            return out
-        raise KvtoolError(f"output {out} already exists: choose another -o or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise KvtoolError(f"output {out} exists and is not a folder: choose another -o")
-    parent = out.resolve().parent
-    if not parent.exists():
-        parent.mkdir(parents=True, exist_ok=True)
+    target = out.resolve()
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise KvtoolError(f"output {out} is the working directory or contains it: give -o a new folder")
+    for inp in inputs:
+        if inp is None:
+            continue
+        src = Path(inp).expanduser().resolve()
+        if target == src or target in src.parents:
+            raise KvtoolError(f"output {out} is or contains the input {inp}: give -o a folder outside the inputs")
     return out
 
 
+def check_output_dir(out: str | Path, overwrite: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> Path:
+    """Check an output folder before any work; raise a one-line KvtoolError when it may not be written.
+
+    The output may not be the working directory or an ancestor of it, nor an input (the source model, a
+    statistics folder) or an ancestor of one. An existing non-empty folder is replaced only with ``overwrite`` and
+    only when kvtool wrote it. The nearest existing ancestor must be a folder we can create entries in, and the
+    temporary sibling's name must fit the file system (255 bytes).
+    """
+    out = check_output_location(out, inputs)
+    target = out.resolve()
+    if target.exists():
+        if not target.is_dir():
+            raise KvtoolError(f"output {out} exists and is not a folder: choose another -o")
+        if any(target.iterdir()):
+            if not overwrite:
+                raise KvtoolError(f"output {out} already exists: choose another -o or pass --overwrite")
+            if not written_by_kvtool(target):
+                raise KvtoolError(f"output {out} exists and was not written by kvtool (no {MANIFEST}): --overwrite "
+                                  "replaces only kvtool outputs; choose another -o")
+    if len((_tmp_prefix(target.name) + "0000000-xxxxxxxx").encode()) > 255:
+        raise KvtoolError(f"output name {target.name[:40]}... is too long for the file system: use a shorter -o")
+    ancestor = target.parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise KvtoolError(f"output {out} lies under {ancestor}, which is a file: choose another -o")
+    try:  # a real probe: permission bits say nothing on read-only file systems
+        Path(tempfile.mkdtemp(prefix=".kvtool-probe-", dir=ancestor)).rmdir()
+    except OSError as exc:
+        raise KvtoolError(f"cannot write output {out} ({exc.strerror} in {ancestor}): choose a writable -o") from None
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(parent: Path, name: str) -> list[Path]:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` folders beside an output whose process is gone (left by a
+    killed run); returns what was removed."""
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for entry in parent.iterdir():
+        for kind in (".tmp-", ".old-"):
+            head = f".{name}{kind}"
+            if entry.name.startswith(head) and entry.is_dir():
+                pid = entry.name[len(head):].split("-", 1)[0]
+                if pid.isdigit() and not _pid_alive(int(pid)):
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
-def atomic_dir(out: str | Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it replaces ``out``, on failure it is removed."""
-    out = check_output_dir(out, overwrite)
-    parent = out.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+def atomic_dir(out: str | Path, overwrite: bool = False, inputs: tuple[str | Path | None, ...] = ()) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it replaces ``out`` (the new folder is complete before
+    the old one goes), on failure or interruption it is removed along with any parent folders it created."""
+    out = check_output_dir(out, overwrite, inputs)
+    target = out.resolve()
+    created = []
+    parent = target.parent
+    while not parent.exists():
+        created.append(parent)
+        parent = parent.parent
+    for folder in reversed(created):
+        folder.mkdir()
+    remove_stale_temporaries(target.parent, target.name)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{_tmp_prefix(target.name)}{os.getpid()}-", dir=target.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        if target.exists() and any(target.iterdir()):
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
+            os.replace(target, old)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for folder in created:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
 
 

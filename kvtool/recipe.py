@@ -264,7 +264,7 @@ def _load_target(name: str, out: Path, loaded: Any) -> Any:
 def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     """Execute a recipe into ``out``; returns the report (also written as report.json and report.md)."""
     from kvtool.calib import StatsStore, calibrate, run_layers
-    from kvtool.checkpoint import atomic_dir, write_json
+    from kvtool.checkpoint import atomic_dir, check_output_location, local_input, write_json
     from kvtool.data import TextSource, calibration_windows, heldout_tokens
     from kvtool.device import resolve_device
     from kvtool.evaluate import perplexity
@@ -273,6 +273,8 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
     from kvtool.progress import progress_bar
 
     device = resolve_device(recipe.device)
+    inputs = (local_input(recipe.model), local_input(recipe.data.dataset), recipe.path)
+    check_output_location(out, inputs)
     out.mkdir(parents=True, exist_ok=True)
     report: dict[str, Any] = {"recipe": str(recipe.path), "plan": plan(recipe, None), "steps": [], "perplexity": {}}
     t_all = time.perf_counter()
@@ -305,11 +307,11 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
                               seed=data.seed, device=device, batch_size=data.batch_size, progress=progress,
                               visitors=riders)
             store.meta["recipe_data"] = data.to_dict()
-            with atomic_dir(stats_dir, overwrite=True) as tmp:
+            with atomic_dir(stats_dir, overwrite=True, inputs=inputs) as tmp:
                 store.save(tmp)
             report["steps"].append({"kind": "calibrate", "name": "stats", "seconds": time.perf_counter() - t0,
                                     "reused": False, "statistics": list(names), "tokens": store.meta["tokens"]})
-    ctx = RunContext(device=device, dtype=recipe.dtype, data=data, overwrite=True, progress=False)
+    ctx = RunContext(device=device, dtype=recipe.dtype, data=data, overwrite=True, progress=False, inputs=inputs)
     heldout = TextSource(data.dataset, "heldout", data.text_field)
     with progress_bar(progress) as bar:
         task = bar.add_task("recipe steps", total=len(recipe.steps))

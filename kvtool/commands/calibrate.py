@@ -44,7 +44,7 @@ def register(app: typer.Typer) -> None:
 def calibrate(**values: Any) -> None:
     from kvtool.calib import calibrate as collect
     from kvtool.calib import parse_stats
-    from kvtool.checkpoint import atomic_dir, check_output_dir
+    from kvtool.checkpoint import atomic_dir, check_output_dir, local_input
     from kvtool.commands.console import print_json, print_table
     from kvtool.device import init_distributed, resolve_device
     from kvtool.models import load_model
@@ -53,7 +53,8 @@ def calibrate(**values: Any) -> None:
     data.check_fields("cli")
     names = parse_stats(values["statistics"])
     output = values["output"]
-    check_output_dir(output, values["overwrite"])
+    inputs = (local_input(values["model"]), local_input(data.dataset))
+    check_output_dir(output, values["overwrite"], inputs)
     device = resolve_device(values["device"])
     rank, world = init_distributed(device)
     stream = values["stream"]
@@ -65,7 +66,7 @@ def calibrate(**values: Any) -> None:
                     progress=values["progress"] and rank == 0)
     seconds = time.perf_counter() - t0
     if rank == 0:
-        with atomic_dir(output, values["overwrite"]) as tmp:
+        with atomic_dir(output, values["overwrite"], inputs) as tmp:
             store.save(tmp)
         tokens = store.meta["tokens"]
         result = {"output": str(output), "layers": len(store.layers()), "statistics": store.names(), "tokens": tokens,

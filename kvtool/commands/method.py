@@ -29,7 +29,7 @@ def register(app: typer.Typer, method: Method) -> None:
 
 def run_verb(method: Method, values: dict[str, Any]) -> None:
     """What every method verb does: check everything checkable, load, get statistics, run, summarize."""
-    from kvtool.checkpoint import check_output_dir
+    from kvtool.checkpoint import check_output_dir, local_input
     from kvtool.commands.console import print_json, print_table
     from kvtool.device import resolve_device
     from kvtool.methods.base import statistics_for
@@ -42,7 +42,8 @@ def run_verb(method: Method, values: dict[str, Any]) -> None:
     method.preflight(None, opts)
     output: Path = values["output"]
     stats_dir = values.get("stats_dir")
-    check_output_dir(output, values["overwrite"])
+    inputs = (local_input(values["model"]), stats_dir, local_input(data.dataset))
+    check_output_dir(output, values["overwrite"], inputs)
     device = resolve_device(values["device"])
     loaded = load_model(values["model"], dtype=values["dtype"], device="cpu")
     method.preflight(loaded.spec, opts)
@@ -53,7 +54,7 @@ def run_verb(method: Method, values: dict[str, Any]) -> None:
     store = statistics_for(loaded, needed, stats_dir, data, device=device, progress=values["progress"],
                            visitors=list(visitors.values()))
     ctx = RunContext(device=device, dtype=values["dtype"], data=data, overwrite=values["overwrite"],
-                     progress=values["progress"], release_statistics=True, visitors=visitors)
+                     progress=values["progress"], inputs=inputs, release_statistics=True, visitors=visitors)
     t0 = time.perf_counter()
     report = method.run(loaded, store, output, opts, ctx)
     if values["as_json"]:

@@ -29,12 +29,14 @@ def run_(
       kvtool run recipes/care-smoke.yaml --set data.samples=8 --dry-run
     Statistics saved in OUT/stats are reused when rerun with the same model and data.
     """
+    from kvtool.checkpoint import check_output_location, local_input
     from kvtool.commands.console import console, print_json, print_table
     from kvtool.errors import KvtoolError
     from kvtool.recipe import load_recipe, plan, preflight, report_markdown, run_recipe
 
     rec = load_recipe(recipe, set_)
     out = output or Path(rec.output or Path("out") / recipe.stem)
+    check_output_location(out, (local_input(rec.model), local_input(rec.data.dataset), recipe))
     if dry_run:
         from kvtool.models import arch_spec_from_config, resolve_model_path
 

@@ -20,7 +20,7 @@ class RunContext:
     data: DataOptions = field(default_factory=DataOptions)
     overwrite: bool = False
     progress: bool = False
-    inputs: tuple[Path, ...] = ()  # folders the output must not replace (source model, statistics)
+    inputs: tuple[Path | None, ...] = ()  # what the output must not replace (source model, statistics folder)
     release_statistics: bool = False  # a method may free each layer's statistics once used (the CLI's store)
     visitors: dict[str, Any] = field(default_factory=dict)  # this run's visitors that rode the calibration pass
 

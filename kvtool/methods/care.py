@@ -110,7 +110,7 @@ class ConvertMla(Method):
         report["format"] = opts.format
         options = {**opts.resolved().to_dict(), "dtype": dtype_name}
         manifest = provenance(self.name, options, loaded.identity(), statistics_provenance(store), report)
-        with atomic_dir(out, ctx.overwrite) as tmp:
+        with atomic_dir(out, ctx.overwrite, ctx.inputs) as tmp:
             save_model_checkpoint(tmp, state, config, manifest, loaded.tokenizer,
                                   getattr(loaded.model, "generation_config", None))
         return report

@@ -136,7 +136,7 @@ class Corda(Method):
         options = {**opts.to_dict(), "dtype": str(base_dtype).replace("torch.", "")}
         manifest = provenance(self.name, options, loaded.identity(), statistics_provenance(store) if needed else None,
                               report)
-        with atomic_dir(out, ctx.overwrite) as tmp:
+        with atomic_dir(out, ctx.overwrite, ctx.inputs) as tmp:
             (tmp / "adapter").mkdir()
             (tmp / "base").mkdir()
             cfg = adapter_config(targets, opts.rank, str(loaded.path or loaded.source), layers, spec.num_layers)

@@ -97,7 +97,7 @@ class Ladder(Method):
             report["perplexity"] = self._eval(loaded, chosen, opts, ctx)
         options = {**opts.to_dict(), "dtype": str(dtype).replace("torch.", "")}
         manifest = provenance(self.name, options, loaded.identity(), calib, report)
-        with atomic_dir(out, ctx.overwrite) as tmp:
+        with atomic_dir(out, ctx.overwrite, ctx.inputs) as tmp:
             save_model_checkpoint(tmp, state, config, manifest, loaded.tokenizer,
                                   getattr(loaded.model, "generation_config", None))
         return report

@@ -88,7 +88,7 @@ class Export(Method):
         options = {**opts.to_dict(), "group_size": opts.group_size or spec.head_dim, "dataset": data.dataset,
                    "seq_len": data.seq_len, "seed": data.seed}
         manifest = provenance(self.name, options, loaded.identity(), statistics_provenance(store), report)
-        with atomic_dir(out, ctx.overwrite) as tmp:
+        with atomic_dir(out, ctx.overwrite, ctx.inputs) as tmp:
             save_tensors(tmp, tensors, prefix="oscar", metadata={"kvtool": "oscar"})
             write_json(tmp / "quantization_config.json", quantization_config(math_opts, spec, opts.fold))
             if opts.fold:
