@@ -9,7 +9,9 @@ Under torch.distributed each rank processes ``windows[rank::world]`` and the sum
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -146,25 +148,39 @@ def collect_statistics_full_forward(loaded: LoadedModel, windows: torch.Tensor,
     return store
 
 
+def windows_digest(windows: torch.Tensor) -> str:
+    """sha256 of the token ids of the calibration windows: identifies text, tokenizer, samples, length and seed."""
+    return hashlib.sha256(windows.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()
+
+
+def dataset_identity(dataset: str) -> str:
+    """A local dataset as its absolute path (the same file named two ways is one dataset); other names as given."""
+    path = Path(dataset).expanduser()
+    return str(path.resolve()) if path.exists() else dataset
+
+
 def calibrate(loaded: LoadedModel, source: TextSource, stats: tuple[str, ...] | str | None = None, *,
               samples: int = 32, seq_len: int = 512, seed: int = 0, device: str | torch.device = "cpu",
               batch_size: int = 8, offload: bool = False, progress: bool = False,
-              visitors: list[LayerVisitor] = ()) -> StatsStore:
+              visitors: list[LayerVisitor] = (), windows: torch.Tensor | None = None) -> StatsStore:
     """Choose calibration windows of ``source``, collect ``stats`` on them (``visitors`` ride the same pass), and
     stamp the store's metadata (the one place statistics metadata is written: model, spec, dataset, tokens)."""
     import torch.distributed as dist
 
     from kvtool import __version__
 
-    windows = calibration_windows(loaded.tokenizer, source, samples, seq_len, seed, loaded.spec.max_positions)
+    if windows is None:
+        windows = calibration_windows(loaded.tokenizer, source, samples, seq_len, seed, loaded.spec.max_positions)
     store = collect_statistics(loaded, windows, stats, device=device, batch_size=batch_size, offload=offload,
                                progress=progress, visitors=visitors)
     store.meta = {
         "kvtool_version": __version__,
         "model": loaded.identity(),
         "spec": loaded.spec.to_dict(),
-        "dataset": {**source.describe(), "samples": samples, "seq_len": seq_len, "seed": seed},
+        "dataset": {**source.describe(), "dataset": dataset_identity(source.dataset), "samples": samples,
+                    "seq_len": seq_len, "seed": seed},
         "tokens": int(windows.numel()),
+        "windows_sha256": windows_digest(windows),
         "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
     }
     return store

@@ -21,6 +21,7 @@ and hash, dataset, samples, seq-len, tokens, per-statistic counts, kvtool versio
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -119,7 +120,7 @@ class StatsStore:
             missing = [i for i in range(num_layers) if (i, name) not in self.sums]
             if missing:
                 raise KvtoolError(f"statistic {name!r} missing for {len(missing)} of {num_layers} layers: "
-                                  f"recalibrate with --stats including {name}")
+                                  f"recalibrate with --statistics including {name}")
 
     # ------------------------------------------------------------------ combining
     def merge(self, other: StatsStore) -> StatsStore:
@@ -148,14 +149,21 @@ class StatsStore:
         """Write ``stats.safetensors`` + ``manifest.json`` into ``directory`` (use an atomic folder)."""
         from safetensors.torch import save_file
 
+        if not (self.meta.get("model") or {}).get("hash"):
+            raise KvtoolError("statistics without a model hash cannot be saved: stamp store.meta['model'] "
+                              "(kvtool.calib.calibrate does)")
         directory = Path(directory)
-        tensors = {f"layers.{layer}.{name}": s.cpu().contiguous() for (layer, name), s in self.sums.items()}
-        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": "pt", "kind": "kvtool-stats"})
+        tensors = {f"layers.{layer}.{name}": self.sums[(layer, name)].cpu().contiguous()
+                   for layer, name in sorted(self.sums)}
+        # one metadata entry: safetensors writes its metadata map in hash order (more entries -> varying bytes)
+        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": "pt"})
         manifest = dict(self.meta)
+        manifest["kind"] = "kvtool-stats"
         manifest["counts"] = {f"layers.{layer}.{name}": c for (layer, name), c in sorted(self.counts.items())}
         manifest["stats"] = self.names()
         manifest["layers"] = self.layers()
-        (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+        manifest["tensors_sha256"] = hashlib.sha256((directory / TENSORS_FILE).read_bytes()).hexdigest()
+        (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, directory: str | Path) -> StatsStore:
@@ -169,6 +177,11 @@ class StatsStore:
                               "run `kvtool calibrate MODEL -o DIR` first")
         try:
             manifest = json.loads(manifest_path.read_text())
+            digest = manifest.get("tensors_sha256")
+            if digest is not None and hashlib.sha256(tensors_path.read_bytes()).hexdigest() != digest:
+                raise ValueError("checksum mismatch")
+            if not (manifest.get("model") or {}).get("hash"):
+                raise ValueError("no model hash")
             tensors = load_file(str(tensors_path))
         except Exception as exc:
             raise KvtoolError(f"cannot read statistics in {directory} ({type(exc).__name__}): "

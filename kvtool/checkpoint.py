@@ -7,7 +7,6 @@ Every kvtool output folder holds ``kvtool.json`` (what produced it). Model check
 from __future__ import annotations
 
 import contextlib
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -140,6 +139,7 @@ def atomic_dir(out: str | Path, overwrite: bool = False, inputs: tuple[str | Pat
     os.chmod(tmp, 0o777 & ~umask)
     try:
         yield tmp
+        record_checksums(tmp)
         if target.exists() and any(target.iterdir()):
             old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-{os.getpid()}-", dir=target.parent))
             os.replace(target, old)
@@ -153,6 +153,29 @@ def atomic_dir(out: str | Path, overwrite: bool = False, inputs: tuple[str | Pat
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+
+
+def record_checksums(folder: Path) -> None:
+    """Add ``checksums`` (sha256 of every other file, by relative path) to the folder's kvtool.json, if it has one."""
+    manifest = folder / MANIFEST
+    if not manifest.is_file():
+        return
+    data = json.loads(manifest.read_text())
+    data["checksums"] = {str(p.relative_to(folder)): file_sha256(p) for p in sorted(folder.rglob("*"))
+                         if p.is_file() and p != manifest}
+    write_json(manifest, data)
+
+
+def verify_checksums(folder: Path) -> None:
+    """Raise a one-line KvtoolError naming the first file whose bytes differ from kvtool.json's checksums."""
+    manifest = Path(folder) / MANIFEST
+    if not manifest.is_file():
+        return
+    for rel, digest in (json.loads(manifest.read_text()).get("checksums") or {}).items():
+        path = Path(folder) / rel
+        if not path.is_file() or file_sha256(path) != digest:
+            raise KvtoolError(f"{path} is damaged or missing (its checksum differs from {manifest}): rewrite the "
+                              "output with kvtool")
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -171,8 +194,11 @@ def _json_default(o: Any) -> Any:
 
 
 def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 prefix: str = "model", metadata: dict[str, str] | None = None) -> list[str]:
-    """Save tensors as safetensors shards (HF naming); returns the file names written."""
+                 prefix: str = "model") -> list[str]:
+    """Save tensors as safetensors shards (HF naming); returns the file names written.
+
+    The header's metadata is the single entry ``format: pt``: safetensors writes its metadata map in hash order,
+    so more than one entry would make the same tensors give different bytes from run to run."""
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
@@ -183,7 +209,7 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_by
             size = 0
         shards[-1][name] = tensors[name]
         size += nbytes
-    meta = {"format": "pt", **(metadata or {})}
+    meta = {"format": "pt"}
     if len(shards) == 1:
         save_file(shards[0], str(directory / f"{prefix}.safetensors"), metadata=meta)
         return [f"{prefix}.safetensors"]
@@ -219,13 +245,13 @@ def file_sha256(path: Path) -> str:
 
 def provenance(command: str, options: dict[str, Any], model: dict[str, Any] | None = None,
                statistics: dict[str, Any] | None = None, report: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The content of ``kvtool.json``: tool version, command, options, source model, statistics, report."""
+    """The content of ``kvtool.json``: tool version, command, options, source model, statistics, report (no wall-clock
+    fields: the same command gives the same bytes; :func:`atomic_dir` adds the checksums of the files written)."""
     from kvtool import __version__
 
     return {
         "kvtool_version": __version__,
         "command": command,
-        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "torch_version": torch.__version__,
         "options": options,
         "model": model,

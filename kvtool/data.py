@@ -7,7 +7,14 @@
   the remaining 20 % the held-out part used by ``kvtool eval``. The two parts share no topic.
 * a local ``.txt``/``.md`` file, a ``.jsonl``/``.json``/``.parquet`` file (``--text-field``, default ``text``),
   or a folder of such files;
-* a hub dataset ``NAME`` or ``NAME:CONFIG`` (``--split``, default ``train``), through ``datasets``.
+* a hub dataset ``NAME`` or ``NAME:CONFIG`` (its ``train`` split), through ``datasets``.
+
+Every source has the same disjoint calibration / held-out split (``--split calib|heldout|all``): with at least
+five documents (records, or files of a folder, in order), the first 80 % of the documents calibrate and the rest
+are held out; a source with fewer documents (e.g. one ``.txt`` file) is cut at 80 % of its characters (at the
+next whitespace): the text before the cut calibrates, the text after it is held out. Calibration windows come
+from the calibration part only and ``kvtool eval`` scores the held-out part by default, so no calibration token
+is ever scored.
 
 Windows are non-overlapping slices of the concatenated token stream, chosen with a seeded permutation,
 so the same (source, samples, seq-len, seed) always gives the same windows.
@@ -26,6 +33,9 @@ from kvtool.errors import KvtoolError
 
 EMBEDDED = "embedded"
 EMBEDDED_CALIB_FRACTION = 0.8
+CALIB_FRACTION = 0.8  # every source: the calibration share of its documents (or characters)
+MIN_DOCUMENTS = 5  # below this many documents a source is split by characters
+SPLITS = ("calib", "heldout", "all")
 RECORD_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 TEXT_SUFFIXES = {".txt", ".md", ".rst"}
 
@@ -79,42 +89,61 @@ def _records_text(files: list[Path], kind: str, field: str) -> list[str]:
     return [t for t in ds[field] if isinstance(t, str) and t]
 
 
-def load_text(source: TextSource) -> str:
-    """All text of a source, joined with blank lines."""
-    if source.dataset == EMBEDDED:
-        return embedded_text(source.split)
+def documents(source: TextSource) -> list[str]:
+    """Every document of a non-embedded source, in order (files of a folder sorted by path; records in order)."""
     path = Path(source.dataset).expanduser()
     if path.exists():
         texts: list[str] = []
-        files = _files_in(path)
-        plain = [f for f in files if f.suffix in TEXT_SUFFIXES or f.suffix not in RECORD_SUFFIXES]
-        texts += [f.read_text(encoding="utf-8", errors="replace") for f in plain]
-        for suffix, kind in RECORD_SUFFIXES.items():
-            group = [f for f in files if f.suffix == suffix]
-            if group:
-                texts += _records_text(group, kind, source.text_field)
-        return "\n\n".join(texts)
+        for f in _files_in(path):
+            kind = RECORD_SUFFIXES.get(f.suffix)
+            texts += _records_text([f], kind, source.text_field) if kind else [
+                f.read_text(encoding="utf-8", errors="replace")]
+        return texts
     suffixes = tuple(TEXT_SUFFIXES | set(RECORD_SUFFIXES))
     if source.dataset.startswith((".", "/", "~")) or source.dataset.endswith(suffixes):
         raise KvtoolError(f"dataset path {source.dataset} does not exist: give an existing file or folder, "
                           "a hub dataset name, or 'embedded'")
-    return _hub_text(source)
+    return _hub_documents(source)
 
 
-def _hub_text(source: TextSource) -> str:
+def split_documents(docs: list[str], part: str) -> list[str]:
+    """The ``calib`` / ``heldout`` / ``all`` part of a list of documents (the rule in the module docstring)."""
+    if part not in SPLITS:
+        raise KvtoolError(f"unknown split {part!r}: use calib, heldout or all")
+    if part == "all":
+        return docs
+    if len(docs) >= MIN_DOCUMENTS:
+        cut = int(len(docs) * CALIB_FRACTION)
+        return docs[:cut] if part == "calib" else docs[cut:]
+    text = "\n\n".join(docs)
+    cut = int(len(text) * CALIB_FRACTION)
+    while cut < len(text) and not text[cut].isspace():
+        cut += 1
+    return [text[:cut]] if part == "calib" else [text[cut:]]
+
+
+def load_text(source: TextSource) -> str:
+    """The text of a source's split (``calib``, ``heldout`` or ``all``), documents joined with blank lines."""
+    if source.dataset == EMBEDDED:
+        if source.split == "all":
+            return embedded_text("calib") + "\n\n" + embedded_text("heldout")
+        return embedded_text(source.split)
+    return "\n\n".join(split_documents(documents(source), source.split))
+
+
+def _hub_documents(source: TextSource) -> list[str]:
     from datasets import load_dataset
 
     name, _, config = source.dataset.partition(":")
-    split = "train" if source.split == "calib" else source.split
     try:
-        ds = load_dataset(name, config or None, split=split)
+        ds = load_dataset(name, config or None, split="train")
     except Exception as exc:
-        raise KvtoolError(f"could not load dataset {source.dataset!r} split {split!r} from the hub "
-                          "(offline or not found): give a local file or folder instead") from exc
+        raise KvtoolError(f"could not load dataset {source.dataset!r} from the hub (offline or not found): give a "
+                          "local file or folder instead") from exc
     if source.text_field not in ds.column_names:
         raise KvtoolError(f"no field {source.text_field!r} in {source.dataset} "
                           f"(fields: {', '.join(ds.column_names)}): pass --text-field")
-    return "\n\n".join(t for t in ds[source.text_field] if isinstance(t, str) and t)
+    return [t for t in ds[source.text_field] if isinstance(t, str) and t]
 
 
 def tokenize(text: str, tokenizer: Any) -> torch.Tensor:

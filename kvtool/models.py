@@ -141,9 +141,11 @@ def cache_dir() -> Path:
 
 
 def files_digest(paths: list[Path]) -> str:
-    """sha256 over the contents of ``paths`` (sorted by name), cached by (path, size, mtime)."""
+    """sha256 over the contents of ``paths`` (sorted by name), cached by (path, inode, size, mtime, ctime): rewriting
+    a file's bytes changes its ctime even when its size and mtime are restored, so the cache cannot be fooled."""
     paths = sorted(paths, key=lambda p: p.name)
-    key = json.dumps([[str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for p in paths])
+    stats = [(p, p.stat()) for p in paths]
+    key = json.dumps([[str(p.resolve()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns] for p, st in stats])
     index_file = cache_dir() / "hashes.json"
     try:
         index = json.loads(index_file.read_text())

@@ -234,14 +234,16 @@ def plan(recipe: Recipe, spec: Any | None) -> dict[str, Any]:
             "estimated_peak_bytes": est}
 
 
-def _stats_match(stats_dir: Path, model_hash: str, data: dict[str, Any], names: tuple[str, ...]) -> bool:
+def _stats_match(stats_dir: Path, model_hash: str, windows_sha256: str, names: tuple[str, ...]) -> bool:
+    """Saved statistics are reused only for the same model bytes and the same calibration windows (token ids, so a
+    changed text file, tokenizer, sample count, length or seed all recalibrate)."""
     from kvtool.calib.stats import MANIFEST_FILE
 
     try:
         manifest = json.loads((stats_dir / MANIFEST_FILE).read_text())
     except (OSError, ValueError):
         return False
-    return (manifest.get("model", {}).get("hash") == model_hash and manifest.get("recipe_data") == data
+    return (manifest.get("model", {}).get("hash") == model_hash and manifest.get("windows_sha256") == windows_sha256
             and set(names) <= set(manifest.get("stats", [])))
 
 
@@ -264,6 +266,7 @@ def _load_target(name: str, out: Path, loaded: Any) -> Any:
 def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     """Execute a recipe into ``out``; returns the report (also written as report.json and report.md)."""
     from kvtool.calib import StatsStore, calibrate, run_layers
+    from kvtool.calib.collect import windows_digest
     from kvtool.checkpoint import atomic_dir, check_output_location, local_input, write_json
     from kvtool.data import TextSource, calibration_windows, heldout_tokens
     from kvtool.device import resolve_device
@@ -288,11 +291,13 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
     # passes the steps need on the calibration windows (e.g. Ladder drift) ride the one calibration pass
     step_visitors = {s.name: METHODS[s.kind].visitors(s.options) for s in recipe.steps if s.kind in METHODS}
     riders = [v for vs in step_visitors.values() for v in vs.values()]
-    reuse = bool(names) and _stats_match(stats_dir, loaded.model_hash, data.to_dict(), names)
-    if riders and (reuse or not names):
-        t0 = time.perf_counter()
+    windows = None
+    if names or riders:
         windows = calibration_windows(loaded.tokenizer, data.source(), data.samples, data.seq_len, data.seed,
                                       loaded.spec.max_positions)
+    reuse = bool(names) and _stats_match(stats_dir, loaded.model_hash, windows_digest(windows), names)
+    if riders and (reuse or not names):
+        t0 = time.perf_counter()
         run_layers(loaded, windows, riders, device=device, batch_size=data.batch_size, progress=progress,
                    description="calibration pass")
         report["steps"].append({"kind": "calibrate", "name": "pass", "seconds": time.perf_counter() - t0,
@@ -305,8 +310,7 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
         else:
             store = calibrate(loaded, data.source(), names, samples=data.samples, seq_len=data.seq_len,
                               seed=data.seed, device=device, batch_size=data.batch_size, progress=progress,
-                              visitors=riders)
-            store.meta["recipe_data"] = data.to_dict()
+                              visitors=riders, windows=windows)
             with atomic_dir(stats_dir, overwrite=True, inputs=inputs) as tmp:
                 store.save(tmp)
             report["steps"].append({"kind": "calibrate", "name": "stats", "seconds": time.perf_counter() - t0,

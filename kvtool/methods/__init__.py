@@ -42,7 +42,10 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
 
 def validate(out: str | Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the kernel validation of the method that wrote ``out``."""
+    from kvtool.checkpoint import verify_checksums
+
     manifest = read_manifest(out)
+    verify_checksums(Path(out))
     command = manifest.get("command")
     if command not in METHODS:
         raise KvtoolError(f"no validator for outputs of {command!r} (known: {', '.join(METHODS)})")

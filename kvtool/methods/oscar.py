@@ -89,7 +89,7 @@ class Export(Method):
                    "seq_len": data.seq_len, "seed": data.seed}
         manifest = provenance(self.name, options, loaded.identity(), statistics_provenance(store), report)
         with atomic_dir(out, ctx.overwrite, ctx.inputs) as tmp:
-            save_tensors(tmp, tensors, prefix="oscar", metadata={"kvtool": "oscar"})
+            save_tensors(tmp, tensors, prefix="oscar")
             write_json(tmp / "quantization_config.json", quantization_config(math_opts, spec, opts.fold))
             if opts.fold:
                 state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}

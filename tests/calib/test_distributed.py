@@ -18,7 +18,9 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
     try:
         torch.set_num_threads(1)
         ids = torch.randint(0, 300, (6, 20), generator=torch.Generator().manual_seed(7))
-        store = collect_statistics(wrap_model(tiny_model("qwen3", seed=11)), ids, "attn_in,q,k,v,o_in", batch_size=2)
+        loaded = wrap_model(tiny_model("qwen3", seed=11))
+        store = collect_statistics(loaded, ids, "attn_in,q,k,v,o_in", batch_size=2)
+        store.meta = {"model": loaded.identity()}
         if rank == 0:
             os.makedirs(out_dir, exist_ok=True)
             store.save(out_dir)

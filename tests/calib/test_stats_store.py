@@ -69,3 +69,27 @@ def test_parse_stats():
     assert parse_stats("k,attn_in") == ("attn_in", "k")
     with pytest.raises(KvtoolError, match="unknown statistics"):
         parse_stats("attn_in,bogus")
+
+
+def test_saved_bytes_are_deterministic_and_damage_is_detected(tmp_path):
+    """Same store -> same bytes (one safetensors metadata entry, sorted manifest); a flipped byte or a manifest
+    without a model hash is reported as damaged, not silently used."""
+    import json
+
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        make_store().save(tmp_path / name)
+    for f in ("stats.safetensors", "manifest.json"):
+        assert (tmp_path / "a" / f).read_bytes() == (tmp_path / "b" / f).read_bytes()
+    data = bytearray((tmp_path / "a" / "stats.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (tmp_path / "a" / "stats.safetensors").write_bytes(bytes(data))
+    with pytest.raises(KvtoolError, match="damaged"):
+        StatsStore.load(tmp_path / "a")
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest["model"] = {}
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(KvtoolError, match="damaged"):
+        StatsStore.load(tmp_path / "b")
+    with pytest.raises(KvtoolError, match="without a model hash"):
+        StatsStore().save(tmp_path / "c")

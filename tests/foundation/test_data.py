@@ -38,7 +38,7 @@ def test_too_few_tokens_is_a_clear_error():
 def test_local_text_and_records(tmp_path):
     (tmp_path / "a.txt").write_text("plain text here")
     (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"body": f"record {i}"}) for i in range(3)))
-    text = load_text(TextSource(str(tmp_path), text_field="body"))
+    text = load_text(TextSource(str(tmp_path), split="all", text_field="body"))
     assert "plain text here" in text and "record 2" in text
     with pytest.raises(KvtoolError, match="no field 'text'"):
         load_text(TextSource(str(tmp_path / "b.jsonl")))
@@ -47,3 +47,44 @@ def test_local_text_and_records(tmp_path):
 def test_missing_path_is_a_clear_error(tmp_path):
     with pytest.raises(KvtoolError, match="does not exist"):
         load_text(TextSource(str(tmp_path / "nope.txt")))
+
+
+def _sources(tmp_path):
+    """The same user text as one .txt, a .jsonl of records, a .parquet of records, and a folder of files."""
+    import pandas as pd
+
+    from kvtool.data import embedded_text
+
+    paragraphs = [p for p in embedded_text("heldout").split("\n\n") if len(p) > 200][:60]
+    (tmp_path / "one.txt").write_text("\n\n".join(paragraphs))
+    (tmp_path / "recs.jsonl").write_text("\n".join(json.dumps({"text": p}) for p in paragraphs))
+    pd.DataFrame({"text": paragraphs}).to_parquet(tmp_path / "recs.parquet")
+    (tmp_path / "folder").mkdir()
+    for i, p in enumerate(paragraphs):
+        (tmp_path / "folder" / f"doc{i:03d}.txt").write_text(p)
+    return ["one.txt", "recs.jsonl", "recs.parquet", "folder"]
+
+
+def test_every_source_has_disjoint_calibration_and_heldout_parts(tmp_path, tiny_tokenizer):
+    """No calibration window occurs in the held-out tokens (what `kvtool eval` scores by default), for a .txt, a
+    .jsonl, a .parquet and a folder; `all` is both parts."""
+    from kvtool.data import calibration_windows, heldout_tokens
+
+    for name in _sources(tmp_path):
+        src = str(tmp_path / name)
+        calib, held = load_text(TextSource(src, "calib")), load_text(TextSource(src, "heldout"))
+        assert calib and held and len(held) < len(calib)
+        assert held.strip()[:200] not in calib and calib.strip()[-200:] not in held
+        windows = calibration_windows(tiny_tokenizer, TextSource(src, "calib"), 40, 64, seed=1)
+        scored = heldout_tokens(tiny_tokenizer, TextSource(src, "heldout"))
+        scored_bytes = scored.to(torch.int32).numpy().tobytes()
+        for w in windows:
+            assert w.to(torch.int32).numpy().tobytes() not in scored_bytes, name
+        everything = load_text(TextSource(src, "all"))
+        assert calib.strip()[:100] in everything and held.strip()[-100:] in everything
+
+
+def test_unknown_split_is_a_clear_error(tmp_path):
+    (tmp_path / "a.txt").write_text("some text " * 100)
+    with pytest.raises(KvtoolError, match="unknown split 'validation'"):
+        load_text(TextSource(str(tmp_path / "a.txt"), "validation"))
