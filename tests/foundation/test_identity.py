@@ -1,4 +1,4 @@
-"""Identity: model hashes that cannot be fooled, statistics reused only for the same text, same command -> same bytes."""
+"""Identity: model hashes that cannot be fooled, statistics reused only for the same text, same bytes."""
 
 from __future__ import annotations
 
