@@ -192,6 +192,9 @@ class StatsStore:
             _, layer, name = key.split(".", 2)
             if key not in counts:
                 raise KvtoolError(f"statistics in {directory} have no token count for {key}: recalibrate")
+            if not torch.isfinite(t).all():
+                raise KvtoolError(f"statistics in {directory} hold non-finite values ({key}): the model produced "
+                                  "inf/NaN activations on the calibration text; check the model and recalibrate")
             store.sums[(int(layer), name)] = t.to(torch.float64)
             store.counts[(int(layer), name)] = int(counts[key])
         return store

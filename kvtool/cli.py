@@ -6,6 +6,7 @@ Bad input raises :class:`kvtool.errors.KvtoolError`, printed as one ``error:`` l
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Annotated
@@ -45,6 +46,8 @@ _register()
 def main() -> None:
     """Console-script entry point: usage errors and KvtoolError become one ``error:`` line, exit code 2."""
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # kvtool shows its own progress
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     try:
         rc = app(standalone_mode=False)
     except typer.Exit as exc:

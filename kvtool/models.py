@@ -201,25 +201,45 @@ def embedded_gguf_path() -> Path:
     return found[0]
 
 
+def check_gguf_architecture(gguf: Path) -> str:
+    """Read a GGUF header's ``general.architecture`` and refuse architectures kvtool does not convert."""
+    import gguf as gguf_lib
+
+    try:
+        field = gguf_lib.GGUFReader(str(gguf)).get_field("general.architecture")
+        arch = bytes(field.parts[-1]).decode()
+    except Exception as exc:  # the reader raises many types on truncated or damaged files
+        raise KvtoolError(f"{gguf} is damaged or truncated ({type(exc).__name__}): download it again") from None
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise KvtoolError(f"unsupported architecture {arch!r} in {gguf.name}: kvtool supports "
+                          f"{', '.join(SUPPORTED_ARCHITECTURES)} (nothing was converted or cached)")
+    return arch
+
+
 def _gguf_to_cached_dir(gguf: Path) -> tuple[Path, str]:
     """Dequantize a GGUF once into a cached safetensors directory; returns (directory, hash of the GGUF)."""
     if importlib.util.find_spec("gguf") is None:
         raise KvtoolError("loading a .gguf file needs the `gguf` package: run `pip install gguf`")
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise KvtoolError(f"{gguf} is not a GGUF file (no GGUF magic bytes): give a .gguf model file")
     digest = files_digest([gguf])
     target = cache_dir() / "models" / f"{gguf.stem}-{digest.split(':')[1][:16]}"
     if (target / "config.json").is_file() and weight_files(target):
         return target, digest
+    check_gguf_architecture(gguf)  # before dequantizing (minutes, GBs of cache)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config  # weights are dequantized float32 now
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".tmp-", dir=target.parent))
-    try:
-        from kvtool.checkpoint import save_tensors, untie_for_saving
+    from kvtool.checkpoint import remove_stale_temporaries, save_tensors, untie_for_saving
 
+    target.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(target.parent, target.name)  # left by a killed dequantization
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-{os.getpid()}-", dir=target.parent))
+    try:
         # save_pretrained refuses GGUF-"quantized" models; the weights are plain float32 tensors by now.
         state = untie_for_saving(model.state_dict(), bool(model.config.tie_word_embeddings))
         save_tensors(tmp, state)
@@ -288,6 +308,9 @@ def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = No
     from kvtool.runtime import register_auto_classes
 
     register_auto_classes()
+    folder = Path(model).expanduser() if model else None
+    if folder is not None and (folder / "adapter" / "adapter_config.json").is_file() and (folder / "base").is_dir():
+        return _load_adapter_output(folder, dtype=dtype, device=device, strict=strict)
 
     hf_logging.disable_progress_bar()
 
@@ -321,10 +344,16 @@ def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = No
         _rebuild_rotary(hf_model, device)
         hf_model._kvtool_weights = streamer_source  # type: ignore[attr-defined]
         return LoadedModel(hf_model, tokenizer, spec, source, digest or "unknown", directory)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # a mismatch report would precede our one error line
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(target, dtype=torch_dtype)
-    except OSError as exc:
-        raise KvtoolError(f"could not load weights of {source}: {exc}".splitlines()[0]) from exc
+    except Exception as exc:  # damaged safetensors, refused pickles, weights that do not match config.json, ...
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise KvtoolError(f"could not load the weights of {source} ({type(exc).__name__}: {first}): the checkpoint "
+                          "is damaged or does not match its config.json") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     hf_model.to(device)
     hf_model.eval()
     if digest is None:
@@ -336,6 +365,16 @@ def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = No
             raise
         spec = None
     return LoadedModel(hf_model, tokenizer, spec, source, digest, directory)
+
+
+def _load_adapter_output(folder: Path, **kwargs: Any) -> LoadedModel:
+    """A CorDA output folder (``base/`` + PEFT ``adapter/``): the residual base with the adapter attached."""
+    from peft import PeftModel
+
+    base = load_model(str(folder / "base"), **kwargs)
+    base.model = PeftModel.from_pretrained(base.model, str(folder / "adapter")).eval()
+    base.source = str(folder)
+    return base
 
 
 def spec_of(model: nn.Module) -> ArchSpec:

@@ -253,14 +253,7 @@ def _load_target(name: str, out: Path, loaded: Any) -> Any:
 
     if name == "original":
         return loaded
-    folder = out / name
-    if (folder / "adapter").is_dir() and (folder / "base").is_dir():
-        from peft import PeftModel
-
-        base = load_model(str(folder / "base"), strict=False)
-        base.model = PeftModel.from_pretrained(base.model, str(folder / "adapter")).eval()
-        return base
-    return load_model(str(folder), strict=False)
+    return load_model(str(out / name), strict=False)  # a CorDA output loads as base + adapter
 
 
 def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:

@@ -42,14 +42,20 @@ def read_manifest(out: str | Path) -> dict[str, Any]:
 
 def validate(out: str | Path, options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Run the kernel validation of the method that wrote ``out``."""
+    import os
+
     from kvtool.checkpoint import verify_checksums
 
+    options = options or {}
     manifest = read_manifest(out)
-    verify_checksums(Path(out))
     command = manifest.get("command")
     if command not in METHODS:
         raise KvtoolError(f"no validator for outputs of {command!r} (known: {', '.join(METHODS)})")
-    return METHODS[command].validate(Path(out), manifest, options or {})
+    if not str(options.get("device", "cpu")).startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise KvtoolError("validating on the CPU runs the Triton kernels in Triton's interpreter: rerun as "
+                          "`TRITON_INTERPRET=1 kvtool validate OUT --device cpu` (or use --device cuda)")
+    verify_checksums(Path(out))
+    return METHODS[command].validate(Path(out), manifest, options)
 
 
 __all__ = ["ALIASES", "METHODS", "Method", "RunContext", "get_method", "read_manifest", "run_method", "statistics_for",

@@ -128,7 +128,7 @@ class ConvertMla(Method):
     def validate(self, out: Path, manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
         """Decode held-out tokens with the MLA model twice, PyTorch path vs Triton kernels; compare logits."""
         import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from kvtool.data import TextSource, heldout_tokens
         from kvtool.runtime.mla import set_decode_kernel
@@ -137,6 +137,11 @@ class ConvertMla(Method):
             raise KvtoolError("validate runs the kvtool-format MLA model: convert with --format kvtool "
                               "(a deepseek-v3 export is checked by loading it in transformers and `kvtool eval`)")
         device = options.get("device", "cpu")
+        cfg = AutoConfig.from_pretrained(str(out))
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if cfg.mla_rope == "keep" and (head_dim < 32 or head_dim & (head_dim - 1)):
+            raise KvtoolError(f"the rope=keep MLA decode kernel needs a power-of-two head_dim >= 32 (this model has "
+                              f"{head_dim}): kernel validation is not available; `kvtool eval` still scores it")
         model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).to(device).eval()
         tokens = heldout_tokens(AutoTokenizer.from_pretrained(str(out)), TextSource(split="heldout"), 2 * 36)
         ids = tokens.view(2, 36).to(device)

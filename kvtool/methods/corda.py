@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -139,7 +138,8 @@ class Corda(Method):
         with atomic_dir(out, ctx.overwrite, ctx.inputs) as tmp:
             (tmp / "adapter").mkdir()
             (tmp / "base").mkdir()
-            cfg = adapter_config(targets, opts.rank, str(loaded.path or loaded.source), layers, spec.num_layers)
+            # the adapter belongs to the residual base (not the source): AutoPeftModelForCausalLM loads that pair
+            cfg = adapter_config(targets, opts.rank, str(Path(out).resolve() / "base"), layers, spec.num_layers)
             write_json(tmp / "adapter" / "adapter_config.json", cfg)
             save_tensors(tmp / "adapter", adapter, prefix="adapter_model")
             config = loaded.model.config
@@ -180,9 +180,6 @@ class Corda(Method):
         from kvtool.models import load_model
 
         device = options.get("device", "cpu")
-        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise KvtoolError("validating on the CPU runs the Triton kernel in its interpreter: set TRITON_INTERPRET=1 "
-                              "(or use --device cuda)")
         cfg, tensors = load_adapter(out / "adapter")
         scale = cfg["lora_alpha"] / cfg["r"]
         base = AutoModelForCausalLM.from_pretrained(str(out / "base"), dtype=torch.float32).to(device).eval()

@@ -10,7 +10,6 @@ whose W_v/W_o have R_v folded in. Math: :mod:`kvtool.convert.oscar`; runtime: :m
 from __future__ import annotations
 
 import dataclasses
-import os
 from pathlib import Path
 from typing import Any
 
@@ -125,9 +124,6 @@ class Export(Method):
         from kvtool.runtime.kvquant import kv_quantization, load_oscar_spec
 
         device = options.get("device", "cpu")
-        if device == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
-            raise KvtoolError("the INT2 Triton kernels need a GPU or TRITON_INTERPRET=1 on the CPU: "
-                              "rerun as `TRITON_INTERPRET=1 kvtool validate OUT --device cpu`")
         from kvtool.kernels.int2_kv import (
             decode_attention_reference,
             int2_decode_attention,

@@ -93,3 +93,11 @@ def test_saved_bytes_are_deterministic_and_damage_is_detected(tmp_path):
         StatsStore.load(tmp_path / "b")
     with pytest.raises(KvtoolError, match="without a model hash"):
         StatsStore().save(tmp_path / "c")
+
+
+def test_non_finite_statistics_are_refused_on_load(tmp_path):
+    store = make_store()
+    store.sums[(1, "attn_in")][0, 0] = float("nan")
+    store.save(tmp_path)
+    with pytest.raises(KvtoolError, match="non-finite values"):
+        StatsStore.load(tmp_path)

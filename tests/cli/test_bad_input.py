@@ -167,3 +167,66 @@ def test_sigterm_removes_the_temporary(workdir):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and not (workdir / "termed").exists()
     assert not list(workdir.glob(".termed.tmp-*"))
+
+
+def test_validate_refuses_in_one_line_what_its_kernels_cannot_run(workdir, tiny_tokenizer):
+    """No TRITON_INTERPRET on a CPU, and a rope=keep MLA with head_dim < 32 (the kernel's limit)."""
+    assert kvtool(workdir, "convert-mla", "model", "--stats-dir", "stats", "-o", "mla16", "--device", "cpu",
+                  "--no-progress").returncode == 0  # the tiny model has head_dim 16
+    env = {k: v for k, v in ENV.items() if k != "TRITON_INTERPRET"}
+    res = subprocess.run([KVTOOL, "validate", "mla16", "--device", "cpu"], cwd=workdir, capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "TRITON_INTERPRET=1" in res.stderr, res.stderr
+    res = kvtool(workdir, "validate", "mla16", "--device", "cpu")
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "head_dim >= 32" in res.stderr, res.stderr
+
+
+def test_damaged_model_files_are_one_error_line(tmp_path, workdir):
+    """A truncated safetensors, weights that do not match config.json, garbage and truncated .gguf files."""
+    import json
+
+    bad = {}
+    for name in ("trunc", "mismatch"):
+        shutil.copytree(workdir / "model", tmp_path / name)
+        bad[name] = tmp_path / name
+    w = tmp_path / "trunc" / "model.safetensors"
+    w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    cfg = json.loads((tmp_path / "mismatch" / "config.json").read_text())
+    cfg["intermediate_size"] += 32
+    (tmp_path / "mismatch" / "config.json").write_text(json.dumps(cfg))
+    (tmp_path / "garbage.gguf").write_bytes(os.urandom(4096))
+    (tmp_path / "short.gguf").write_bytes(b"GGUF\x03\x00\x00\x00")
+    for model, fragment in ((bad["trunc"], "damaged"), (bad["mismatch"], "does not match its config.json"),
+                            (tmp_path / "garbage.gguf", "not a GGUF file"), (tmp_path / "short.gguf", "truncated")):
+        res = kvtool(tmp_path, "eval", model, "--max-tokens", "64", "--seq-len", "32", "--device", "cpu")
+        assert res.returncode == 2 and res.stderr.count("\n") == 1 and fragment in res.stderr, res.stderr
+
+
+def test_gguf_of_another_architecture_is_refused_before_dequantizing(tmp_path):
+    import gguf
+    import numpy as np
+
+    path = tmp_path / "other.gguf"
+    writer = gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    env = {**ENV, "KVTOOL_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([KVTOOL, "eval", str(path), "--device", "cpu"], capture_output=True, text=True, env=env,
+                         timeout=120)
+    assert res.returncode == 2 and res.stderr.count("\n") == 1 and "unsupported architecture 'gemma3'" in res.stderr
+    assert not list((tmp_path / "cache").glob("models/*"))
+
+
+def test_cache_lists_and_clears(tmp_path):
+    import json
+
+    env = {**ENV, "KVTOOL_CACHE": str(tmp_path / "cache")}
+    (tmp_path / "cache" / "models" / "m").mkdir(parents=True)
+    (tmp_path / "cache" / "models" / "m" / "w.safetensors").write_bytes(b"x" * 2048)
+    listing = json.loads(subprocess.run([KVTOOL, "cache", "--json"], capture_output=True, text=True, env=env).stdout)
+    assert listing["total_bytes"] == 2048 and listing["entries"][0]["path"].endswith("models/m")
+    subprocess.run([KVTOOL, "cache", "--clear"], capture_output=True, text=True, env=env, check=True)
+    assert not (tmp_path / "cache").exists()

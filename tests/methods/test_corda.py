@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -214,3 +215,30 @@ def test_embedded_kpa_identity_and_peft(embedded, tmp_path):
         ref = embedded.model(input_ids=windows[:1]).logits
         got = model(input_ids=windows[:1]).logits
     assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
+
+
+def test_auto_peft_model_and_kvtool_eval_load_the_adapter_with_its_residual_base(tiny_checkpoint, tmp_path):
+    """adapter_config.json names the residual base, so AutoPeftModelForCausalLM gives the original model's logits at
+    init (it loaded the source + adapter before: 10% off); `kvtool eval OUT` scores base + adapter the same way."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tiny_checkpoint("llama")
+    out = tmp_path / "c"
+    res = CliRunner().invoke(app, ["corda", str(ckpt), "-o", str(out), "--rank", "4", "--samples", "2", "--seq-len",
+                                   "32", "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert Path(cfg["base_model_name_or_path"]) == (out / "base").resolve()
+    ids = torch.randint(0, 300, (1, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        got = AutoPeftModelForCausalLM.from_pretrained(str(out / "adapter")).eval()(ids).logits
+        ref = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()(ids).logits
+    assert (got - ref).abs().max() < 1e-4 * ref.abs().max()
+    scores = []
+    for model in (ckpt, out):
+        res = CliRunner().invoke(app, ["eval", str(model), "--max-tokens", "256", "--seq-len", "64", "--device", "cpu",
+                                       "--json"])
+        assert res.exit_code == 0, res.output
+        scores.append(json.loads(res.output)["perplexity"])
+    assert scores[1] == pytest.approx(scores[0], rel=1e-4)
