@@ -27,6 +27,7 @@ run ends with ``OUT/report.json`` and ``OUT/report.md``.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 import time
@@ -53,6 +54,7 @@ class Step:
     kind: str  # a method name, validate or eval
     name: str
     options: Any = field(default_factory=dict)  # the method's Options, or a dict for validate/eval
+    target: str | None = None  # heal: the earlier step whose output it acts on
 
 
 @dataclass
@@ -155,10 +157,16 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         opts = dict(opts or {})
         kind = ALIASES.get(kind, kind)
         where = f"{path}: steps[{i}].{kind}"
+        target = None
         if kind in METHODS:
             name = _step_name(path, i, opts.pop("name", kind), names)
-            names.add(name)
             method = METHODS[kind]
+            if method.acts_on_output:
+                target = opts.pop("target", None)
+                if target not in names:
+                    raise KvtoolError(f"{where} target {target!r} is not an earlier method step: name the "
+                                      "convert-mla step to heal")
+            names.add(name)
             options: Any = method.Options.from_dict(opts, where)
             method.preflight(None, options)
         elif kind == "validate":
@@ -185,7 +193,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             name = f"eval-{i}"
         else:
             raise KvtoolError(f"{path}: steps[{i}] has unknown kind {kind!r}: use {kinds}")
-        steps.append(Step(kind, name, options))
+        steps.append(Step(kind, name, options, target))
     if not steps:
         raise KvtoolError(f"{path}: no steps: add at least one step")
     return Recipe(path, top.get("model"), top.get("output"), data, top.get("device", "auto"),
@@ -318,7 +326,12 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
             entry: dict[str, Any] = {"kind": step.kind, "name": step.name}
             if step.kind in METHODS:
                 ctx.visitors = step_visitors[step.name]
-                result = METHODS[step.kind].run(loaded, store, out / step.name, step.options, ctx)
+                opts, source = step.options, loaded
+                if step.target is not None:  # heal: the earlier step's output, against the recipe's model
+                    source = load_model(str(out / step.target), strict=False)
+                    if opts.teacher is None:
+                        opts = dataclasses.replace(opts, teacher=str(recipe.model or "smollm2-135m"))
+                result = METHODS[step.kind].run(source, store, out / step.name, opts, ctx)
                 entry["report"] = {k: v for k, v in result.items() if not isinstance(v, list | dict)}
             elif step.kind == "validate":
                 entry["report"] = validate(out / step.options["target"], {"device": device})

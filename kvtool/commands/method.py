@@ -45,8 +45,9 @@ def run_verb(method: Method, values: dict[str, Any]) -> None:
     inputs = (local_input(values["model"]), stats_dir, local_input(data.dataset))
     check_output_dir(output, values["overwrite"], inputs)
     device = resolve_device(values["device"])
-    loaded = load_model(values["model"], dtype=values["dtype"], device="cpu")
-    method.preflight(loaded.spec, opts)
+    loaded = load_model(values["model"], dtype=values["dtype"], device="cpu", strict=not method.acts_on_output)
+    if not method.acts_on_output:
+        method.preflight(loaded.spec, opts)
     if hasattr(method, "check_model"):
         method.check_model(loaded, opts)
     needed = method.required_stats(opts)

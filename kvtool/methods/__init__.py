@@ -14,10 +14,11 @@ from kvtool.errors import KvtoolError
 from kvtool.methods.base import Method, RunContext, statistics_for
 from kvtool.methods.care import ConvertMla
 from kvtool.methods.corda import Corda
+from kvtool.methods.heal import Heal
 from kvtool.methods.ladder import Ladder
 from kvtool.methods.oscar import Export
 
-METHODS: dict[str, Method] = {m.name: m for m in (ConvertMla(), Corda(), Export(), Ladder())}
+METHODS: dict[str, Method] = {m.name: m for m in (ConvertMla(), Corda(), Export(), Ladder(), Heal())}
 ALIASES: dict[str, str] = {a: m.name for m in METHODS.values() for a in m.aliases}
 
 

@@ -34,6 +34,7 @@ class Method:
     help: ClassVar[str]  # --help text (first line: summary; then examples)
     data_defaults: ClassVar[dict[str, Any]] = {}  # per-method defaults of the data flags
     writes_model: ClassVar[bool] = True  # the output folder is a loadable checkpoint (eval targets)
+    acts_on_output: ClassVar[bool] = False  # its input is another method's output (heal), not the source model
 
     def required_stats(self, opts: Any) -> tuple[str, ...]:
         """Statistics (kvtool.calib names) this run needs."""

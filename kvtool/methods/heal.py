@@ -1,0 +1,191 @@
+"""``heal``: layer-wise healing of a converted checkpoint against the model it was converted from.
+
+For each decoder layer in turn, the original model's inputs to that layer and its outputs on the calibration
+windows come from one layer-by-layer pass over the *source* model (:class:`kvtool.calib.teacher.TeacherVisitor`);
+the converted layer's attention parameters (MLA: the latent down/up projections, the query and rope-key
+projections, ``o_proj``, and the DeepSeek export's ``kv_a_layernorm``) are fitted so that the converted layer
+reproduces the original layer's output (:func:`kvtool.convert.heal.fit_layer`). Optionally a short end-to-end
+distillation to the original model's next-token distributions follows (``--e2e-steps``). Calibration text only;
+``kvtool eval`` scores the held-out part. Works for kvtool-format MLA (both RoPE modes) and the DeepSeek-V3 export,
+which heals with its ``kv_a_layernorm`` in place, so the stock layout keeps quality.
+
+The output is the same format as the input (same config, tokenizer, ``kvtool.json`` with a ``healing`` section:
+loss curves per layer, tokens, seconds) plus ``healing.png``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from kvtool.errors import KvtoolError
+from kvtool.methods.base import Method, RunContext
+from kvtool.options import LAYERS_HELP, Options, option, parse_layers
+
+HEALABLE = ("convert-mla",)
+
+
+@dataclasses.dataclass
+class HealOptions(Options):
+    """Options of ``kvtool heal`` (CLI flags and recipe keys)."""
+
+    teacher: str | None = option(None, "The source model the checkpoint was converted from (its hash must match "
+                                       "kvtool.json; in a recipe: the recipe's model).")
+    steps: int = option(150, "Adam steps per layer.", positive=True)
+    lr: float = option(1e-3, "Adam learning rate of the layer-wise fit.", positive=True)
+    e2e_steps: int = option(0, "Then this many end-to-end distillation steps (KL to the teacher's logits).", low=0)
+    e2e_lr: float = option(1e-4, "Adam learning rate of the end-to-end distillation.", positive=True)
+    layers: str = option("all", LAYERS_HELP + " Layers to heal.")
+
+
+class Heal(Method):
+    name = "heal"
+    Options = HealOptions
+    help = """Heal a converted checkpoint: fit each converted layer to reproduce the original layer's output.
+
+    Examples:
+      kvtool heal out/mla --teacher smollm2-135m -o out/mla-healed
+      kvtool heal out/mla-ds --teacher smollm2-135m -o out/mla-ds-healed --steps 200 --e2e-steps 50
+    """
+    data_defaults = {"samples": 16, "seq_len": 256, "batch_size": 4}
+    acts_on_output = True
+
+    def preflight(self, spec: Any, opts: HealOptions) -> None:
+        parse_layers(opts.layers, spec.num_layers if spec is not None else None)
+
+    def check_source(self, folder: Path) -> dict[str, Any]:
+        """The converted folder's kvtool.json (refused unless kvtool wrote it with a healable method)."""
+        manifest_path = Path(folder) / "kvtool.json"
+        try:
+            manifest = json.loads(manifest_path.read_text())
+        except (OSError, ValueError):
+            raise KvtoolError(f"{folder} was not written by kvtool (no readable kvtool.json): heal a folder that "
+                              "`kvtool convert-mla` wrote") from None
+        if manifest.get("command") not in HEALABLE:
+            raise KvtoolError(f"{folder} was written by `kvtool {manifest.get('command')}`, which heal does not "
+                              f"handle: heal outputs of {', '.join(HEALABLE)}")
+        return manifest
+
+    def run(self, loaded: Any, store: Any, out: Path, opts: HealOptions, ctx: RunContext) -> dict[str, Any]:
+        """``loaded`` is the converted checkpoint (``loaded.path`` its folder); the teacher is ``opts.teacher``."""
+        from kvtool.checkpoint import atomic_dir, save_model_checkpoint
+        from kvtool.data import calibration_windows
+        from kvtool.models import load_model
+
+        if opts.teacher is None:
+            raise KvtoolError("heal needs the source model: pass --teacher MODEL (the model the checkpoint was "
+                              "converted from)")
+        manifest = self.check_source(loaded.path)
+        teacher = load_model(opts.teacher, dtype=ctx.dtype, device="cpu")
+        want = (manifest.get("model") or {}).get("hash")
+        if want != teacher.model_hash:
+            raise KvtoolError(f"the teacher {opts.teacher} is not the model {loaded.path} was converted from (hash "
+                              f"{teacher.model_hash[:19]}…, expected {str(want)[:19]}…): pass that model as --teacher")
+        self.preflight(teacher.spec, opts)
+        data = ctx.data
+        windows = calibration_windows(teacher.tokenizer, data.source(), data.samples, data.seq_len, data.seed,
+                                      teacher.spec.max_positions)
+        t0 = time.perf_counter()
+        report = heal_model(loaded.model, teacher, windows, opts, device=ctx.device, batch_size=data.batch_size,
+                            progress=ctx.progress)
+        report.update(seconds=round(time.perf_counter() - t0, 1), tokens=int(windows.numel()),
+                      data={**data.source().describe(), "samples": data.samples, "seq_len": data.seq_len,
+                            "seed": data.seed}, options=opts.to_dict())
+        manifest["healing"] = report
+        manifest.pop("checksums", None)
+        config = json.loads((Path(loaded.path) / "config.json").read_text())
+        state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
+        with atomic_dir(out, ctx.overwrite, (*ctx.inputs, loaded.path)) as tmp:
+            save_model_checkpoint(tmp, state, config, manifest, loaded.tokenizer,
+                                  getattr(loaded.model, "generation_config", None))
+            plot_losses(report, tmp / "healing.png")
+        return report
+
+    def summary(self, report: dict[str, Any], out: Path) -> tuple[str, list[str], list[list[str]], list[str]]:
+        rows = [[str(r["layer"]), f"{r['loss_before']:.4f}", f"{r['loss_after']:.4f}"] for r in report["layers"]]
+        notes = [f"{report['tokens']} calibration tokens, {report['seconds']:.0f} s; loss curves in {out}/kvtool.json "
+                 f"and {out}/healing.png"]
+        if report.get("e2e"):
+            notes.append(f"end-to-end KL {report['e2e']['kl_before']:.4f} -> {report['e2e']['kl_after']:.4f}")
+        return f"heal -> {out}", ["layer", "rel. error before", "after"], rows, notes
+
+
+def heal_model(student: Any, teacher: Any, windows: Any, opts: HealOptions, *, device: str = "cpu",
+               batch_size: int = 4, progress: bool = False) -> dict[str, Any]:
+    """Fit ``student`` (a converted model in memory) layer by layer to ``teacher`` (a LoadedModel) on ``windows``,
+    then optionally distill end to end; returns the report (loss curves per layer)."""
+    import torch
+
+    from kvtool.calib.runner import run_layers
+    from kvtool.calib.teacher import TeacherVisitor
+    from kvtool.convert.heal import distill, fit_layer, relative_error
+
+    chosen = parse_layers(opts.layers, teacher.spec.num_layers)
+    chosen = set(range(teacher.spec.num_layers)) if chosen is None else set(chosen)
+    student.eval()
+    rotary = student.model.rotary_emb.to(device)
+    rows: list[dict[str, Any]] = []
+
+    def on_layer(index: int, batches: list) -> None:
+        layer = student.model.layers[index].to(device)
+        fitted = []
+        for x, y, kw in batches:
+            positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
+            kw = {**kw, "position_ids": positions, "position_embeddings": rotary(x, positions)}
+            fitted.append((x, y, kw))
+        params = list(layer.self_attn.parameters())
+        losses = fit_layer(layer, fitted, params, steps=opts.steps, lr=opts.lr, seed=index)
+        with torch.no_grad():
+            outs = [layer(x, **kw) for x, _, kw in fitted]
+            after = [float(relative_error(o[0] if isinstance(o, tuple) else o, y))
+                     for o, (_, y, _) in zip(outs, fitted, strict=True)]
+        layer.to("cpu")
+        rows.append({"layer": index, "loss_before": losses[0], "loss_after": sum(after) / len(after),
+                     "curve": [round(v, 6) for v in losses]})
+
+    run_layers(teacher, windows, [TeacherVisitor(on_layer, chosen)], device=device, batch_size=batch_size,
+               progress=progress, description="healing layers")
+    report: dict[str, Any] = {"layers": rows, "parameters": "self_attn (all)", "steps_per_layer": opts.steps}
+    if opts.e2e_steps:
+        student.to(device)
+        teacher.model.to(device)
+        params = [p for i in sorted(chosen) for p in student.model.layers[i].self_attn.parameters()]
+        chunks = [w.to(device) for w in windows.split(batch_size)]
+        curve = distill(student, lambda ids: teacher.model(input_ids=ids, use_cache=False).logits, chunks, params,
+                        steps=opts.e2e_steps, lr=opts.e2e_lr)
+        report["e2e"] = {"steps": opts.e2e_steps, "kl_before": curve[0], "kl_after": curve[-1],
+                         "curve": [round(v, 6) for v in curve]}
+        student.to("cpu")
+        teacher.model.to("cpu")
+    return report
+
+
+def plot_losses(report: dict[str, Any], path: Path) -> None:
+    """Loss curves of every healed layer (and the end-to-end KL) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if report.get("e2e") else 1
+    fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4), squeeze=False)
+    ax = axes[0][0]
+    cmap = plt.get_cmap("viridis")
+    n = max(len(report["layers"]), 1)
+    for i, row in enumerate(report["layers"]):
+        ax.plot(row["curve"], color=cmap(i / n), linewidth=0.8)
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel("relative output error")
+    ax.set_title("layer-wise healing (colour: layer, dark = first)")
+    if panels == 2:
+        axes[0][1].plot(report["e2e"]["curve"])
+        axes[0][1].set_xlabel("step")
+        axes[0][1].set_ylabel("KL(teacher || student) per token")
+        axes[0][1].set_title("end-to-end distillation")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
