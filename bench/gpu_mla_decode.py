@@ -1,24 +1,32 @@
-"""MLA decode kernels vs GQA decode (SDPA on a bf16 cache) at Llama-3.1-8B attention shapes, plus conversion time.
+"""MLA decode kernels vs GQA decode (PyTorch SDPA, enable_gqa, on a BF16 cache) at Llama-3.1-8B attention shapes.
 
-    python bench/gpu_mla_decode.py                 # on a GPU: checks, then times; prints a table
+    python bench/gpu_mla_decode.py                 # on a GPU: checks, then times; prints tables
     TRITON_INTERPRET=1 python bench/gpu_mla_decode.py --quick --device cpu   # tiny check on the CPU
 
-Shapes: 32 query heads, 8 KV heads, head_dim 128 (GQA cache 2*8*128 = 2048 values/token/layer).
-KV ratio 0.5 -> latent 1024 values/token; 0.25 -> 512. For the absorbed (decoupled) form the cache is
-[c_K | k_pe] (r_K + 64) and c_V (r_V) with r_K + r_V + 64 = ratio * 2048. For keep, r_K + r_V = ratio * 2048.
-Bandwidth counts the bytes of the cache read once (the floor); the copy ceiling is a device-to-device copy.
-Also times the CARE conversion of an 8B-shaped model (32 layers, random weights, synthetic statistics).
+Methodology (bench/gpu_common.py): CUDA-graph replays timed with CUDA events, medians; the kernel configuration is
+chosen on its own measurement and timed again for the reported number; bytes = everything read and written (cache,
+queries, split partials, outputs); the bandwidth reference is the read bandwidth of a large device copy measured in
+the same run, and SDPA's own achieved bandwidth is reported beside it.
+
+Shapes: 32 query heads, 8 KV heads, head_dim 128 (GQA cache 2*8*128 = 2048 values/token/layer). KV ratio 0.5 ->
+latent 1024 values/token; 0.25 -> 512. Absorbed (decoupled RoPE) cache: [c_K | k_pe] (r_K + 64) and c_V (r_V) with
+r_K + r_V + 64 = ratio * 2048. Also: a whole-model decode step (32 layers of attention in one graph) with per-layer
+ranks as CARE's allocation produces them vs uniform ranks vs GQA, and the CARE conversion time of an 8B-shaped model.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 import time
 
 import torch
 
-from kvtool.kernels.mla_decode import (
-    gqa_decode_reference,
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from kvtool.kernels.mla_decode import (  # noqa: E402
+    _num_splits,
     mla_decode_absorbed,
     mla_decode_absorbed_reference,
     mla_decode_keep,
@@ -28,60 +36,53 @@ from kvtool.kernels.mla_decode import (
 H, G, D, ROPE = 32, 8, 128, 64
 
 
-def bench(fn, device: str) -> float:
-    """Median milliseconds."""
-    if device == "cuda":
-        import triton.testing
-
-        return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
-
-
-def copy_ceiling(device: str) -> float:
-    """GB/s of a large device-to-device copy (bytes read + written)."""
-    if device != "cuda":
-        return float("nan")
-    x = torch.empty(2 << 30, dtype=torch.uint8, device=device)
-    y = torch.empty_like(x)
-    ms = bench(lambda: y.copy_(x), device)
-    return 2 * x.numel() / ms / 1e6
-
-
 def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
+
+
+def absorbed_bytes(b: int, s: int, dk: int, dv: int, block_n: int, elem: int) -> int:
+    """Bytes the absorbed kernel reads and writes: latent cache, queries, split partials (written, re-read), output."""
+    def cdiv(x: int, y: int) -> int:
+        return (x + y - 1) // y
+
+    splits = _num_splits(b, 1, s, block_n)  # as mla_decode_absorbed chooses them (32 heads: one head block)
+    splits = cdiv(s, cdiv(cdiv(s, splits), block_n) * block_n)
+    partial = b * H * splits * (dv + 2) * 4
+    return b * s * (dk + dv) * elem + b * H * dk * elem + 2 * partial + b * H * dv * 4
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU interpreter check)")
-    ap.add_argument("--contexts", default="4096,8192,16384,32768")
+    ap.add_argument("--contexts", default="8192,32768")
     ap.add_argument("--batches", default="1,32")
     ap.add_argument("--ratios", default="0.5,0.25")
     ap.add_argument("--skip-convert", action="store_true")
+    ap.add_argument("--skip-model", action="store_true", help="skip the whole-model per-layer-rank decode step")
     args = ap.parse_args()
     dev = args.device
-    dt = torch.bfloat16 if dev == "cuda" else torch.float32
-    contexts = [64] if args.quick else [int(c) for c in args.contexts.split(",")]
-    batches = [2] if args.quick else [int(b) for b in args.batches.split(",")]
-    ceiling = copy_ceiling(dev)
-    print(f"device {torch.cuda.get_device_name() if dev == 'cuda' else 'cpu'}; copy ceiling {ceiling:.0f} GB/s")
+    if dev != "cuda" or args.quick:
+        return quick_check(dev)
+    from gpu_common import environment, graph_time_us, pick, read_bandwidth_gbs, sdpa_decode
+
+    print(environment(), flush=True)
+    read_bw = read_bandwidth_gbs()
+    print(f"read bandwidth reference (device copy, bytes read / time): {read_bw:.0f} GB/s", flush=True)
+    dt = torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(0)
     inv_freq = 1.0 / (500000.0 ** (torch.arange(0, D, 2, device=dev).float() / D))
     rows = []
     for ratio in [float(r) for r in args.ratios.split(",")]:
         width = int(ratio * 2 * G * D)
-        for b in batches:
-            for s in contexts:
+        for b in [int(x) for x in args.batches.split(",")]:
+            for s in [int(x) for x in args.contexts.split(",")]:
                 q = torch.randn(b, H, D, device=dev, dtype=dt, generator=g)
                 k = torch.randn(b, G, s, D, device=dev, dtype=dt, generator=g)
                 v = torch.randn(b, G, s, D, device=dev, dtype=dt, generator=g)
-                t_gqa = bench(lambda q=q, k=k, v=v: gqa_decode_reference(q, k, v), dev)
-                gqa_bytes = 2 * b * G * s * D * k.element_size()
+                t_gqa = graph_time_us(lambda q=q, k=k, v=v: sdpa_decode(q, k, v))
+                gqa_bytes = 2 * b * G * s * D * 2 + 2 * b * H * D * 2
                 del k, v
-                # absorbed (decoupled RoPE): [c_K | k_pe] and c_V
                 r_k = (width - ROPE) // 2
                 r_v = width - ROPE - r_k
                 qa = torch.randn(b, H, r_k + ROPE, device=dev, dtype=dt, generator=g) / 8
@@ -89,43 +90,90 @@ def main() -> None:
                 vl = torch.randn(b, s, r_v, device=dev, dtype=dt, generator=g)
                 err_a = rel(mla_decode_absorbed(qa, kv[:, :2048], vl[:, :2048], 0.08),
                             mla_decode_absorbed_reference(qa, kv[:, :2048], vl[:, :2048], 0.08))
-                best = None
-                for bn, nw in ((32, 4), (64, 4), (64, 8)):
-                    def absorbed(bn=bn, nw=nw, qa=qa, kv=kv, vl=vl):
-                        return mla_decode_absorbed(qa, kv, vl, 0.08, block_n=bn, num_warps=nw)
-
-                    t = bench(absorbed, dev)
-                    best = (t, bn, nw) if best is None or t < best[0] else best
-                t_abs = best[0]
-                abs_bytes = b * s * width * kv.element_size()
+                cfg, t_abs = pick([(32, 4), (64, 4), (64, 8), (128, 8)], lambda c, qa=qa, kv=kv, vl=vl: (
+                    lambda: mla_decode_absorbed(qa, kv, vl, 0.08, block_n=c[0], num_warps=c[1])))
+                abs_bytes = absorbed_bytes(b, s, r_k + ROPE, r_v, cfg[0], 2)
                 del kv, vl
-                # keep: c_K, c_V, keys reconstructed + RoPE in the kernel
-                r_k2 = width // 2
-                r_v2 = width - r_k2
+                r_k2, r_v2 = width // 2, width - width // 2
                 ck = torch.randn(b, s, r_k2, device=dev, dtype=dt, generator=g)
                 cv = torch.randn(b, s, r_v2, device=dev, dtype=dt, generator=g)
                 wkb = (torch.randn(G, r_k2, D, device=dev, dtype=dt, generator=g) / r_k2 ** 0.5).contiguous()
                 err_k = rel(mla_decode_keep(q, ck[:, :1024], cv[:, :1024], wkb, inv_freq, D ** -0.5),
                             mla_decode_keep_reference(q, ck[:, :1024], cv[:, :1024], wkb, inv_freq, D ** -0.5))
-                t_keep = bench(lambda q=q, ck=ck, cv=cv, w=wkb: mla_decode_keep(q, ck, cv, w, inv_freq, D ** -0.5), dev)
+                t_keep = graph_time_us(lambda q=q, ck=ck, cv=cv, w=wkb: mla_decode_keep(q, ck, cv, w, inv_freq,
+                                                                                        D ** -0.5))
                 del ck, cv
-                rows.append(dict(ratio=ratio, batch=b, ctx=s, gqa_ms=t_gqa, gqa_gbs=gqa_bytes / t_gqa / 1e6,
-                                 abs_ms=t_abs, abs_gbs=abs_bytes / t_abs / 1e6, abs_cfg=best[1:], keep_ms=t_keep,
-                                 keep_gbs=abs_bytes / t_keep / 1e6, err_abs=err_a, err_keep=err_k))
-                r = rows[-1]
-                print(r, flush=True)
-                if dev == "cuda":
-                    torch.cuda.empty_cache()
-    if not args.skip_convert:
-        convert_timing(dev, args.quick)
-    print(f"\ncopy ceiling {ceiling:.0f} GB/s (read+write); bandwidth = cache bytes read once / time")
-    print("| KV ratio | batch | context | GQA SDPA ms (GB/s) | MLA absorbed ms (GB/s, % ceiling) | speedup | "
-          "MLA keep ms | rel err abs/keep |")
-    print("|---|---|---|---|---|---|---|---|")
+                torch.cuda.empty_cache()
+                row = dict(ratio=ratio, batch=b, ctx=s, gqa_us=t_gqa, gqa_gbs=gqa_bytes / t_gqa / 1e3, abs_us=t_abs,
+                           abs_gbs=abs_bytes / t_abs / 1e3, abs_cfg=cfg, keep_us=t_keep, err_abs=err_a, err_keep=err_k)
+                rows.append(row)
+                print(row, flush=True)
+    print("\n| KV ratio | batch | context | SDPA us (GB/s) | MLA absorbed us (GB/s; % of read ref; % of SDPA's) "
+          "| speedup | MLA keep us | rel err abs/keep |\n|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['ratio']} | {r['batch']} | {r['ctx']} | {r['gqa_ms']:.3f} ({r['gqa_gbs']:.0f}) | "
-              f"{r['abs_ms']:.3f} ({r['abs_gbs']:.0f}, {100 * r['abs_gbs'] / ceiling:.0f}%) | "
-              f"{r['gqa_ms'] / r['abs_ms']:.2f}x | {r['keep_ms']:.3f} | {r['err_abs']:.1e}/{r['err_keep']:.1e} |")
+        print(f"| {r['ratio']} | {r['batch']} | {r['ctx']} | {r['gqa_us']:.1f} ({r['gqa_gbs']:.0f}) | "
+              f"{r['abs_us']:.1f} ({r['abs_gbs']:.0f}; {100 * r['abs_gbs'] / read_bw:.0f}%; "
+              f"{100 * r['abs_gbs'] / r['gqa_gbs']:.0f}%) | {r['gqa_us'] / r['abs_us']:.2f}x | {r['keep_us']:.1f} | "
+              f"{r['err_abs']:.1e}/{r['err_keep']:.1e} |", flush=True)
+    if not args.skip_model:
+        whole_model_step(dev, graph_time_us)
+    if not args.skip_convert:
+        convert_timing(dev, False)
+
+
+def per_layer_ranks(layers: int, total: int, ratio: float) -> list[int]:
+    """A non-uniform latent width per layer with the same total as uniform: the shape CARE's allocation gives
+    (small in early layers, rising with depth), in multiples of 16."""
+    weights = [0.5 + i / (layers - 1) for i in range(layers)]
+    scale = total / sum(weights)
+    widths = [max(64, int(round(w * scale / 16)) * 16) for w in weights]
+    widths[-1] += total - sum(widths)
+    return widths
+
+
+def whole_model_step(dev: str, graph_time_us) -> None:
+    """Attention of a 32-layer decode step, all layers in one CUDA graph: per-layer latent widths vs uniform vs GQA."""
+    layers, dt = 32, torch.bfloat16
+    g = torch.Generator(device=dev).manual_seed(1)
+    print("\n| batch | context | KV ratio | GQA SDPA 32 layers us | MLA uniform us | MLA per-layer ranks us | "
+          "per-layer / uniform |\n|---|---|---|---|---|---|---|", flush=True)
+    from gpu_common import sdpa_decode
+
+    for b, s in ((1, 32768), (8, 8192)):
+        q = torch.randn(b, H, D, device=dev, dtype=dt, generator=g)
+        ks = [torch.randn(b, G, s, D, device=dev, dtype=dt, generator=g) for _ in range(layers)]
+        vs = [torch.randn(b, G, s, D, device=dev, dtype=dt, generator=g) for _ in range(layers)]
+        t_gqa = graph_time_us(lambda q=q, ks=ks, vs=vs: [sdpa_decode(q, k, v) for k, v in zip(ks, vs, strict=True)])
+        ks = vs = None
+        torch.cuda.empty_cache()
+        for ratio in (0.5, 0.25):
+            total = int(ratio * 2 * G * D) * layers
+            times = {}
+            for name, widths in (("uniform", [total // layers] * layers),
+                                 ("per-layer", per_layer_ranks(layers, total, ratio))):
+                caches = []
+                for w in widths:
+                    r_k = (w - ROPE) // 2
+                    caches.append((torch.randn(b, H, r_k + ROPE, device=dev, dtype=dt, generator=g) / 8,
+                                   torch.randn(b, s, r_k + ROPE, device=dev, dtype=dt, generator=g),
+                                   torch.randn(b, s, w - ROPE - r_k, device=dev, dtype=dt, generator=g)))
+                times[name] = graph_time_us(lambda caches=caches: [mla_decode_absorbed(qa, kv, vl, 0.08)
+                                                                   for qa, kv, vl in caches])
+                del caches
+                torch.cuda.empty_cache()
+            print(f"| {b} | {s} | {ratio} | {t_gqa:.0f} | {times['uniform']:.0f} | {times['per-layer']:.0f} | "
+                  f"{times['per-layer'] / times['uniform']:.2f}x |", flush=True)
+
+
+def quick_check(dev: str) -> None:
+    """Tiny shapes through the kernels against their references (CPU interpreter or GPU)."""
+    g = torch.Generator(device=dev).manual_seed(0)
+    q = torch.randn(2, H, 48 + ROPE, device=dev, generator=g)
+    kv = torch.randn(2, 64, 48 + ROPE, device=dev, generator=g)
+    vl = torch.randn(2, 64, 40, device=dev, generator=g)
+    err = rel(mla_decode_absorbed(q, kv, vl, 0.08), mla_decode_absorbed_reference(q, kv, vl, 0.08))
+    print(f"absorbed kernel vs reference: rel err {err:.1e}")
+    assert err < 1e-3
 
 
 def convert_timing(dev: str, quick: bool) -> None:
