@@ -23,9 +23,12 @@ def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def fit_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
-              params: list[nn.Parameter], *, steps: int, lr: float, seed: int = 0) -> list[float]:
-    """Adam on :func:`relative_error` of ``layer(x, **kwargs)`` against ``y`` for ``steps`` steps, batch ``step % n``;
-    only ``params`` change. Returns the loss of every step (the first is the loss before any update)."""
+              params: list[nn.Parameter], *, steps: int, lr: float, seed: int = 0,
+              forward: Callable[[torch.Tensor, dict[str, Any]], Any] | None = None) -> list[float]:
+    """Adam on :func:`relative_error` of ``layer(x, **kwargs)`` (or ``forward(x, kwargs)``) against ``y`` for ``steps``
+    steps, batch ``step % n``; only ``params`` change. Returns the loss of every step (the first is the loss before
+    any update)."""
+    forward = forward or (lambda x, kwargs: layer(x, **kwargs))
     torch.manual_seed(seed)
     frozen = [p for p in layer.parameters() if not any(p is q for q in params)]
     flags = [p.requires_grad for p in frozen]
@@ -39,7 +42,7 @@ def fit_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, 
         with torch.enable_grad():
             for step in range(steps):
                 x, y, kwargs = batches[step % len(batches)]
-                out = layer(x, **kwargs)
+                out = forward(x, kwargs)
                 out = out[0] if isinstance(out, tuple) else out
                 loss = relative_error(out, y)
                 opt.zero_grad(set_to_none=True)

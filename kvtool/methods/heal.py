@@ -6,8 +6,10 @@ the converted layer's attention parameters (MLA: the latent down/up projections,
 projections, ``o_proj``, and the DeepSeek export's ``kv_a_layernorm``) are fitted so that the converted layer
 reproduces the original layer's output (:func:`kvtool.convert.heal.fit_layer`). Optionally a short end-to-end
 distillation to the original model's next-token distributions follows (``--e2e-steps``). Calibration text only;
-``kvtool eval`` scores the held-out part. Works for kvtool-format MLA (both RoPE modes) and the DeepSeek-V3 export,
-which heals with its ``kv_a_layernorm`` in place, so the stock layout keeps quality.
+``kvtool eval`` scores the held-out part. Works for kvtool-format MLA (both RoPE modes), the DeepSeek-V3 export,
+which heals with its ``kv_a_layernorm`` in place, so the stock layout keeps quality, and Ladder-rewired models
+(``kvtool ladder`` outputs: only the rewired layers are fitted, all their parameters, each fed the original model's
+residual streams).
 
 The output is the same format as the input (same config, tokenizer, ``kvtool.json`` with a ``healing`` section:
 loss curves per layer, tokens, seconds) plus ``healing.png``.
@@ -25,7 +27,7 @@ from kvtool.errors import KvtoolError
 from kvtool.methods.base import Method, RunContext
 from kvtool.options import LAYERS_HELP, Options, option, parse_layers
 
-HEALABLE = ("convert-mla",)
+HEALABLE = ("convert-mla", "ladder")
 
 
 @dataclasses.dataclass
@@ -49,6 +51,7 @@ class Heal(Method):
     Examples:
       kvtool heal out/mla --teacher smollm2-135m -o out/mla-healed
       kvtool heal out/mla-ds --teacher smollm2-135m -o out/mla-ds-healed --steps 200 --e2e-steps 50
+      kvtool heal out/ladder --teacher smollm2-135m -o out/ladder-healed
     """
     data_defaults = {"samples": 16, "seq_len": 256, "batch_size": 4}
     acts_on_output = True
@@ -63,7 +66,7 @@ class Heal(Method):
             manifest = json.loads(manifest_path.read_text())
         except (OSError, ValueError):
             raise KvtoolError(f"{folder} was not written by kvtool (no readable kvtool.json): heal a folder that "
-                              "`kvtool convert-mla` wrote") from None
+                              "`kvtool convert-mla` or `kvtool ladder` wrote") from None
         if manifest.get("command") not in HEALABLE:
             raise KvtoolError(f"{folder} was written by `kvtool {manifest.get('command')}`, which heal does not "
                               f"handle: heal outputs of {', '.join(HEALABLE)}")
@@ -90,7 +93,7 @@ class Heal(Method):
                                       teacher.spec.max_positions)
         t0 = time.perf_counter()
         report = heal_model(loaded.model, teacher, windows, opts, device=ctx.device, batch_size=data.batch_size,
-                            progress=ctx.progress)
+                            progress=ctx.progress, ladder=manifest["command"] == "ladder")
         report.update(seconds=round(time.perf_counter() - t0, 1), tokens=int(windows.numel()),
                       data={**data.source().describe(), "samples": data.samples, "seq_len": data.seq_len,
                             "seed": data.seed}, options=opts.to_dict())
@@ -114,17 +117,29 @@ class Heal(Method):
 
 
 def heal_model(student: Any, teacher: Any, windows: Any, opts: HealOptions, *, device: str = "cpu",
-               batch_size: int = 4, progress: bool = False) -> dict[str, Any]:
+               batch_size: int = 4, progress: bool = False, ladder: bool = False) -> dict[str, Any]:
     """Fit ``student`` (a converted model in memory) layer by layer to ``teacher`` (a LoadedModel) on ``windows``,
-    then optionally distill end to end; returns the report (loss curves per layer)."""
+    then optionally distill end to end; returns the report (loss curves per layer).
+
+    MLA (convert-mla outputs): every chosen layer's attention parameters are fitted. Ladder (``ladder=True``): only
+    the rewired layers are fitted, all their parameters (attention, MLP and norms: the attention now reads the
+    stream before the previous MLP, the MLP the stream before this attention), with the original model's streams
+    as inputs (:class:`~kvtool.calib.teacher.TeacherVisitor` with ``streams=True``).
+    """
     import torch
 
     from kvtool.calib.runner import run_layers
     from kvtool.calib.teacher import TeacherVisitor
     from kvtool.convert.heal import distill, fit_layer, relative_error
+    from kvtool.runtime.ladder import ladder_layer_step, ladder_layers_of
 
     chosen = parse_layers(opts.layers, teacher.spec.num_layers)
     chosen = set(range(teacher.spec.num_layers)) if chosen is None else set(chosen)
+    if ladder:
+        chosen &= set(ladder_layers_of(student))
+        if not chosen:
+            raise KvtoolError(f"none of the layers chosen by --layers {opts.layers} is a ladder layer "
+                              f"({ladder_layers_of(student)}): heal the rewired layers")
     student.eval()
     rotary = student.model.rotary_emb.to(device)
     rows: list[dict[str, Any]] = []
@@ -132,27 +147,40 @@ def heal_model(student: Any, teacher: Any, windows: Any, opts: HealOptions, *, d
     def on_layer(index: int, batches: list) -> None:
         layer = student.model.layers[index].to(device)
         fitted = []
-        for x, y, kw in batches:
+        for x, y, kw, stale in batches:
             positions = torch.arange(x.shape[1], device=x.device)[None].expand(x.shape[0], -1)
             kw = {**kw, "position_ids": positions, "position_embeddings": rotary(x, positions)}
-            fitted.append((x, y, kw))
-        params = list(layer.self_attn.parameters())
-        losses = fit_layer(layer, fitted, params, steps=opts.steps, lr=opts.lr, seed=index)
+            fitted.append((x, y, {**kw, "stale": stale} if ladder else kw))
+        if ladder:
+            params = list(layer.parameters())
+
+            def forward(x: Any, kw: dict[str, Any]) -> Any:
+                rest = {k: v for k, v in kw.items() if k != "stale"}
+                return ladder_layer_step(layer, x, kw["stale"], True, rest)[0]
+        else:
+            params = list(layer.self_attn.parameters())
+
+            def forward(x: Any, kw: dict[str, Any]) -> Any:
+                return layer(x, **kw)
+        losses = fit_layer(layer, fitted, params, steps=opts.steps, lr=opts.lr, seed=index, forward=forward)
         with torch.no_grad():
-            outs = [layer(x, **kw) for x, _, kw in fitted]
+            outs = [forward(x, kw) for x, _, kw in fitted]
             after = [float(relative_error(o[0] if isinstance(o, tuple) else o, y))
                      for o, (_, y, _) in zip(outs, fitted, strict=True)]
         layer.to("cpu")
         rows.append({"layer": index, "loss_before": losses[0], "loss_after": sum(after) / len(after),
                      "curve": [round(v, 6) for v in losses]})
 
-    run_layers(teacher, windows, [TeacherVisitor(on_layer, chosen)], device=device, batch_size=batch_size,
-               progress=progress, description="healing layers")
-    report: dict[str, Any] = {"layers": rows, "parameters": "self_attn (all)", "steps_per_layer": opts.steps}
+    run_layers(teacher, windows, [TeacherVisitor(on_layer, chosen, streams=ladder)], device=device,
+               batch_size=batch_size, progress=progress, description="healing layers",
+               num_layers=max(chosen) + 1)
+    trained = "ladder layers (all parameters)" if ladder else "self_attn (all)"
+    report: dict[str, Any] = {"layers": rows, "parameters": trained, "steps_per_layer": opts.steps}
     if opts.e2e_steps:
         student.to(device)
         teacher.model.to(device)
-        params = [p for i in sorted(chosen) for p in student.model.layers[i].self_attn.parameters()]
+        params = [p for i in sorted(chosen) for p in (student.model.layers[i] if ladder else
+                                                      student.model.layers[i].self_attn).parameters()]
         chunks = [w.to(device) for w in windows.split(batch_size)]
         curve = distill(student, lambda ids: teacher.model(input_ids=ids, use_cache=False).logits, chunks, params,
                         steps=opts.e2e_steps, lr=opts.e2e_lr)

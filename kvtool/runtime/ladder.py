@@ -83,17 +83,28 @@ def _ladder_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attentio
         stale = hidden_states  # x_{-1} := x_0 before the first module
     attn_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
                        use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
-    if self.kvtool_ladder:
-        attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(stale), **attn_kwargs)
-        mid = hidden_states + attn_out                                  # x_{2i+1}
-        mlp_out = self.mlp(self.post_attention_layernorm(hidden_states))  # reads x_{2i}, not x_{2i+1}
-    else:
-        attn_out, _ = self.self_attn(hidden_states=self.input_layernorm(hidden_states), **attn_kwargs)
-        mid = hidden_states + attn_out
-        mlp_out = self.mlp(self.post_attention_layernorm(mid))
+    out, mid = ladder_layer_step(self, hidden_states, stale, self.kvtool_ladder, attn_kwargs)
     state["stale"] = mid
     state["next"] = index + 1
-    return mid + mlp_out
+    return out
+
+
+def ladder_layer_step(layer: nn.Module, hidden_states: torch.Tensor, stale: torch.Tensor, ladder: bool,
+                      attn_kwargs: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoder layer of the recurrence, stateless: (layer output, ``x_{2i+1}`` = stream after its attention).
+
+    ``hidden_states`` is ``x_{2i}``, ``stale`` is ``x_{2i-1}`` (what a ladder attention reads); a standard layer
+    (``ladder=False``) ignores ``stale`` and computes what the source layer computes.
+    """
+    if ladder:
+        attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(stale), **attn_kwargs)
+        mid = hidden_states + attn_out                                    # x_{2i+1}
+        mlp_out = layer.mlp(layer.post_attention_layernorm(hidden_states))  # reads x_{2i}, not x_{2i+1}
+    else:
+        attn_out, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **attn_kwargs)
+        mid = hidden_states + attn_out
+        mlp_out = layer.mlp(layer.post_attention_layernorm(mid))
+    return mid + mlp_out, mid
 
 
 def _reset_state(module: nn.Module, args: tuple, kwargs: dict) -> None:

@@ -36,6 +36,7 @@ def converted(tmp_path_factory, tiny_tokenizer):
     run("convert-mla", root / "src", "--stats-dir", root / "stats", "-o", root / "keep", "--kv-ratio", "0.5", *SMALL)
     run("convert-mla", root / "src", "--stats-dir", root / "stats", "-o", root / "ds", "--format", "deepseek-v3",
         "--kv-ratio", "0.5", *SMALL)
+    run("ladder", root / "src", "-o", root / "ladder", "--layers", "1-2", "--no-drift", *SMALL)
     return root
 
 
@@ -54,6 +55,48 @@ def test_heal_lowers_every_layers_error_and_writes_a_loadable_checkpoint(convert
     res = runner.invoke(app, ["eval", str(out), "--max-tokens", "128", "--seq-len", "32", "--device", "cpu", "--json"])
     assert res.exit_code == 0, res.output
     assert torch.isfinite(torch.tensor(json.loads(res.output)["perplexity"]))
+
+
+def test_heal_fits_only_the_ladder_layers_and_keeps_the_wiring(converted):
+    out = converted / "ladder-healed"
+    run("heal", converted / "ladder", "--teacher", converted / "src", "-o", out, "--steps", "30", "--lr", "1e-3",
+        *SMALL)
+    manifest = json.loads((out / "kvtool.json").read_text())
+    rows = manifest["healing"]["layers"]
+    assert [r["layer"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["loss_after"] < 0.7 * r["loss_before"], r
+    from safetensors.torch import load_file
+
+    before, after = load_file(converted / "ladder" / "model.safetensors"), load_file(out / "model.safetensors")
+    changed = {k.split(".")[2] for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"1", "2"}, changed  # layer 0, embeddings and head untouched
+    assert json.loads((out / "config.json").read_text())["ladder_layers"] == [1, 2]
+    res = runner.invoke(app, ["eval", str(out), "--max-tokens", "128", "--seq-len", "32", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+
+
+def test_heal_reads_only_calibration_text(converted, tiny_tokenizer):
+    """Every window heal fitted on is a slice of the calibration part, never of the held-out part `kvtool eval`
+    scores. (Whole windows: the embedded docs repeat some sentences across their disjoint documents.)"""
+    from kvtool.data import TextSource, calibration_windows, heldout_tokens, load_text, tokenize
+
+    out = converted / "keep-healed"
+    if not out.exists():
+        run("heal", converted / "keep", "--teacher", converted / "src", "-o", out, "--steps", "5", *SMALL)
+    data = json.loads((out / "kvtool.json").read_text())["healing"]["data"]
+    assert data["split"] == "calib"
+    source = TextSource(data["dataset"], data["split"], data["text_field"])
+    windows = calibration_windows(tiny_tokenizer, source, data["samples"], data["seq_len"], data["seed"])
+    calib = tokenize(load_text(source), tiny_tokenizer).tolist()
+    held = heldout_tokens(tiny_tokenizer, TextSource(data["dataset"], "heldout", data["text_field"])).tolist()
+
+    def inside(window: list[int], stream: list[int]) -> bool:
+        n = len(window)
+        return any(stream[i:i + n] == window for i in range(len(stream) - n + 1))
+
+    for w in windows.tolist():
+        assert inside(w, calib) and not inside(w, held)
 
 
 def test_healed_deepseek_export_loads_in_stock_transformers(converted):
