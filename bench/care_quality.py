@@ -1,121 +1,205 @@
-"""CARE quality on the embedded model: held-out perplexity of GQA->MLA conversions at several KV ratios.
+"""CARE quality on the embedded model: held-out perplexity of GQA->MLA conversions (no healing).
 
-For each rope mode (keep, decoupled) and KV ratio, converts SmolLM2-135M with
-  svd+uniform (weight-only baseline), care+uniform, care+care (water-filling), care+energy (min. residual),
-and reports held-out perplexity (embedded held-out text, non-overlapping 512-token windows), plus the
-DeepSeek-V3 export (decoupled, uniform rope pairs) to measure the kv_a_layernorm approximation.
+Three studies, each what ``kvtool convert-mla`` does with the options named in the row:
 
-    .venv/bin/python bench/care_quality.py --samples 32 --max-tokens 8192 --json out/care_quality.json
+``sweep`` (default): for each rope mode (keep, decoupled) and KV ratio, svd+uniform (weight-only baseline),
+  care+uniform, care+care (water-filling), care+energy (min. residual), care+sensitivity (measured), with the CLI's
+  default rope settings per format, plus the DeepSeek-V3 export (CLI defaults for --format deepseek-v3) loaded in
+  stock transformers.
+``rope``: rope-pair selection (norm / strided / uniform) x FreqFold x rope width at the given ratios (care+uniform),
+  kvtool format, and the DeepSeek-V3 export for the selections its rotary can express.
+``norm``: kv_a_layernorm weight rules of the DeepSeek-V3 export (and the norm bypassed, the layout's own error).
+
+Calibration: 32 x 512 tokens of the embedded calibration text; evaluation: non-overlapping 512-token windows of
+the disjoint held-out text.
+
+    .venv/bin/python bench/care_quality.py --study sweep --max-tokens 8192 --json docs/results/care_quality.json
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import platform
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
 from kvtool.calib import collect_statistics
-from kvtool.convert.care import CareOptions, convert_layers, mla_state_dict
-from kvtool.convert.deepseek_export import deepseek_v3_checkpoint, latent_rms
+from kvtool.calib.input_samples import AttnInputSampler
+from kvtool.calib.sensitivity import kv_sensitivity
+from kvtool.convert.care import convert_layers, mla_state_dict
+from kvtool.convert.deepseek_export import deepseek_v3_checkpoint, latent_norm_weights
 from kvtool.data import TextSource, calibration_windows, heldout_tokens
 from kvtool.evaluate import perplexity
+from kvtool.methods.care import ConvertMlaOptions
 from kvtool.models import load_model
 from kvtool.runtime.mla import MLA_MODELS, mla_config
 
-VARIANTS = [("svd", "uniform"), ("care", "uniform"), ("care", "care"), ("care", "energy")]
+VARIANTS = [("svd", "uniform"), ("care", "uniform"), ("care", "care"), ("care", "energy"),
+            ("care", "sensitivity")]
 
 
-def mla_model(loaded, store, opts):
-    weights = {k: v.detach() for k, v in loaded.model.state_dict().items()}
-    layers, report = convert_layers(weights, store, loaded.spec, opts)
-    cfg = mla_config(loaded.model.config, [(r["r_k"], r["r_v"]) for r in report["layers"]], opts.rope,
-                     report["rope_dim"], [r.get("rope_pairs", []) for r in report["layers"]])
-    model = MLA_MODELS[loaded.spec.model_type](cfg).eval()
-    model.load_state_dict(mla_state_dict(weights, layers, loaded.spec, torch.float32), strict=True)
-    return model, layers, report, weights
+def _memo_sqrt():
+    """Reuse each layer's damped square root across the study's conversions (same statistics, same damping)."""
+    import kvtool.convert.care as care
+
+    cache, inner = {}, care.damped_sqrt
+
+    def damped_sqrt(c, damping):
+        key = (tuple(c.shape), float(c.double().sum()), float(c.double().pow(2).sum()), damping)
+        if key not in cache:
+            cache[key] = inner(c, damping)
+        return cache[key]
+
+    care.damped_sqrt = damped_sqrt
 
 
-def deepseek_model(loaded, store, layers, weights):
-    from transformers import AutoConfig, AutoModelForCausalLM
+class Bench:
+    def __init__(self, samples: int, seq_len: int, max_tokens: int):
+        torch.manual_seed(0)
+        self.loaded = load_model("smollm2-135m")
+        self.windows = calibration_windows(self.loaded.tokenizer, TextSource(), samples, seq_len, seed=0)
+        self.sampler = AttnInputSampler(2048)
+        t0 = time.time()
+        self.store = collect_statistics(self.loaded, self.windows, "attn_in", batch_size=8, visitors=[self.sampler])
+        print(f"calibrated {self.windows.numel()} tokens in {time.time() - t0:.0f}s", flush=True)
+        self.tokens = heldout_tokens(self.loaded.tokenizer, TextSource(split="heldout"), max_tokens)
+        self.weights = {k: v.detach() for k, v in self.loaded.model.state_dict().items()}
+        self.sensitivity = None
+        self.original = self.ppl(self.loaded.model)
+        print(f"original: {self.original:.3f}", flush=True)
 
-    rms = latent_rms(layers, [store.second_moment(i, "attn_in") for i in range(loaded.spec.num_layers)])
-    state, cfg, _ = deepseek_v3_checkpoint(weights, layers, loaded.spec, loaded.model.config, rms, torch.float32)
-    cfg = dict(cfg)
-    config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
-    model = AutoModelForCausalLM.from_config(config).eval()
-    if config.tie_word_embeddings:
-        state = {k: v for k, v in state.items() if k != "lm_head.weight"}
-    model.load_state_dict(state, strict=False)
-    return model
+    def ppl(self, model) -> float:
+        return perplexity(model, self.tokens, 512)["perplexity"]
+
+    def convert(self, opts: ConvertMlaOptions):
+        care = opts.care_options()
+        t0 = time.time()
+        if care.rank_alloc == "sensitivity" and self.sensitivity is None:
+            t1 = time.time()
+            self.sensitivity = kv_sensitivity(self.loaded, self.windows)
+            print(f"sensitivity pass {time.time() - t1:.0f}s", flush=True)
+        layers, report = convert_layers(self.weights, self.store, self.loaded.spec, care,
+                                        sensitivity=self.sensitivity)
+        return layers, report, time.time() - t0
+
+    def kvtool_ppl(self, opts: ConvertMlaOptions, layers, report) -> float:
+        care = opts.care_options()
+        cfg = mla_config(self.loaded.model.config, [(r["r_k"], r["r_v"]) for r in report["layers"]], care.rope,
+                         report["rope_dim"], [r.get("rope_pairs", []) for r in report["layers"]])
+        model = MLA_MODELS[self.loaded.spec.model_type](cfg).eval()
+        model.load_state_dict(mla_state_dict(self.weights, layers, self.loaded.spec, torch.float32), strict=True)
+        return self.ppl(model)
+
+    def deepseek_ppl(self, layers, rule: str, bypass: bool = False) -> float:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        spec = self.loaded.spec
+        norms = latent_norm_weights(layers, [self.sampler.samples[i] for i in range(spec.num_layers)],
+                                    [self.store.second_moment(i, "attn_in") for i in range(spec.num_layers)],
+                                    float(self.loaded.model.config.rms_norm_eps), rule)
+        state, cfg, _ = deepseek_v3_checkpoint(self.weights, layers, spec, self.loaded.model.config, norms,
+                                               torch.float32)
+        cfg = dict(cfg)
+        model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg.pop("model_type"), **cfg)).eval()
+        if model.config.tie_word_embeddings:
+            state = {k: v for k, v in state.items() if k != "lm_head.weight"}
+        model.load_state_dict(state, strict=False)
+        if bypass:
+            for layer in model.model.layers:
+                layer.self_attn.kv_a_layernorm.forward = lambda h: h
+        return self.ppl(model)
+
+
+def row_of(opts: ConvertMlaOptions, report, secs) -> dict:
+    r = opts.resolved()
+    return {"rope": r.rope, "rope_dim": report["rope_dim"], "rope_select": r.rope_select, "rope_fold": r.rope_fold,
+            "ratio": r.kv_ratio, "method": r.method, "alloc": r.rank_alloc, "kv_ratio": report["kv_ratio"],
+            "err_k": report["mean_err_k"], "err_v": report["mean_err_v"],
+            "ranks_k": [x["r_k"] for x in report["layers"]], "ranks_v": [x["r_v"] for x in report["layers"]],
+            "rope_stride": report["layers"][0].get("rope_stride"), "convert_seconds": secs}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--study", choices=("sweep", "rope", "norm"), default="sweep")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--ratios", default="0.75,0.5,0.375,0.25")
     ap.add_argument("--ropes", default="keep,decoupled")
-    ap.add_argument("--damping", type=float, default=0.01)
-    ap.add_argument("--variants", default=",".join(f"{m}:{a}" for m, a in VARIANTS),
-                    help="method:allocation pairs, e.g. care:uniform")
-    ap.add_argument("--rope-select", default="uniform", help="decoupled: uniform (DeepSeek-exportable) or norm")
-    ap.add_argument("--rope-dims", default="", help="decoupled: comma-separated rope widths (default: kvtool's)")
+    ap.add_argument("--variants", default=",".join(f"{m}:{a}" for m, a in VARIANTS))
+    ap.add_argument("--selects", default="norm,strided,uniform")
+    ap.add_argument("--folds", default="1,2,4")
+    ap.add_argument("--rope-dims", default="16,32,64")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    torch.manual_seed(0)
-    loaded = load_model("smollm2-135m")
-    windows = calibration_windows(loaded.tokenizer, TextSource(), args.samples, args.seq_len, seed=0)
-    t0 = time.time()
-    store = collect_statistics(loaded, windows, "attn_in", batch_size=8)
-    print(f"calibrated {windows.numel()} tokens in {time.time() - t0:.0f}s", flush=True)
-    tokens = heldout_tokens(loaded.tokenizer, TextSource(split="heldout"), args.max_tokens)
-    results = {"original": perplexity(loaded.model, tokens, 512)["perplexity"], "rows": [],
-               "calibration_tokens": int(windows.numel()), "heldout_tokens": int(tokens.numel())}
-    print(f"original: {results['original']:.3f}", flush=True)
-    variants = [tuple(v.split(":")) for v in args.variants.split(",")]
-    rope_dims = [int(d) for d in args.rope_dims.split(",") if d] or [None]
-    runs = [(rope, dim) for rope in args.ropes.split(",") for dim in (rope_dims if rope == "decoupled" else [None])]
-    for rope, rope_dim in runs:
-        for ratio in [float(r) for r in args.ratios.split(",")]:
-            for method, alloc in variants:
-                opts = CareOptions(method=method, rank_alloc=alloc, kv_ratio=ratio, rope=rope, damping=args.damping,
-                                   rope_select=args.rope_select if rope == "decoupled" else "norm", rope_dim=rope_dim)
-                t0 = time.time()
-                model, layers, report, weights = mla_model(loaded, store, opts)
-                secs = time.time() - t0
-                ppl = perplexity(model, tokens, 512)["perplexity"]
-                row = {"rope": rope, "rope_dim": rope_dim, "rope_select": opts.rope_select, "ratio": ratio,
-                       "method": method, "alloc": alloc, "ppl": ppl,
-                       "kv_ratio": report["kv_ratio"], "err_k": report["mean_err_k"], "err_v": report["mean_err_v"],
-                       "ranks_k": [r["r_k"] for r in report["layers"]], "ranks_v": [r["r_v"] for r in report["layers"]],
-                       "convert_seconds": secs}
-                if rope == "decoupled" and method == "care" and alloc == "uniform" and opts.rope_select == "uniform":
-                    row["deepseek_v3_ppl"] = perplexity(deepseek_model(loaded, store, layers, weights), tokens,
-                                                        512)["perplexity"]
-                results["rows"].append(row)
-                print(json.dumps({k: v for k, v in row.items() if not k.startswith("ranks")}), flush=True)
-                del model
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=1))
+    _memo_sqrt()
+    ratios = [float(r) for r in args.ratios.split(",")]
+    b = Bench(args.samples, args.seq_len, args.max_tokens)
+    command = " ".join(["bench/care_quality.py"] + [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
+                                                    if k != "json"])
+    results = {"study": args.study, "original": b.original, "rows": [], "command": command,
+               "calibration_tokens": int(b.windows.numel()), "heldout_tokens": int(b.tokens.numel()),
+               "machine": f"{platform.machine()} CPU, {torch.get_num_threads()} threads",
+               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d")}
+
+    def emit(row):
+        results["rows"].append(row)
+        print(json.dumps({k: v for k, v in row.items() if not k.startswith("ranks")}), flush=True)
+        if args.json:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(json.dumps(results, indent=1))
+
+    if args.study == "sweep":
+        for rope in args.ropes.split(","):
+            for ratio in ratios:
+                for variant in args.variants.split(","):
+                    method, alloc = variant.split(":")
+                    opts = ConvertMlaOptions(method=method, rank_alloc=alloc, kv_ratio=ratio, rope=rope)
+                    layers, report, secs = b.convert(opts)
+                    row = row_of(opts, report, secs)
+                    row["ppl"] = b.kvtool_ppl(opts, layers, report)
+                    emit(row)
+                if rope == "decoupled":  # what `--format deepseek-v3` does by default
+                    opts = ConvertMlaOptions(kv_ratio=ratio, format="deepseek-v3")
+                    layers, report, secs = b.convert(opts)
+                    row = row_of(opts, report, secs)
+                    row.update(format="deepseek-v3", latent_norm=opts.latent_norm,
+                               ppl=b.deepseek_ppl(layers, opts.latent_norm))
+                    emit(row)
+    elif args.study == "rope":
+        for ratio in ratios:
+            for dim in [int(x) for x in args.rope_dims.split(",")]:
+                for select in args.selects.split(","):
+                    for fold in [int(x) for x in args.folds.split(",")]:
+                        opts = ConvertMlaOptions(kv_ratio=ratio, rope="decoupled", rope_dim=dim, rope_select=select,
+                                                 rope_fold=fold)
+                        try:
+                            layers, report, secs = b.convert(opts)
+                        except Exception as e:  # e.g. uniform needs rope_dim/2 to divide head_dim/2
+                            print(f"skip {dim} {select} {fold}: {e}")
+                            continue
+                        row = row_of(opts, report, secs)
+                        row["rope_score_share"] = sum(x["rope_score_share"] for x in report["layers"]) / len(
+                            report["layers"])
+                        row["ppl"] = b.kvtool_ppl(opts, layers, report)
+                        if select in ("strided", "uniform"):
+                            row["deepseek_v3_ppl"] = b.deepseek_ppl(layers, "lsq")
+                        emit(row)
+    else:
+        for ratio in ratios:
+            opts = ConvertMlaOptions(kv_ratio=ratio, format="deepseek-v3")
+            layers, report, secs = b.convert(opts)
+            row = row_of(opts, report, secs)
+            row["bypassed"] = b.deepseek_ppl(layers, "rms", bypass=True)
+            for rule in ("lsq", "mean-rms", "inv-mean-inv-rms", "rms"):
+                row[rule] = b.deepseek_ppl(layers, rule)
+            emit(row)
     print(f"\noriginal perplexity {results['original']:.2f} ({results['heldout_tokens']} held-out tokens)")
-    if variants != VARIANTS or rope_dims != [None]:
-        for r in results["rows"]:
-            print(f"| {r['rope']} dim={r['rope_dim']} select={r['rope_select']} | {r['ratio']} | {r['method']}+"
-                  f"{r['alloc']} | {r['ppl']:.2f} |")
-        return
-    print("| rope | KV ratio | svd+uniform | care+uniform | care+care | care+energy | DeepSeek-V3 export |")
-    print("|---|---|---|---|---|---|---|")
-    for rope in args.ropes.split(","):
-        for ratio in [float(r) for r in args.ratios.split(",")]:
-            rows = {(r["method"], r["alloc"]): r for r in results["rows"] if r["rope"] == rope and r["ratio"] == ratio}
-            ds = rows[("care", "uniform")].get("deepseek_v3_ppl")
-            cells = [f"{rows[v]['ppl']:.2f}" for v in VARIANTS]
-            print(f"| {rope} | {ratio} | " + " | ".join(cells) + f" | {f'{ds:.2f}' if ds else '-'} |")
 
 
 if __name__ == "__main__":

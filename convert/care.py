@@ -16,6 +16,10 @@ Rank allocation under a fixed budget (the per-layer KV cache width R = r_K + r_V
                  start at ``rank_min``; repeatedly give one rank to the layer maximizing
                  σ²_{l,r+1} / Σ_{m>r} σ²_{l,m} (σ: singular values of S·Wᵀ), up to ``rank_max``.
     ``energy``:  same greedy, maximizing σ²_{l,r+1} (minimizes the total activation-weighted residual energy).
+    ``sensitivity``: one pool for K and V of all layers (budget L·(r_K + r_V) uniform), greedy on α_b·σ²_{b,r+1},
+                 where α_b is the measured calibration-loss cost per unit of residual energy of block b
+                 (:func:`kvtool.calib.sensitivity.kv_sensitivity`): minimizes the predicted loss increase
+                 Σ_b α_b·Σ_{m>r_b} σ²_{b,m}. Layers keep their own r_K + r_V (per-layer widths may differ).
 
 KV-parity mapping: the cache holds c = [x·downᵀ_K | x·downᵀ_V] (width r_K + r_V per token per layer, the GQA
 cache being 2·g·d); the up-projections are block-diagonal per KV group (K reads c_K only, V reads c_V only)
@@ -48,8 +52,9 @@ from kvtool.models import ArchSpec
 
 REQUIRED_STATS = ("attn_in",)
 METHODS = ("care", "svd")
-ALLOCATIONS = ("uniform", "care", "energy")
+ALLOCATIONS = ("uniform", "care", "energy", "sensitivity")
 ROPE_MODES = ("keep", "decoupled")
+ROPE_SELECTS = ("norm", "strided", "uniform")
 
 
 @dataclass
@@ -66,6 +71,7 @@ class CareOptions:
     rope: str = "keep"
     rope_dim: int | None = None  # decoupled: width of the shared rope key (default 64, or head_dim/2 if head_dim<=64)
     rope_select: str = "norm"
+    rope_fold: int = 1  # decoupled: FreqFold, each kept pair's group spans this many adjacent pairs
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -114,14 +120,16 @@ def weighted_error(weight: torch.Tensor, approx: torch.Tensor, c: torch.Tensor) 
 
 # ---------------------------------------------------------------------------------------------- allocation
 
-def allocate_ranks(energies: list[torch.Tensor], budget: int, rank_min: int, rank_max: int, rule: str) -> list[int]:
+def allocate_ranks(energies: list[torch.Tensor], budget: int, rank_min: int, rank_max: int | list[int],
+                   rule: str) -> list[int]:
     """Greedy water-filling of ``budget`` ranks over blocks with squared singular values ``energies``.
 
     Every block starts at ``rank_min``; each step gives one rank to the block with the highest score
     (``care``: σ²_{r+1}/Σ_{m>r}σ²_m; ``energy``: σ²_{r+1}), never above ``rank_max`` or the block's size.
     """
     n = len(energies)
-    caps = [min(rank_max, e.numel()) for e in energies]
+    maxes = rank_max if isinstance(rank_max, list) else [rank_max] * n
+    caps = [min(m, e.numel()) for m, e in zip(maxes, energies, strict=True)]
     if any(rank_min > cap for cap in caps):
         raise KvtoolError(f"rank floor {rank_min} exceeds a layer's available rank {min(caps)}: lower --rank-min")
     if budget < n * rank_min:
@@ -138,7 +146,7 @@ def allocate_ranks(energies: list[torch.Tensor], budget: int, rank_min: int, ran
         if r >= caps[i]:
             return -math.inf
         nxt = float(energies[i][r])
-        if rule == "energy":
+        if rule in ("energy", "sensitivity"):
             return nxt
         return nxt / max(float(tails[i][r]), 1e-300)
 
@@ -213,72 +221,141 @@ def resolve_rope_dim(spec: ArchSpec, opts: CareOptions) -> int:
 
 # ---------------------------------------------------------------------------------------------- decoupled RoPE
 
-def rorope_rotation(w_q: torch.Tensor, w_k: torch.Tensor, c: torch.Tensor,
-                    spec: ArchSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Rotate keys across KV heads per RoPE frequency pair (TransMLA's RoRoPE), and queries to match.
-
-    Returns (rot_q [n_h, g, d, D], rot_k [g, d, D], score per pair, top-component energy share per pair).
-    For every query head, Σ_j RoPE(rot_q[h, j] x)·RoPE(rot_k[j] x') equals RoPE(q_h x)·RoPE(k_{group(h)} x'):
-    the rotation acts identically on both channels of a pair, so it commutes with RoPE. Components are sorted by
-    energy (component 0 carries the most); score_f = ‖q'_{0,f}‖·‖k'_{0,f}‖ (RMS over calibration tokens).
-    """
-    g, d, n_h = spec.num_kv_heads, spec.head_dim, spec.num_heads
-    half, group = d // 2, spec.group_size
+def rope_grams(w_q: torch.Tensor, w_k: torch.Tensor, c: torch.Tensor, spec: ArchSpec) -> tuple[torch.Tensor,
+                                                                                                    torch.Tensor]:
+    """Calibration Grams of the keys (W_K C W_Kᵀ, [g*d, g*d]) and of each query head (W_q,h C W_q,hᵀ,
+    [n_h, d, d]), float64: every RoRoPE quantity below is read from them."""
     c = c.to(torch.float64)
-    wk = w_k.to(torch.float64).view(g, d, -1)
-    wq = w_q.to(torch.float64).view(n_h, d, -1)
-    rot_k = torch.empty_like(wk)
-    rot_q = torch.empty(n_h, g, d, wq.shape[-1], dtype=torch.float64, device=wq.device)
-    scores = torch.empty(half, dtype=torch.float64)
-    shares = torch.empty(half, dtype=torch.float64)
-    for f in range(half):
-        a, b = wk[:, f], wk[:, f + half]  # g x D
-        evals, evecs = torch.linalg.eigh(a @ c @ a.T + b @ c @ b.T)
-        u, evals = evecs.flip(-1), evals.flip(-1).clamp_min(0)  # columns by descending energy
-        rot_k[:, f], rot_k[:, f + half] = u.T @ a, u.T @ b
-        coef = u[torch.arange(n_h, device=u.device) // group]  # n_h x g
-        rot_q[:, :, f] = coef[:, :, None] * wq[:, None, f]
-        rot_q[:, :, f + half] = coef[:, :, None] * wq[:, None, f + half]
-        qa, qb = rot_q[:, 0, f], rot_q[:, 0, f + half]
-        q_energy = (torch.einsum("hd,de,he->", qa, c, qa) + torch.einsum("hd,de,he->", qb, c, qb)).clamp_min(0)
-        scores[f] = float(q_energy.sqrt() * evals[0].sqrt())
-        shares[f] = float(evals[0] / evals.sum().clamp_min(1e-300))
-    return rot_q, rot_k, scores, shares
+    wk = w_k.to(torch.float64)
+    wq = w_q.to(torch.float64).view(spec.num_heads, spec.head_dim, -1)
+    return wk @ c @ wk.T, torch.einsum("hdD,DE,heE->hde", wq, c, wq)
+
+
+def pair_scores(grams: tuple[torch.Tensor, torch.Tensor], spec: ArchSpec) -> torch.Tensor:
+    """Per RoPE frequency pair f: ‖q'_{0,f}‖·‖k'_{0,f}‖ (RMS over calibration tokens) of the top RoRoPE component
+    of the pair alone (the 2-norm score of MHA2MLA, taken after the cross-head rotation)."""
+    return torch.stack([_group_rotation(grams, spec, [f])[2] for f in range(spec.head_dim // 2)])
+
+
+def _group_rotation(grams: tuple[torch.Tensor, torch.Tensor], spec: ArchSpec,
+                    group: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Joint PCA of the keys of all KV heads at the frequency pairs ``group`` (TransMLA's RoRoPE; FreqFold when
+    the group has several pairs). Channels are (head, pair) in head-major order; one rotation U acts on the real
+    and the imaginary part of every pair alike (a common rotation commutes with RoPE at one frequency).
+
+    Returns (U [m, m] columns by descending energy, channel index into the g*half layout [m],
+    score ‖q'_0‖·‖k'_0‖ of the top component, its energy share).
+    """
+    gk, gq = grams
+    g, d = spec.num_kv_heads, spec.head_dim
+    half = d // 2
+    m = len(group)
+    chan = torch.tensor([h * half + f for h in range(g) for f in group], dtype=torch.long)
+    rows_a = torch.tensor([h * d + f for h in range(g) for f in group], dtype=torch.long)
+    rows_b = rows_a + half
+    evals, evecs = torch.linalg.eigh(gk[rows_a][:, rows_a] + gk[rows_b][:, rows_b])
+    u, evals = evecs.flip(-1), evals.flip(-1).clamp_min(0)
+    ga = torch.tensor(group, dtype=torch.long)
+    gb = ga + half
+    # query component 0 of head h: Σ_f U[(group(h), f), 0]·q_{h,f} (real and imaginary parts)
+    q_energy = torch.zeros((), dtype=torch.float64, device=gq.device)
+    for j in range(g):
+        coef = u[j * m:(j + 1) * m, 0]
+        heads = gq[j * spec.group_size:(j + 1) * spec.group_size]
+        q_energy = q_energy + torch.einsum("f,hfe,e->", coef, heads[:, ga][:, :, ga] + heads[:, gb][:, :, gb], coef)
+    score = q_energy.clamp_min(0).sqrt() * evals[0].sqrt()
+    return u, chan, score, evals[0] / evals.sum().clamp_min(1e-300)
+
+
+def rope_groups(chosen: list[int], half: int, fold: int) -> list[list[int]]:
+    """FreqFold groups: each kept pair f takes the following pairs f+1..f+fold-1 that are not kept themselves."""
+    kept = set(chosen)
+    return [[f] + [e for e in range(f + 1, min(f + fold, half)) if e not in kept] for f in chosen]
+
+
+def select_rope_pairs(scores: torch.Tensor, pairs: int, select: str) -> tuple[list[int], int]:
+    """(kept pairs, stride) by the rule ``select``:
+
+    ``norm``:    the ``pairs`` pairs with the largest score (any set; kvtool format);
+    ``uniform``: every (half/pairs)-th pair {0, s, 2s, ...} (DeepSeek's rotary with the source rope_theta);
+    ``strided``: the arithmetic progression {0, s, 2s, ...} of ``pairs`` pairs with the largest summed score over
+                 every stride s that fits; DeepSeek's rotary reproduces it with rope_theta' = θ^(s·rope_dim/d).
+    The stride is 0 for ``norm``.
+    """
+    half = scores.numel()
+    if select == "norm":
+        return sorted(torch.topk(scores, pairs).indices.tolist()), 0
+    if select == "uniform":
+        s = half // pairs
+        return list(range(0, half, s))[:pairs], s
+    if select == "strided":
+        top = (half - 1) // max(pairs - 1, 1) if pairs > 1 else 1
+        best = max(range(1, top + 1), key=lambda s: (float(scores[[i * s for i in range(pairs)]].sum()), -s))
+        return [i * best for i in range(pairs)], best
+    raise KvtoolError(f"unknown --rope-select {select!r}: use norm, strided or uniform")
 
 
 def decouple_rope(w_q: torch.Tensor, w_k: torch.Tensor, c: torch.Tensor, spec: ArchSpec, rope_dim: int,
-                  select: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], torch.Tensor]:
-    """RoRoPE rotation, then keep RoPE on the top component of ``rope_dim/2`` chosen pairs.
+                  select: str, fold: int = 1,
+                  chosen: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], dict]:
+    """RoRoPE (+FreqFold) rotation, then keep RoPE on the top component of each kept pair's group.
 
     Returns (new q weight [n_h*(d_nope+d_rope), D], k_nope weight [d_nope, D], k_pe weight [d_rope, D],
-    chosen pair indices, per-pair energy share of the top component). Each head's q channels are ordered
-    [nope (matching k_nope's rows) | rope]; k_pe is in half-split order [a-parts | b-parts] of the chosen pairs.
+    kept pair indices, info). Each head's q channels are ordered [nope (matching k_nope's rows) | rope]; k_pe is in
+    half-split order [a-parts | b-parts] of the kept pairs, rotated at the kept pairs' frequencies. With fold 1 and
+    all pairs kept the layout is exact; otherwise the channels that lose RoPE (and, with fold > 1, the frequency
+    mismatch of the folded pairs) are the approximation.
     """
-    g, d = spec.num_kv_heads, spec.head_dim
+    g, d, n_h = spec.num_kv_heads, spec.head_dim, spec.num_heads
     half = d // 2
-    rot_q, rot_k, scores, shares = rorope_rotation(w_q, w_k, c, spec)
     pairs = rope_dim // 2
-    if select == "uniform":
-        chosen = list(range(0, half, half // pairs))[:pairs]
-    elif select == "norm":
-        chosen = sorted(torch.topk(scores, pairs).indices.tolist())
+    grams = rope_grams(w_q, w_k, c, spec)
+    scores = pair_scores(grams, spec)
+    if chosen is None:
+        chosen, stride = select_rope_pairs(scores, pairs, select)
     else:
-        raise KvtoolError(f"unknown --rope-select {select!r}: use norm or uniform")
-    keep = torch.zeros(g, d, dtype=torch.bool)
-    pe_rows = chosen + [f + half for f in chosen]
-    keep[0, pe_rows] = True
-    q_new = torch.cat([rot_q[:, ~keep], rot_q[:, 0, pe_rows]], dim=1).reshape(-1, rot_q.shape[-1])
-    return q_new, rot_k[~keep], rot_k[0, pe_rows], chosen, shares
+        stride = chosen[1] - chosen[0] if len(chosen) > 1 else 1
+    wk = w_k.to(torch.float64).view(g, d, -1)
+    wq = w_q.to(torch.float64).view(n_h, d, -1)
+    # channel layout: (head, pair) -> h*half + f, for the real (a) and imaginary (b) parts
+    k_a = torch.cat([wk[h, :half] for h in range(g)])
+    k_b = torch.cat([wk[h, half:] for h in range(g)])
+    q_a = torch.zeros(n_h, g * half, wq.shape[-1], dtype=torch.float64, device=wq.device)
+    q_b = torch.zeros_like(q_a)
+    for h in range(n_h):
+        j = h // spec.group_size
+        q_a[h, j * half:(j + 1) * half] = wq[h, :half]
+        q_b[h, j * half:(j + 1) * half] = wq[h, half:]
+    pe_slots, shares = [], []
+    group_score = 0.0
+    for grp in rope_groups(chosen, half, fold):
+        u, chan, score, share = _group_rotation(grams, spec, grp)
+        k_a[chan], k_b[chan] = u.T @ k_a[chan], u.T @ k_b[chan]
+        q_a[:, chan] = torch.einsum("sj,hsD->hjD", u, q_a[:, chan])
+        q_b[:, chan] = torch.einsum("sj,hsD->hjD", u, q_b[:, chan])
+        pe_slots.append(int(chan[0]))
+        shares.append(float(share))
+        group_score += float(score)
+    keep = torch.ones(g * half, dtype=torch.bool)
+    keep[pe_slots] = False
+    k_nope = torch.cat([k_a[keep], k_b[keep]])
+    k_pe = torch.cat([k_a[pe_slots], k_b[pe_slots]])
+    q_new = torch.cat([q_a[:, keep], q_b[:, keep], q_a[:, pe_slots], q_b[:, pe_slots]], dim=1)
+    info = {"stride": stride, "share": sum(shares) / len(shares), "score": group_score,
+            "score_share": group_score / max(float(scores.sum()), 1e-300)}
+    return q_new.reshape(-1, q_new.shape[-1]), k_nope, k_pe, chosen, info
 
 
 # ---------------------------------------------------------------------------------------------- the transform
 
 def convert_layers(weights: dict[str, torch.Tensor], stats: Any, spec: ArchSpec, opts: CareOptions,
-                   device: str | torch.device = "cpu") -> tuple[list[MlaLayer], dict[str, Any]]:
+                   device: str | torch.device = "cpu",
+                   sensitivity: dict[str, list[float]] | None = None) -> tuple[list[MlaLayer], dict[str, Any]]:
     """Factor every layer's K and V (and rotate q/k for decoupled RoPE); returns layers and a report.
 
     ``weights`` is the source model's state dict (HF names); ``stats`` must hold ``attn_in`` for every layer.
-    Factorizations run in float64 on ``device``.
+    Factorizations run in float64 on ``device``. ``sensitivity`` ({"k": [α per layer], "v": [...]}) is needed by
+    the ``sensitivity`` allocation.
     """
     check_options(spec, opts)
     stats.require(REQUIRED_STATS, spec.num_layers)
@@ -287,6 +364,9 @@ def convert_layers(weights: dict[str, torch.Tensor], stats: Any, spec: ArchSpec,
     aware = opts.method == "care"
     blocks: dict[str, list[dict[str, Any]]] = {"k": [], "v": []}
     extra: list[dict[str, Any]] = []
+    chosen_all = None
+    if opts.rope == "decoupled" and opts.rope_select == "strided":
+        chosen_all = global_stride_pairs(weights, stats, spec, rope_dim, device)
     for i in range(n):
         pre = f"model.layers.{i}.self_attn."
         c = stats.second_moment(i, "attn_in").to(device)
@@ -294,9 +374,11 @@ def convert_layers(weights: dict[str, torch.Tensor], stats: Any, spec: ArchSpec,
         w_k, w_v = (weights[pre + f"{p}_proj.weight"].to(device) for p in ("k", "v"))
         info: dict[str, Any] = {}
         if opts.rope == "decoupled":
-            q_new, w_k, k_pe, chosen, shares = decouple_rope(weights[pre + "q_proj.weight"].to(device), w_k, c, spec,
-                                                             rope_dim, opts.rope_select)
-            info.update(q_new=q_new.cpu(), k_pe=k_pe.cpu(), pairs=chosen, share=float(shares[chosen].mean()))
+            q_new, w_k, k_pe, chosen, rinfo = decouple_rope(weights[pre + "q_proj.weight"].to(device), w_k, c, spec,
+                                                            rope_dim, opts.rope_select, opts.rope_fold,
+                                                            chosen_all)
+            info.update(q_new=q_new.cpu(), k_pe=k_pe.cpu(), pairs=chosen, share=rinfo["share"],
+                        stride=rinfo["stride"], score_share=rinfo["score_share"])
         extra.append(info)
         for name, w in (("k", w_k), ("v", w_v)):
             u, sv, vh = spectrum(w, s if aware else None)
@@ -304,7 +386,17 @@ def convert_layers(weights: dict[str, torch.Tensor], stats: Any, spec: ArchSpec,
             energy = sv ** 2 if aware else torch.linalg.svdvals(s @ w.to(torch.float64).T) ** 2
             blocks[name].append({"w": w.cpu(), "left": left.cpu(), "vh": vh.cpu(), "energy": energy.cpu()})
     ranks: dict[str, list[int]] = {"k": [], "v": []}
-    for name, (uniform, lo, hi) in allocation_bounds(spec, opts).items():
+    bounds = allocation_bounds(spec, opts)
+    if opts.rank_alloc == "sensitivity" and all(lo < hi for _, lo, hi in bounds.values()):
+        if sensitivity is None:
+            raise KvtoolError("--rank-alloc sensitivity needs the measured K/V sensitivities")
+        energies = [b["energy"] * sensitivity[name][i] for name in ("k", "v") for i, b in enumerate(blocks[name])]
+        caps = [bounds[name][2] for name in ("k", "v") for _ in range(n)]
+        joint = allocate_ranks(energies, n * (bounds["k"][0] + bounds["v"][0]),
+                               min(bounds["k"][1], bounds["v"][1]), caps, "sensitivity")
+        ranks = {"k": joint[:n], "v": joint[n:]}
+        bounds = {}
+    for name, (uniform, lo, hi) in bounds.items():
         if opts.rank_alloc == "uniform" or lo == hi:
             ranks[name] = [uniform] * n
         else:
@@ -326,6 +418,8 @@ def convert_layers(weights: dict[str, torch.Tensor], stats: Any, spec: ArchSpec,
             layer.q_weight, layer.k_pe, layer.rope_pairs = info["q_new"], info["k_pe"], info["pairs"]
             row["rope_pairs"] = info["pairs"]
             row["rope_energy_share"] = info["share"]
+            row["rope_score_share"] = info["score_share"]
+            row["rope_stride"] = info["stride"]
         layers.append(layer)
         per_layer.append(row)
     elem = 2  # bytes per cached value in bf16/fp16 serving
@@ -334,12 +428,28 @@ def convert_layers(weights: dict[str, torch.Tensor], stats: Any, spec: ArchSpec,
     report = {
         "method": opts.method, "rank_alloc": opts.rank_alloc, "rope": opts.rope, "rope_dim": rope_dim,
         "damping": opts.damping, "layer_width": total,
+        "layer_widths": [r["r_k"] + r["r_v"] + rope_dim for r in per_layer],
         "kv_bytes_per_token_before": gqa_width * n * elem, "kv_bytes_per_token_after": sum(widths) * elem,
         "kv_ratio": sum(widths) / (gqa_width * n),
         "mean_err_k": sum(r["err_k"] for r in per_layer) / n, "mean_err_v": sum(r["err_v"] for r in per_layer) / n,
         "layers": per_layer,
     }
     return layers, report
+
+
+def global_stride_pairs(weights: dict[str, torch.Tensor], stats: Any, spec: ArchSpec, rope_dim: int,
+                        device: str | torch.device = "cpu") -> list[int]:
+    """The rope pairs {0, s, 2s, ...} (one stride s for every layer: DeepSeek has one rotary) with the largest
+    2-norm score summed over layers, each layer's scores normalized to sum 1."""
+    total = None
+    for i in range(spec.num_layers):
+        pre = f"model.layers.{i}.self_attn."
+        grams = rope_grams(weights[pre + "q_proj.weight"].to(device), weights[pre + "k_proj.weight"].to(device),
+                           stats.second_moment(i, "attn_in").to(device), spec)
+        sc = pair_scores(grams, spec).cpu()
+        sc = sc / sc.sum().clamp_min(1e-300)
+        total = sc if total is None else total + sc
+    return select_rope_pairs(total, rope_dim // 2, "strided")[0]
 
 
 def check_options(spec: ArchSpec, opts: CareOptions) -> None:
@@ -350,6 +460,10 @@ def check_options(spec: ArchSpec, opts: CareOptions) -> None:
         raise KvtoolError(f"unknown --rank-alloc {opts.rank_alloc!r}: use {', '.join(ALLOCATIONS)}")
     if opts.rope not in ROPE_MODES:
         raise KvtoolError(f"unknown --rope {opts.rope!r}: use keep or decoupled")
+    if opts.rope_select not in ROPE_SELECTS:
+        raise KvtoolError(f"unknown --rope-select {opts.rope_select!r}: use {', '.join(ROPE_SELECTS)}")
+    if opts.rope_fold < 1 or opts.rope_fold > spec.head_dim // 2:
+        raise KvtoolError(f"--rope-fold {opts.rope_fold} must be between 1 and head_dim/2 ({spec.head_dim // 2})")
     if opts.damping < 0:
         raise KvtoolError(f"--damping {opts.damping} must be >= 0")
     if opts.rope == "decoupled":

@@ -1,12 +1,18 @@
 """Export a decoupled-RoPE CARE conversion in transformers' ``DeepseekV3ForCausalLM`` layout.
 
 Layout (per layer, ``model.layers.{i}.self_attn.``):
-    ``q_proj``             [n_h*(d_nope + d_rope), D]; per head [q_nope | q_pe], q_pe interleaved; scaled by
-                           sqrt((d_nope+d_rope)/d) so DeepSeek's softmax scale (d_nope+d_rope)^-1/2 equals d^-1/2
+    ``q_proj``             [n_h*(d + d_rope), D]; per head [q_nope | q_pe], q_pe interleaved; scaled by
+                           sqrt((d+d_rope)/d) so DeepSeek's softmax scale (d+d_rope)^-1/2 equals d^-1/2
     ``kv_a_proj_with_mqa`` [kv_lora_rank + d_rope, D]; rows [c_K | c_V | zero padding | k_pe (interleaved)]
-    ``kv_a_layernorm``     RMSNorm over the latent; its weight is set to the calibration RMS of the latent
-    ``kv_b_proj``          [n_h*(d_nope + d), kv_lora_rank]; head h: [k_b on the c_K columns; its group's v_b on
+    ``kv_a_layernorm``     RMSNorm over the latent; its weight is a per-channel least-squares fit on calibration
+                           tokens (:func:`latent_norm_weights`)
+    ``kv_b_proj``          [n_h*(d + d), kv_lora_rank]; head h: [W_UK_h on the c_K columns; its group's v_b on
                            the c_V columns] (block-diagonal: K rows read c_K only, V rows c_V only)
+    ``o_proj``             unchanged
+qk_nope_head_dim = v_head_dim = head_dim: a query head's nope score against the shared nope key k_b·c_K is a
+bilinear form of rank ≤ head_dim (its nope query channels are a rotation of the head's own d channels), so it
+factors exactly into head_dim columns (:func:`factor_nope`); Llama-3-8B shapes give nope 128 + rope 64, v 128.
+The kept rope pairs {0, s, 2s, ...} are reproduced by DeepSeek's rotary with rope_theta' = θ^(s·rope_dim/d).
     ``o_proj``             unchanged
 MLPs stay dense (``first_k_dense_replace = num_hidden_layers``). kv_lora_rank is global: layers with smaller
 r_K + r_V are zero-padded, which costs cache width. The only approximation beyond the conversion is
@@ -33,14 +39,16 @@ def _interleave(rows: torch.Tensor) -> torch.Tensor:
 
 
 def check_exportable(spec: ArchSpec | None, rope: str, rope_select: str) -> None:
-    """DeepSeek-V3 layout needs decoupled RoPE on native frequencies, no attention biases, no QK-norm (the
-    architecture checks are skipped when ``spec`` is None)."""
+    """DeepSeek-V3 layout needs decoupled RoPE on pairs its rotary can express (an arithmetic progression
+    {0, s, 2s, ...}: ``strided`` or ``uniform``), no attention biases, no QK-norm, default RoPE (the architecture
+    checks are skipped when ``spec`` is None)."""
     if rope != "decoupled":
         raise KvtoolError("--format deepseek-v3 needs --rope decoupled (DeepSeek has no reconstruct-then-RoPE "
                           "path): add --rope decoupled or use --format kvtool")
-    if rope_select != "uniform":
-        raise KvtoolError("--format deepseek-v3 needs --rope-select uniform (DeepSeek's rotary uses evenly spaced "
-                          "frequencies): add --rope-select uniform or use --format kvtool")
+    if rope_select not in EXPRESSIBLE:
+        raise KvtoolError("--format deepseek-v3 needs --rope-select strided or uniform (DeepSeek's rotary uses the "
+                          "frequencies θ'^(-2i/rope_dim), an arithmetic progression of the source pairs): use one of "
+                          "them or --format kvtool")
     if spec is None:
         return
     if spec.qkv_bias or spec.o_bias:
@@ -49,71 +57,142 @@ def check_exportable(spec: ArchSpec | None, rope: str, rope_select: str) -> None
     if spec.qk_norm:
         raise KvtoolError(f"{spec.model_type} has q_norm/k_norm, which DeepSeek-V3 cannot express: use --format kvtool")
     if spec.rope_type != "default":
-        raise KvtoolError(f"RoPE type {spec.rope_type!r} has no DeepSeek-V3 equivalent here (vLLM rewrites non-default "
-                          "RoPE scaling to deepseek_yarn): use --format kvtool")
+        raise KvtoolError(f"RoPE scaling {spec.rope_type!r} has no DeepSeek-V3 equivalent (its frequencies are not a "
+                          "geometric progression a DeepSeek rotary can reproduce, and vLLM rewrites every non-default "
+                          "RoPE type to deepseek_yarn): use --format kvtool")
+
+
+EXPRESSIBLE = ("strided", "uniform")
+NORM_RULES = ("lsq", "rms", "mean-rms", "inv-mean-inv-rms")
+
+
+def rope_stride(layers: list[MlaLayer]) -> int:
+    """The common stride s of every layer's kept pairs {0, s, 2s, ...}; KvtoolError if they are not such a set."""
+    first = layers[0].rope_pairs
+    s = first[1] - first[0] if len(first) > 1 else 1
+    want = [i * s for i in range(len(first))]
+    if any(list(la.rope_pairs) != want for la in layers):
+        raise KvtoolError("the kept rope pairs are not one arithmetic progression {0, s, 2s, ...} in every layer, "
+                          "which DeepSeek's rotary cannot express: convert with --rope-select strided")
+    return s
+
+
+def factor_nope(q_nope: torch.Tensor, k_up: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Factor one query head's nope bilinear form q_nopeᵀ·k_up (rank ≤ head_dim) into head_dim columns.
+
+    ``q_nope`` [m, D] (m = g*d - rope rows, rank ≤ head_dim because they are a rotation of the head's own d query
+    channels), ``k_up`` [m, r_K]. Returns (q [head_dim, D], w_uk [head_dim, r_K], relative residual of the dropped
+    singular values) with qᵀ·w_uk = q_nopeᵀ·k_up; the singular values are split evenly between the two factors.
+    """
+    u, sv, vh = torch.linalg.svd(q_nope.to(torch.float64), full_matrices=False)
+    k = min(head_dim, sv.numel())
+    root = sv[:k].sqrt()
+    q = torch.zeros(head_dim, q_nope.shape[1], dtype=torch.float64)
+    w = torch.zeros(head_dim, k_up.shape[1], dtype=torch.float64)
+    q[:k] = root[:, None] * vh[:k]
+    w[:k] = (root[:, None] * u[:, :k].T) @ k_up.to(torch.float64)
+    resid = float(sv[k:].norm() / sv.norm().clamp_min(1e-300))
+    return q, w, resid
 
 
 def deepseek_v3_checkpoint(weights: dict[str, torch.Tensor], layers: list[MlaLayer], spec: ArchSpec,
-                           source_config: Any, latent_rms: list[float],
+                           source_config: Any, norm_weights: list[torch.Tensor],
                            dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(state dict, config.json dict, export report) of the DeepSeek-V3 layout.
 
-    ``latent_rms[i]`` is the calibration RMS of layer i's padded latent (sets kv_a_layernorm's weight).
+    ``norm_weights[i]`` is kv_a_layernorm's weight of layer i ([kv_lora_rank], see :func:`latent_norm_weights`).
+    Per head: qk_nope_head_dim = v_head_dim = head_dim (:func:`factor_nope`), qk_rope_head_dim = the rope width.
     """
     n_h, g, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rope_dim = layers[0].k_pe.shape[0]
-    nope = g * d - rope_dim
+    nope_src = g * d - rope_dim
     kv_lora_rank = max(la.k_down.shape[0] + la.v_down.shape[0] for la in layers)
-    q_scale = math.sqrt((nope + rope_dim) / d)
+    stride = rope_stride(layers)
+    q_scale = math.sqrt((d + rope_dim) / d)
     state = {k: v for k, v in weights.items() if ".self_attn." not in k or ".o_proj." in k}
+    worst = 0.0
     for i, la in enumerate(layers):
         pre = f"model.layers.{i}.self_attn."
         r_k, r_v = la.k_down.shape[0], la.v_down.shape[0]
-        q = la.q_weight.to(torch.float64).view(n_h, nope + rope_dim, -1)
-        q = torch.cat([q[:, :nope], torch.stack([_interleave(q[h, nope:]) for h in range(n_h)])], dim=1)
-        state[pre + "q_proj.weight"] = (q * q_scale).reshape(-1, q.shape[-1])
+        q = la.q_weight.to(torch.float64).view(n_h, nope_src + rope_dim, -1)
+        q_heads, kv_b = [], torch.zeros(n_h, 2 * d, kv_lora_rank, dtype=torch.float64)
+        v_up = la.v_up.double().view(g, d, r_v)
+        for h in range(n_h):
+            q_nope, w_uk, resid = factor_nope(q[h, :nope_src], la.k_up, d)
+            worst = max(worst, resid)
+            q_heads.append(torch.cat([q_nope, _interleave(q[h, nope_src:])]))
+            kv_b[h, :d, :r_k] = w_uk
+            kv_b[h, d:, r_k:r_k + r_v] = v_up[h // spec.group_size]
+        state[pre + "q_proj.weight"] = torch.cat(q_heads) * q_scale
         pad = torch.zeros(kv_lora_rank - r_k - r_v, la.k_down.shape[1], dtype=torch.float64)
         state[pre + "kv_a_proj_with_mqa.weight"] = torch.cat(
             [la.k_down.double(), la.v_down.double(), pad, _interleave(la.k_pe.double())])
-        state[pre + "kv_a_layernorm.weight"] = torch.full((kv_lora_rank,), latent_rms[i], dtype=torch.float64)
-        kv_b = torch.zeros(n_h, nope + d, kv_lora_rank, dtype=torch.float64)
-        v_up = la.v_up.double().view(g, d, r_v)
-        for h in range(n_h):
-            kv_b[h, :nope, :r_k] = la.k_up.double()
-            kv_b[h, nope:, r_k:r_k + r_v] = v_up[h // spec.group_size]
+        state[pre + "kv_a_layernorm.weight"] = norm_weights[i].to(torch.float64)
         state[pre + "kv_b_proj.weight"] = kv_b.reshape(-1, kv_lora_rank)
     state = {k: v.to(dtype) for k, v in state.items()}
     src = source_config
+    # DeepSeek's rotary of width rope_dim has inv_freq_i = θ'^(-2i/rope_dim); the kept pairs are i·stride of the
+    # source's θ^(-2f/d): θ' = θ^(stride·rope_dim/d) makes them equal
+    theta = float(spec.rope_theta) ** (stride * rope_dim / d)
     config = {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3",
         "vocab_size": spec.vocab_size, "hidden_size": spec.hidden_size,
         "intermediate_size": spec.intermediate_size, "moe_intermediate_size": spec.intermediate_size,
         "num_hidden_layers": spec.num_layers, "num_attention_heads": n_h, "num_key_value_heads": n_h,
-        # expert counts keep transformers' defaults; unused since every layer is below first_k_dense_replace
-        "first_k_dense_replace": spec.num_layers, "kv_lora_rank": kv_lora_rank, "q_lora_rank": None,
-        "qk_rope_head_dim": rope_dim, "qk_nope_head_dim": nope, "v_head_dim": d, "head_dim": rope_dim,
+        # dense MLPs everywhere: every layer is below first_k_dense_replace (transformers and vLLM build an MoE
+        # block only at layer_idx >= first_k_dense_replace); expert counts keep transformers' defaults, unused
+        "first_k_dense_replace": spec.num_layers,
+        "kv_lora_rank": kv_lora_rank, "q_lora_rank": None,
+        "qk_rope_head_dim": rope_dim, "qk_nope_head_dim": d, "v_head_dim": d, "head_dim": rope_dim,
         "rope_interleave": True, "hidden_act": getattr(src, "hidden_act", "silu"),
         "max_position_embeddings": spec.max_positions, "rms_norm_eps": src.rms_norm_eps,
-        "rope_parameters": {"rope_type": "default", "rope_theta": spec.rope_theta}, "rope_theta": spec.rope_theta,
+        "rope_parameters": {"rope_type": "default", "rope_theta": theta}, "rope_theta": theta,
         "attention_bias": False, "attention_dropout": 0.0, "tie_word_embeddings": bool(src.tie_word_embeddings),
         "bos_token_id": src.bos_token_id, "eos_token_id": src.eos_token_id, "pad_token_id": src.pad_token_id,
         "initializer_range": getattr(src, "initializer_range", 0.02), "use_cache": True,
     }
     padded = sum(kv_lora_rank - la.k_down.shape[0] - la.v_down.shape[0] for la in layers)
-    report = {"kv_lora_rank": kv_lora_rank, "qk_nope_head_dim": nope, "qk_rope_head_dim": rope_dim,
-              "padded_latent_channels": padded,
+    report = {"kv_lora_rank": kv_lora_rank, "qk_nope_head_dim": d, "qk_rope_head_dim": rope_dim, "v_head_dim": d,
+              "rope_stride": stride, "rope_theta": theta, "padded_latent_channels": padded,
+              "nope_factor_residual": worst,
               "kv_bytes_per_token": (kv_lora_rank + rope_dim) * spec.num_layers * 2,
-              "notes": ["kv_a_layernorm approximated by the calibration RMS of the latent (measured in bench)",
+              "notes": ["kv_a_layernorm (applied by DeepSeek to the latent, scale-invariant per token) is the only "
+                        "approximation; its weight is a per-channel least-squares fit (bench/care_quality.py)",
                         "vLLM hard-codes attention biases off and rewrites non-default RoPE scaling"]}
     return state, config, report
 
 
-def latent_rms(layers: list[MlaLayer], second_moments: list[torch.Tensor]) -> list[float]:
-    """Calibration RMS of each layer's latent padded to the global kv_lora_rank: sqrt(E‖c‖² / kv_lora_rank)."""
+def latent_norm_weights(layers: list[MlaLayer], samples: list[torch.Tensor] | None,
+                        second_moments: list[torch.Tensor], eps: float, rule: str = "lsq") -> list[torch.Tensor]:
+    """kv_a_layernorm weights [kv_lora_rank] per layer so that w ⊙ c/rms(c) approximates the latent c.
+
+    ``samples[i]`` are calibration inputs of layer i's attention (tokens x D); c = [k_down; v_down; 0 padding]·x
+    and rms(c) = sqrt(mean(c²) + eps) over the kv_lora_rank channels, as DeepSeek's RMSNorm computes it. Rules:
+    ``lsq``: per channel w_j = E[c_j²/rms] / E[c_j²/rms²], the least-squares minimizer of E‖w⊙c/rms - c‖²;
+    ``mean-rms``: E[rms(c)]; ``inv-mean-inv-rms``: 1/E[1/rms(c)]; ``rms``: sqrt(E‖c‖²/kv_lora_rank) from the
+    second moment alone (needs no samples).
+    """
     width = max(la.k_down.shape[0] + la.v_down.shape[0] for la in layers)
     out = []
-    for la, c in zip(layers, second_moments, strict=True):
+    for i, la in enumerate(layers):
         down = torch.cat([la.k_down, la.v_down]).double()
-        energy = torch.einsum("rd,de,re->", down, c.double(), down)
-        out.append(float((energy / width).clamp_min(1e-12).sqrt()))
+        if rule == "rms":
+            energy = torch.einsum("rd,de,re->", down, second_moments[i].double(), down)
+            w = torch.full((width,), float((energy / width).clamp_min(1e-12).sqrt()), dtype=torch.float64)
+        else:
+            if samples is None:
+                raise KvtoolError(f"kv_a_layernorm rule {rule!r} needs calibration samples")
+            c = samples[i].double() @ down.T
+            rms = ((c ** 2).sum(-1) / width + eps).sqrt()
+            if rule == "lsq":
+                num, den = (c ** 2 / rms[:, None]).mean(0), (c ** 2 / rms[:, None] ** 2).mean(0)
+                w = torch.ones(width, dtype=torch.float64)
+                w[:c.shape[1]] = torch.where(den > 0, num / den.clamp_min(1e-300), rms.mean())
+            elif rule == "mean-rms":
+                w = torch.full((width,), float(rms.mean()), dtype=torch.float64)
+            elif rule == "inv-mean-inv-rms":
+                w = torch.full((width,), float(1 / (1 / rms).mean()), dtype=torch.float64)
+            else:
+                raise KvtoolError(f"unknown kv_a_layernorm rule {rule!r}: use {', '.join(NORM_RULES)}")
+        out.append(w)
     return out

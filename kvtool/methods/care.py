@@ -15,6 +15,8 @@ from kvtool.methods.base import Method, RunContext, output_dtype, statistics_pro
 from kvtool.options import Options, option
 
 FORMATS = ("kvtool", "deepseek-v3")
+DEFAULT_FOLD = {"kvtool": 1, "deepseek-v3": 1}  # FreqFold per format (docs/benchmarks.md, CARE rope ablation)
+LATENT_SAMPLES = 2048  # calibration tokens per layer kept for the kv_a_layernorm fit (deepseek-v3)
 
 
 @dataclasses.dataclass
@@ -22,8 +24,10 @@ class ConvertMlaOptions(Options):
     """Options of ``kvtool convert-mla`` (CLI flags and recipe keys)."""
 
     method: str = option("care", "care (activation-aware) or svd (weight-only baseline).", choices=("care", "svd"))
-    rank_alloc: str = option("uniform", "uniform, care (water-filling on σ²/tail) or energy (min. total residual).",
-                             choices=("uniform", "care", "energy"))
+    rank_alloc: str = option("uniform", "uniform, care (CARE Eq. 1: water-filling on σ²/tail), energy (min. total "
+                                        "residual) or sensitivity (min. predicted calibration-loss increase, K and "
+                                        "V of all layers in one pool; one extra forward+backward pass).",
+                             choices=("uniform", "care", "energy", "sensitivity"))
     kv_rank: int | None = option(None, "Cache width per layer (r_K + r_V [+ rope dims]); overrides --kv-ratio.",
                                  positive=True)
     kv_ratio: float = option(0.5, "Cache width as a fraction of the GQA cache 2*g*d (e.g. 0.5).", positive=True,
@@ -36,9 +40,16 @@ class ConvertMlaOptions(Options):
                                     "deepseek-v3.", choices=("keep", "decoupled"))
     rope_dim: int | None = option(None, "Decoupled: shared rope key width (default 64, or head_dim/2 when "
                                         "head_dim <= 64).", positive=True)
-    rope_select: str | None = option(None, "Decoupled: norm (largest ‖q‖‖k‖ pairs) or uniform (native DeepSeek "
-                                           "rotary). Default: norm, or uniform for --format deepseek-v3.",
-                                     choices=("norm", "uniform"))
+    rope_select: str | None = option(None, "Decoupled: norm (largest ‖q‖‖k‖ pairs, any set), strided (the best "
+                                           "{0, s, 2s, ...} by the same score, what DeepSeek's rotary expresses) or "
+                                           "uniform (s = head_dim/rope_dim). Default: norm, or strided for "
+                                           "--format deepseek-v3.", choices=("norm", "strided", "uniform"))
+    rope_fold: int | None = option(None, "Decoupled: FreqFold, each kept pair's RoRoPE group spans this many "
+                                         "adjacent pairs (1 = none). Default: the benchmark's best per format.",
+                                   positive=True)
+    latent_norm: str = option("lsq", "deepseek-v3: kv_a_layernorm weight: lsq (per-channel least squares on "
+                                     "calibration tokens), mean-rms, inv-mean-inv-rms or rms.",
+                              choices=("lsq", "mean-rms", "inv-mean-inv-rms", "rms"))
     format: str = option("kvtool", "kvtool (per-layer ranks, exact) or deepseek-v3 (stock transformers "
                                    "DeepseekV3ForCausalLM).", choices=FORMATS)
 
@@ -46,7 +57,8 @@ class ConvertMlaOptions(Options):
         """Defaults that depend on the format filled in (DeepSeek needs decoupled RoPE on uniform pairs)."""
         ds = self.format == "deepseek-v3"
         return dataclasses.replace(self, rope=self.rope or ("decoupled" if ds else "keep"),
-                                   rope_select=self.rope_select or ("uniform" if ds else "norm"))
+                                   rope_select=self.rope_select or ("strided" if ds else "norm"),
+                                   rope_fold=self.rope_fold or DEFAULT_FOLD[self.format])
 
     def care_options(self) -> Any:
         """The math's option bundle (:class:`kvtool.convert.care.CareOptions`)."""
@@ -71,6 +83,13 @@ class ConvertMla(Method):
     def required_stats(self, opts: ConvertMlaOptions) -> tuple[str, ...]:
         return self.required
 
+    def visitors(self, opts: ConvertMlaOptions) -> dict[str, Any]:
+        if opts.format == "deepseek-v3" and opts.latent_norm != "rms":
+            from kvtool.calib.input_samples import AttnInputSampler
+
+            return {"latent-inputs": AttnInputSampler(LATENT_SAMPLES)}
+        return {}
+
     def preflight(self, spec: Any, opts: ConvertMlaOptions) -> None:
         from kvtool.convert.care import check_options
         from kvtool.convert.deepseek_export import check_exportable
@@ -84,7 +103,7 @@ class ConvertMla(Method):
     def run(self, loaded: Any, store: Any, out: Path, opts: ConvertMlaOptions, ctx: RunContext) -> dict[str, Any]:
         from kvtool.checkpoint import atomic_dir, provenance, save_model_checkpoint
         from kvtool.convert.care import convert_layers, mla_state_dict
-        from kvtool.convert.deepseek_export import deepseek_v3_checkpoint, latent_rms
+        from kvtool.convert.deepseek_export import deepseek_v3_checkpoint, latent_norm_weights
         from kvtool.runtime.mla import mla_config
 
         spec = loaded.spec
@@ -94,16 +113,33 @@ class ConvertMla(Method):
         torch_dtype = output_dtype(ctx.dtype, loaded)
         dtype_name = str(torch_dtype).replace("torch.", "")
         weights = {k: v.detach() for k, v in loaded.model.state_dict().items()}
-        layers, report = convert_layers(weights, store, spec, care, device=ctx.device)
+        sensitivity = None
+        if care.rank_alloc == "sensitivity":
+            from kvtool.calib.sensitivity import kv_sensitivity
+            from kvtool.data import calibration_windows
+
+            d = ctx.data
+            windows = calibration_windows(loaded.tokenizer, d.source(), d.samples, d.seq_len, d.seed,
+                                          spec.max_positions)
+            sensitivity = kv_sensitivity(loaded, windows, device=ctx.device, batch_size=d.batch_size,
+                                         progress=ctx.progress)
+        layers, report = convert_layers(weights, store, spec, care, device=ctx.device, sensitivity=sensitivity)
+        if sensitivity is not None:
+            report["sensitivity"] = sensitivity
         if opts.format == "kvtool":
             state = mla_state_dict(weights, layers, spec, torch_dtype)
             config: Any = mla_config(loaded.model.config, [(r["r_k"], r["r_v"]) for r in report["layers"]],
                                      care.rope, report["rope_dim"], [r.get("rope_pairs", []) for r in report["layers"]])
             config.dtype = dtype_name
         else:
-            rms = latent_rms(layers, [store.second_moment(i, "attn_in") for i in range(spec.num_layers)])
-            state, config, export = deepseek_v3_checkpoint(weights, layers, spec, loaded.model.config, rms,
+            sampler = ctx.visitors.get("latent-inputs")
+            samples = [sampler.samples[i] for i in range(spec.num_layers)] if sampler is not None else None
+            norms = latent_norm_weights(layers, samples, [store.second_moment(i, "attn_in")
+                                                          for i in range(spec.num_layers)],
+                                        float(loaded.model.config.rms_norm_eps), opts.latent_norm)
+            state, config, export = deepseek_v3_checkpoint(weights, layers, spec, loaded.model.config, norms,
                                                            torch_dtype)
+            export["latent_norm"] = opts.latent_norm
             config["dtype"] = dtype_name
             report["deepseek_v3"] = export
             report["kv_bytes_per_token_after"] = export["kv_bytes_per_token"]

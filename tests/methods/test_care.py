@@ -12,7 +12,6 @@ from conftest import tiny_model
 from typer.testing import CliRunner
 
 from kvtool.calib import collect_statistics
-from kvtool.calib.collect import apply_rope
 from kvtool.cli import app
 from kvtool.convert.care import (
     CareOptions,
@@ -20,7 +19,6 @@ from kvtool.convert.care import (
     convert_layers,
     damped_sqrt,
     mla_state_dict,
-    rorope_rotation,
     spectrum,
     weighted_error,
 )
@@ -64,25 +62,6 @@ def test_decoupled_is_exact_for_one_kv_head_with_full_rope():
     x = ids(2, 24, 7)
     with torch.no_grad():
         torch.testing.assert_close(mla(x).logits, model(x).logits, rtol=1e-4, atol=1e-4)
-
-
-def test_rorope_rotation_preserves_attention_logits():
-    model = tiny_model("llama", hidden_size=96, num_attention_heads=6, num_key_value_heads=3)
-    loaded = wrap_model(model)
-    spec = loaded.spec
-    c = collect_statistics(loaded, ids(), "attn_in").second_moment(0, "attn_in")
-    attn = model.model.layers[0].self_attn
-    rot_q, rot_k, _, shares = rorope_rotation(attn.q_proj.weight, attn.k_proj.weight, c, spec)
-    assert (shares > 1 / spec.num_kv_heads - 1e-9).all()  # the top component holds at least its fair share
-    x = torch.randn(1, 10, spec.hidden_size, dtype=torch.float64)
-    cos, sin = (t.double() for t in model.model.rotary_emb(x, torch.arange(10)[None]))
-    q = apply_rope((x @ attn.q_proj.weight.double().T).view(1, 10, 6, 16), cos, sin)
-    k = apply_rope((x @ attn.k_proj.weight.double().T).view(1, 10, 3, 16), cos, sin)
-    ref = torch.einsum("bihd,bjhd->bhij", q, k.repeat_interleave(2, dim=2))
-    rq = apply_rope(torch.einsum("hjdD,bsD->bshjd", rot_q, x).reshape(1, 10, 18, 16), cos, sin).view(1, 10, 6, 3, 16)
-    rk = apply_rope(torch.einsum("jdD,bsD->bsjd", rot_k, x), cos, sin)
-    got = torch.einsum("bihjd,bkjd->bhik", rq, rk)
-    torch.testing.assert_close(got, ref, rtol=1e-9, atol=1e-9)
 
 
 def test_care_factor_is_pca_of_outputs_without_damping():
@@ -206,7 +185,8 @@ print(type(ds).__name__, exact, approx)
     (["--kv-rank", "999"], "exceeds the GQA cache width"),
     (["--rank-alloc", "care", "--rank-max", "8"], "exceeds the ceiling 8"),
     (["--rank-alloc", "care", "--rank-min", "20", "--kv-ratio", "0.25"], "below the floor"),
-    (["--rope-select", "norm", "--format", "deepseek-v3"], "--rope-select uniform"),
+    (["--rope-select", "norm", "--format", "deepseek-v3"], "--rope-select strided or uniform"),
+    (["--rope-fold", "0"], "--rope-fold"),
     (["--rope", "keep", "--format", "deepseek-v3"], "needs --rope decoupled"),
     (["--method", "pca"], "--method 'pca' is not one of: care, svd"),
     (["--kv-ratio", "nan"], "--kv-ratio must be a finite number"),
