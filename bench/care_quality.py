@@ -31,7 +31,7 @@ from kvtool.calib import collect_statistics
 from kvtool.calib.input_samples import AttnInputSampler
 from kvtool.calib.sensitivity import kv_sensitivity
 from kvtool.convert.care import convert_layers, mla_state_dict
-from kvtool.convert.deepseek_export import deepseek_v3_checkpoint, latent_norm_weights
+from kvtool.convert.deepseek_export import add_ballast, deepseek_v3_checkpoint, latent_norm_weights
 from kvtool.data import TextSource, calibration_windows, heldout_tokens
 from kvtool.evaluate import perplexity
 from kvtool.methods.care import ConvertMlaOptions
@@ -94,10 +94,14 @@ class Bench:
         model.load_state_dict(mla_state_dict(self.weights, layers, self.loaded.spec, torch.float32), strict=True)
         return self.ppl(model)
 
-    def deepseek_ppl(self, layers, rule: str, bypass: bool = False) -> float:
+    def deepseek_ppl(self, layers, rule: str, bypass: bool = False, ballast: bool = False) -> float:
         from transformers import AutoConfig, AutoModelForCausalLM
 
         spec = self.loaded.spec
+        if ballast:
+            layers, spread = add_ballast(layers, [self.sampler.samples[i] for i in range(spec.num_layers)],
+                                         [self.sampler.first[i] for i in range(spec.num_layers)])
+            print(f"ballast max relative deviation per layer: {[round(s, 3) for s in spread]}", flush=True)
         norms = latent_norm_weights(layers, [self.sampler.samples[i] for i in range(spec.num_layers)],
                                     [self.store.second_moment(i, "attn_in") for i in range(spec.num_layers)],
                                     float(self.loaded.model.config.rms_norm_eps), rule)
@@ -135,6 +139,9 @@ def main() -> None:
     ap.add_argument("--selects", default="norm,strided,uniform")
     ap.add_argument("--folds", default="1,2,4")
     ap.add_argument("--rope-dims", default="16,32,64")
+    ap.add_argument("--deepseek", action="store_true", help="rope study: also evaluate the DeepSeek-V3 export")
+    ap.add_argument("--norm-rules", default="lsq,mean-rms,inv-mean-inv-rms,rms")
+    ap.add_argument("--configs", default="", help="rope study: explicit select:fold:dim list instead of the product")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     _memo_sqrt()
@@ -172,31 +179,35 @@ def main() -> None:
                                ppl=b.deepseek_ppl(layers, opts.latent_norm))
                     emit(row)
     elif args.study == "rope":
+        configs = [(sel, int(fold), int(dim)) for sel, fold, dim in (c.split(":") for c in args.configs.split(",")
+                                                                     if c)]
+        configs = configs or [(sel, fold, dim) for dim in [int(x) for x in args.rope_dims.split(",")]
+                              for sel in args.selects.split(",") for fold in [int(x) for x in args.folds.split(",")]]
         for ratio in ratios:
-            for dim in [int(x) for x in args.rope_dims.split(",")]:
-                for select in args.selects.split(","):
-                    for fold in [int(x) for x in args.folds.split(",")]:
-                        opts = ConvertMlaOptions(kv_ratio=ratio, rope="decoupled", rope_dim=dim, rope_select=select,
-                                                 rope_fold=fold)
-                        try:
-                            layers, report, secs = b.convert(opts)
-                        except Exception as e:  # e.g. uniform needs rope_dim/2 to divide head_dim/2
-                            print(f"skip {dim} {select} {fold}: {e}")
-                            continue
-                        row = row_of(opts, report, secs)
-                        row["rope_score_share"] = sum(x["rope_score_share"] for x in report["layers"]) / len(
-                            report["layers"])
-                        row["ppl"] = b.kvtool_ppl(opts, layers, report)
-                        if select in ("strided", "uniform"):
-                            row["deepseek_v3_ppl"] = b.deepseek_ppl(layers, "lsq")
-                        emit(row)
+            for select, fold, dim in configs:
+                opts = ConvertMlaOptions(kv_ratio=ratio, rope="decoupled", rope_dim=dim, rope_select=select,
+                                         rope_fold=fold)
+                try:
+                    layers, report, secs = b.convert(opts)
+                except Exception as e:  # e.g. uniform needs rope_dim/2 to divide head_dim/2
+                    print(f"skip {dim} {select} {fold}: {e}")
+                    continue
+                row = row_of(opts, report, secs)
+                row["rope_score_share"] = sum(x["rope_score_share"] for x in report["layers"]) / len(report["layers"])
+                row["ppl"] = b.kvtool_ppl(opts, layers, report)
+                if select in ("strided", "uniform") and args.deepseek:
+                    row["deepseek_v3_ppl"] = b.deepseek_ppl(layers, "lsq")
+                emit(row)
     else:
         for ratio in ratios:
             opts = ConvertMlaOptions(kv_ratio=ratio, format="deepseek-v3")
             layers, report, secs = b.convert(opts)
             row = row_of(opts, report, secs)
+            row["ballast+lsq"] = b.deepseek_ppl(layers, "lsq", ballast=True)
+            emit(dict(row))
+            row["ballast+bypassed"] = b.deepseek_ppl(layers, "lsq", bypass=True, ballast=True)
             row["bypassed"] = b.deepseek_ppl(layers, "rms", bypass=True)
-            for rule in ("lsq", "mean-rms", "inv-mean-inv-rms", "rms"):
+            for rule in args.norm_rules.split(","):
                 row[rule] = b.deepseek_ppl(layers, rule)
             emit(row)
     print(f"\noriginal perplexity {results['original']:.2f} ({results['heldout_tokens']} held-out tokens)")

@@ -162,6 +162,42 @@ def deepseek_v3_checkpoint(weights: dict[str, torch.Tensor], layers: list[MlaLay
     return state, config, report
 
 
+def add_ballast(layers: list[MlaLayer], samples: list[torch.Tensor], first: list[torch.Tensor] | None = None,
+                dominance: float = 30.0, ridge: float = 1e-3) -> tuple[list[MlaLayer], list[float]]:
+    """Make kv_a_layernorm's per-token scale nearly constant with one "ballast" latent channel per layer.
+
+    DeepSeek normalizes the latent by its per-token RMS, which varies from token to token. The ballast channel is
+    b = α·u·x, with u the ridge regression of the constant 1 on the attention inputs x (``samples``, plus the
+    windows' first tokens ``first`` weighted like all other tokens together, since attention sinks form there and
+    their activations are outliers): the direction whose projection is most nearly constant. α makes b dominate
+    the latent's norm (mean |b| = ``dominance``·RMS‖c‖), so rms(latent) ≈ |b|/sqrt(kv_lora_rank) varies only as
+    u·x does, and kv_a_layernorm's fitted weight undoes the near-constant scale. The channel takes the slot of the
+    last (smallest) V latent channel and its kv_b_proj column is zero: the cache width is unchanged. Returns
+    (layers, per-layer max relative deviation of u·x from its mean over samples and first tokens).
+    """
+    out, spread = [], []
+    for i, (la, x) in enumerate(zip(layers, samples, strict=True)):
+        x = x.double()
+        parts = [(x, 1.0 / x.shape[0])]
+        if first is not None and first[i].numel():
+            parts.append((first[i].double(), 1.0 / first[i].shape[0]))
+        gram = sum(w * z.T @ z for z, w in parts)
+        rhs = sum(w * z.sum(0) for z, w in parts)
+        eye = torch.eye(x.shape[1], dtype=torch.float64)
+        u = torch.linalg.solve(gram + ridge * gram.diagonal().mean() * eye, rhs)
+        proj = torch.cat([z @ u for z, _ in parts])
+        down = torch.cat([la.k_down, la.v_down]).double()
+        scale = float((x @ down.T).pow(2).sum(-1).mean().sqrt())
+        alpha = dominance * scale / float(proj.abs().mean().clamp_min(1e-300))
+        v_down, v_up = la.v_down.double().clone(), la.v_up.double().clone()
+        v_down[-1] = alpha * u
+        v_up[:, -1] = 0
+        out.append(MlaLayer(k_down=la.k_down, k_up=la.k_up, v_down=v_down, v_up=v_up, q_weight=la.q_weight,
+                            k_pe=la.k_pe, rope_pairs=la.rope_pairs))
+        spread.append(float((proj / proj.mean() - 1).abs().max()))
+    return out, spread
+
+
 def latent_norm_weights(layers: list[MlaLayer], samples: list[torch.Tensor] | None,
                         second_moments: list[torch.Tensor], eps: float, rule: str = "lsq") -> list[torch.Tensor]:
     """kv_a_layernorm weights [kv_lora_rank] per layer so that w ⊙ c/rms(c) approximates the latent c.

@@ -47,9 +47,11 @@ class ConvertMlaOptions(Options):
     rope_fold: int | None = option(None, "Decoupled: FreqFold, each kept pair's RoRoPE group spans this many "
                                          "adjacent pairs (1 = none). Default: the benchmark's best per format.",
                                    positive=True)
-    latent_norm: str = option("lsq", "deepseek-v3: kv_a_layernorm weight: lsq (per-channel least squares on "
-                                     "calibration tokens), mean-rms, inv-mean-inv-rms or rms.",
-                              choices=("lsq", "mean-rms", "inv-mean-inv-rms", "rms"))
+    latent_norm: str = option("lsq", "deepseek-v3: how kv_a_layernorm is approximated: lsq (per-channel "
+                                     "least-squares weight on calibration tokens), ballast (one latent channel meant "
+                                     "to make the per-token RMS nearly constant, then lsq), mean-rms, "
+                                     "inv-mean-inv-rms or rms (docs/benchmarks.md compares them).",
+                              choices=("ballast", "lsq", "mean-rms", "inv-mean-inv-rms", "rms"))
     format: str = option("kvtool", "kvtool (per-layer ranks, exact) or deepseek-v3 (stock transformers "
                                    "DeepseekV3ForCausalLM).", choices=FORMATS)
 
@@ -103,7 +105,7 @@ class ConvertMla(Method):
     def run(self, loaded: Any, store: Any, out: Path, opts: ConvertMlaOptions, ctx: RunContext) -> dict[str, Any]:
         from kvtool.checkpoint import atomic_dir, provenance, save_model_checkpoint
         from kvtool.convert.care import convert_layers, mla_state_dict
-        from kvtool.convert.deepseek_export import deepseek_v3_checkpoint, latent_norm_weights
+        from kvtool.convert.deepseek_export import add_ballast, deepseek_v3_checkpoint, latent_norm_weights
         from kvtool.runtime.mla import mla_config
 
         spec = loaded.spec
@@ -134,12 +136,18 @@ class ConvertMla(Method):
         else:
             sampler = ctx.visitors.get("latent-inputs")
             samples = [sampler.samples[i] for i in range(spec.num_layers)] if sampler is not None else None
+            rule, spread = opts.latent_norm, None
+            if rule == "ballast":
+                layers, spread = add_ballast(layers, samples, [sampler.first[i] for i in range(spec.num_layers)])
+                rule = "lsq"
             norms = latent_norm_weights(layers, samples, [store.second_moment(i, "attn_in")
                                                           for i in range(spec.num_layers)],
-                                        float(loaded.model.config.rms_norm_eps), opts.latent_norm)
+                                        float(loaded.model.config.rms_norm_eps), rule)
             state, config, export = deepseek_v3_checkpoint(weights, layers, spec, loaded.model.config, norms,
                                                            torch_dtype)
             export["latent_norm"] = opts.latent_norm
+            if spread is not None:
+                export["ballast_relative_spread"] = spread
             config["dtype"] = dtype_name
             report["deepseek_v3"] = export
             report["kv_bytes_per_token_after"] = export["kv_bytes_per_token"]

@@ -11,19 +11,18 @@ import torch
 from conftest import tiny_model
 from typer.testing import CliRunner
 
-from kvtool.cli import app
-from kvtool.convert.care import _group_rotation, decouple_rope, rope_grams, select_rope_pairs
-from kvtool.convert.deepseek_export import factor_nope, latent_norm_weights
-from kvtool.convert.care import MlaLayer
-from kvtool.calib.collect import apply_rope
 from kvtool.calib import collect_statistics
+from kvtool.calib.collect import apply_rope
+from kvtool.cli import app
+from kvtool.convert.care import MlaLayer, _group_rotation, decouple_rope, rope_grams, select_rope_pairs
+from kvtool.convert.deepseek_export import add_ballast, factor_nope, latent_norm_weights
 from kvtool.models import wrap_model
 
 runner = CliRunner()
 
 # an 8-KV-head, head_dim-128 model (Llama-3-8B attention shapes, few layers, small hidden)
 ENGINE = dict(num_key_value_heads=8, num_attention_heads=16, head_dim=128, hidden_size=1024, intermediate_size=64,
-              num_hidden_layers=2)
+              num_hidden_layers=1)
 
 
 def run(*args):
@@ -72,7 +71,7 @@ def test_engine_shaped_export_matches_kvtool_format_and_vllm_loader(tiny_checkpo
     res = run("calibrate", model_dir, "-o", tmp_path / "st", "--samples", 4, "--seq-len", 64, "--statistics",
               "attn_in", "--device", "cpu", "--no-progress")
     assert res.exit_code == 0, res.output
-    common = ["--stats-dir", tmp_path / "st", "--kv-ratio", 0.5, "--device", "cpu", "--samples", 4, "--seq-len", 64]
+    common = ["--stats-dir", tmp_path / "st", "--kv-ratio", 0.5, "--device", "cpu", "--samples", 2, "--seq-len", 64]
     res = run("convert-mla", model_dir, "-o", tmp_path / "ds", "--format", "deepseek-v3", *common)
     assert res.exit_code == 0, res.output
     res = run("convert-mla", model_dir, "-o", tmp_path / "kv", "--rope", "decoupled", "--rope-select", "strided",
@@ -204,3 +203,24 @@ def test_rope_scaling_refused_before_calibration(tiny_checkpoint, tmp_path, scal
     res = run("run", recipe, "--dry-run")
     assert res.exit_code == 2 and "has no DeepSeek-V3 equivalent" in res.output, res.output
     assert not (tmp_path / "ro").exists()
+
+
+def test_ballast_channel_flattens_the_latent_rms_and_leaves_values_alone():
+    g = torch.Generator().manual_seed(1)
+    mean = torch.randn(16, generator=g, dtype=torch.float64) * 4
+    x = mean + torch.randn(400, 16, generator=g, dtype=torch.float64) * torch.rand(400, 1, generator=g,
+                                                                                    dtype=torch.float64) * 2
+    layer = MlaLayer(k_down=torch.randn(3, 16, generator=g, dtype=torch.float64), k_up=torch.randn(8, 3),
+                     v_down=torch.randn(4, 16, generator=g, dtype=torch.float64), v_up=torch.randn(8, 4))
+    (out,), (spread,) = add_ballast([layer], [x], [x[:5]])
+    assert out.v_down.shape == layer.v_down.shape and (out.v_up[:, -1] == 0).all()  # same width, unread channel
+    torch.testing.assert_close(out.v_up[:, :-1], layer.v_up[:, :-1].double())
+    torch.testing.assert_close(out.k_down, layer.k_down)
+
+    def rms_spread(la):
+        c = x @ torch.cat([la.k_down, la.v_down]).double().T
+        rms = c.pow(2).mean(-1).sqrt()
+        return float(rms.std() / rms.mean())
+
+    assert rms_spread(out) < 0.9 * rms_spread(layer)
+    assert spread < 10
