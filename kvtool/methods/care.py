@@ -54,6 +54,8 @@ class ConvertMlaOptions(Options):
                               choices=("ballast", "lsq", "mean-rms", "inv-mean-inv-rms", "rms"))
     format: str = option("kvtool", "kvtool (per-layer ranks, exact) or deepseek-v3 (stock transformers "
                                    "DeepseekV3ForCausalLM).", choices=FORMATS)
+    heal_steps: int = option(0, "Then heal the output (kvtool heal with its defaults): Adam steps per layer; 0 = "
+                                "off.", low=0)
 
     def resolved(self) -> ConvertMlaOptions:
         """Defaults that depend on the format filled in (DeepSeek needs decoupled RoPE on uniform pairs)."""
@@ -157,6 +159,10 @@ class ConvertMla(Method):
         with atomic_dir(out, ctx.overwrite, ctx.inputs) as tmp:
             save_model_checkpoint(tmp, state, config, manifest, loaded.tokenizer,
                                   getattr(loaded.model, "generation_config", None))
+            if opts.heal_steps:
+                from kvtool.methods.heal import heal_written
+
+                report["healing"] = heal_written(tmp, loaded, opts.heal_steps, ctx)
         return report
 
     def summary(self, report: dict[str, Any], out: Path) -> tuple[str, list[str], list[list[str]], list[str]]:

@@ -74,8 +74,7 @@ class Heal(Method):
 
     def run(self, loaded: Any, store: Any, out: Path, opts: HealOptions, ctx: RunContext) -> dict[str, Any]:
         """``loaded`` is the converted checkpoint (``loaded.path`` its folder); the teacher is ``opts.teacher``."""
-        from kvtool.checkpoint import atomic_dir, save_model_checkpoint
-        from kvtool.data import calibration_windows
+        from kvtool.checkpoint import atomic_dir
         from kvtool.models import load_model
 
         if opts.teacher is None:
@@ -88,24 +87,8 @@ class Heal(Method):
             raise KvtoolError(f"the teacher {opts.teacher} is not the model {loaded.path} was converted from (hash "
                               f"{teacher.model_hash[:19]}…, expected {str(want)[:19]}…): pass that model as --teacher")
         self.preflight(teacher.spec, opts)
-        data = ctx.data
-        windows = calibration_windows(teacher.tokenizer, data.source(), data.samples, data.seq_len, data.seed,
-                                      teacher.spec.max_positions)
-        t0 = time.perf_counter()
-        report = heal_model(loaded.model, teacher, windows, opts, device=ctx.device, batch_size=data.batch_size,
-                            progress=ctx.progress, ladder=manifest["command"] == "ladder")
-        report.update(seconds=round(time.perf_counter() - t0, 1), tokens=int(windows.numel()),
-                      data={**data.source().describe(), "samples": data.samples, "seq_len": data.seq_len,
-                            "seed": data.seed}, options=opts.to_dict())
-        manifest["healing"] = report
-        manifest.pop("checksums", None)
-        config = json.loads((Path(loaded.path) / "config.json").read_text())
-        state = {k: v.detach().cpu() for k, v in loaded.model.state_dict().items()}
         with atomic_dir(out, ctx.overwrite, (*ctx.inputs, loaded.path)) as tmp:
-            save_model_checkpoint(tmp, state, config, manifest, loaded.tokenizer,
-                                  getattr(loaded.model, "generation_config", None))
-            plot_losses(report, tmp / "healing.png")
-        return report
+            return heal_checkpoint(loaded, teacher, manifest, opts, ctx, tmp)
 
     def summary(self, report: dict[str, Any], out: Path) -> tuple[str, list[str], list[list[str]], list[str]]:
         rows = [[str(r["layer"]), f"{r['loss_before']:.4f}", f"{r['loss_after']:.4f}"] for r in report["layers"]]
@@ -114,6 +97,48 @@ class Heal(Method):
         if report.get("e2e"):
             notes.append(f"end-to-end KL {report['e2e']['kl_before']:.4f} -> {report['e2e']['kl_after']:.4f}")
         return f"heal -> {out}", ["layer", "rel. error before", "after"], rows, notes
+
+
+def heal_checkpoint(student: Any, teacher: Any, manifest: dict[str, Any], opts: HealOptions, ctx: RunContext,
+                    dest: Path) -> dict[str, Any]:
+    """Heal ``student`` (a loaded kvtool output, ``manifest`` its kvtool.json) against ``teacher`` (the loaded source)
+    on the calibration windows of ``ctx.data`` and write the healed checkpoint into ``dest`` (the caller's atomic
+    output folder): same format, kvtool.json with a ``healing`` section, ``healing.png``. Returns the report."""
+    from kvtool.checkpoint import save_model_checkpoint
+    from kvtool.data import calibration_windows
+
+    data = ctx.data
+    windows = calibration_windows(teacher.tokenizer, data.source(), data.samples, data.seq_len, data.seed,
+                                  teacher.spec.max_positions)
+    t0 = time.perf_counter()
+    report = heal_model(student.model, teacher, windows, opts, device=ctx.device, batch_size=data.batch_size,
+                        progress=ctx.progress, ladder=manifest["command"] == "ladder")
+    report.update(seconds=round(time.perf_counter() - t0, 1), tokens=int(windows.numel()),
+                  data={**data.source().describe(), "samples": data.samples, "seq_len": data.seq_len,
+                        "seed": data.seed}, options=opts.to_dict())
+    manifest = {k: v for k, v in manifest.items() if k != "checksums"}
+    manifest["healing"] = report
+    config = json.loads((Path(student.path) / "config.json").read_text())
+    state = {k: v.detach().cpu() for k, v in student.model.state_dict().items()}
+    for old in Path(dest).glob("*.safetensors*"):  # healing in place (--heal-steps): new files, not overwrites
+        old.unlink()
+    save_model_checkpoint(dest, state, config, manifest, student.tokenizer,
+                          getattr(student.model, "generation_config", None))
+    plot_losses(report, dest / "healing.png")
+    return report
+
+
+def heal_written(folder: Path, teacher: Any, steps: int, ctx: RunContext) -> dict[str, Any]:
+    """The ``--heal-steps`` option of convert-mla and ladder: heal the checkpoint just written into ``folder`` (inside
+    the caller's atomic output) against the loaded source ``teacher`` with heal's defaults, ``steps`` Adam steps per
+    layer, on heal's default windows of the same text; rewrites ``folder``. Returns the healing report."""
+    from kvtool.models import load_model
+
+    manifest = json.loads((Path(folder) / "kvtool.json").read_text())
+    student = load_model(str(folder), strict=False)
+    opts = HealOptions(teacher=teacher.source, steps=steps)
+    data = dataclasses.replace(ctx.data, **Heal.data_defaults)
+    return heal_checkpoint(student, teacher, manifest, opts, dataclasses.replace(ctx, data=data), folder)
 
 
 def heal_model(student: Any, teacher: Any, windows: Any, opts: HealOptions, *, device: str = "cpu",

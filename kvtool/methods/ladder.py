@@ -31,6 +31,8 @@ class LadderOptions(Options):
     eval_tokens: int = option(0, "Also report held-out perplexity of the source and the ladder model on this many "
                                  "tokens of the held-out part of --dataset (0 = skip).", low=0)
     eval_seq_len: int = option(512, "Window length of that evaluation.", low=2)
+    heal_steps: int = option(0, "Then heal the output (kvtool heal with its defaults): Adam steps per layer; 0 = "
+                                "off.", low=0)
 
 
 class Ladder(Method):
@@ -99,6 +101,10 @@ class Ladder(Method):
         with atomic_dir(out, ctx.overwrite, ctx.inputs) as tmp:
             save_model_checkpoint(tmp, state, config, manifest, loaded.tokenizer,
                                   getattr(loaded.model, "generation_config", None))
+            if opts.heal_steps:
+                from kvtool.methods.heal import heal_written
+
+                report["healing"] = heal_written(tmp, loaded, opts.heal_steps, ctx)
         return report
 
     def _eval(self, loaded: Any, chosen: list[int], opts: LadderOptions, ctx: RunContext) -> dict[str, Any]:

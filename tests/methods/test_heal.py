@@ -99,6 +99,25 @@ def test_heal_reads_only_calibration_text(converted, tiny_tokenizer):
         assert inside(w, calib) and not inside(w, held)
 
 
+@pytest.mark.parametrize("verb", ["convert-mla", "ladder"])
+def test_heal_steps_option_heals_the_output_in_one_go(converted, verb):
+    out = converted / f"{verb}-heal-steps"
+    extra = ["--stats-dir", converted / "stats", "--kv-ratio", "0.5"] if verb == "convert-mla" else [
+        "--layers", "1-2", "--no-drift"]
+    run(verb, converted / "src", "-o", out, *extra, "--heal-steps", "4", *SMALL)
+    manifest = json.loads((out / "kvtool.json").read_text())
+    assert manifest["command"] == verb and manifest["options"]["heal_steps"] == 4
+    assert [len(r["curve"]) for r in manifest["healing"]["layers"]] == ([4, 4, 4] if verb == "convert-mla" else [4, 4])
+    assert (out / "healing.png").exists() and sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+    from safetensors.torch import load_file
+
+    plain = load_file(converted / ("keep" if verb == "convert-mla" else "ladder") / "model.safetensors")
+    healed = load_file(out / "model.safetensors")
+    assert plain.keys() == healed.keys() and any(not torch.equal(plain[k], healed[k]) for k in plain)
+    res = runner.invoke(app, ["eval", str(out), "--max-tokens", "128", "--seq-len", "32", "--device", "cpu", "--json"])
+    assert res.exit_code == 0, res.output
+
+
 def test_healed_deepseek_export_loads_in_stock_transformers(converted):
     out = converted / "ds-healed"
     if not out.exists():
