@@ -68,7 +68,8 @@ def run_one(args) -> dict:
     if args.mode == "kvtool":
         from kvtool.calib import collect_statistics
 
-        collect_statistics(loaded, windows, args.stats, device=dev, batch_size=args.batch_size, offload=args.offload)
+        collect_statistics(loaded, windows, args.stats, device=dev, batch_size=args.batch_size, offload=args.offload,
+                           exact=args.exact)
     elif args.mode == "forward":
         with torch.no_grad():
             for i in range(0, windows.shape[0], args.batch_size):
@@ -88,7 +89,8 @@ def run_one(args) -> dict:
     if dev.type == "cuda":
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
-    out = {"mode": args.mode, "seconds": secs, "tokens": int(windows.numel()), "tokens_per_s": windows.numel() / secs,
+    mode = args.mode + ("-exact" if args.mode == "kvtool" and args.exact else "")
+    out = {"mode": mode, "seconds": secs, "tokens": int(windows.numel()), "tokens_per_s": windows.numel() / secs,
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if dev.type == "cuda":
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
@@ -103,6 +105,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--exact", action="store_true", help="float64 Gram products (kvtool calibrate --exact)")
     ap.add_argument("--synthetic-8b", action="store_true")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--stats", default=STATS, help="kvtool statistics (default: inputs of all seven linears)")

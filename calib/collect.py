@@ -92,7 +92,8 @@ class StatsVisitor(LayerVisitor):
 def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[str, ...] | str | None = None, *,
                        device: str | torch.device = "cpu", batch_size: int = 8, offload: bool = False,
                        layers: list[int] | None = None, progress: bool = False,
-                       distributed: bool = True, visitors: list[LayerVisitor] = ()) -> StatsStore:
+                       distributed: bool = True, visitors: list[LayerVisitor] = (), exact: bool = False
+                       ) -> StatsStore:
     """Collect second-moment statistics layer by layer.
 
     Args:
@@ -105,6 +106,9 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
         layers: only accumulate statistics for these layer indices (layers above the last one are skipped).
         progress: show a rich progress bar per layer.
         visitors: more visitors riding the same pass (e.g. Ladder drift); they see every layer.
+        exact: float64 Gram products for every batch; by default bf16/fp16 activations (a GPU model) use float32
+            products on tensor cores (exact products, float32 accumulation within a batch, float64 across batches;
+            relative difference <~ sqrt(rows per batch) * 2^-24, far below what the transforms resolve).
         distributed: when torch.distributed is initialized, take this rank's share of the windows and
             all-reduce the sums at the end.
     """
@@ -114,7 +118,7 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
     spec = loaded.spec
     if distributed and dist.is_available() and dist.is_initialized():
         windows = windows[dist.get_rank()::dist.get_world_size()]
-    store = StatsStore()
+    store = StatsStore(exact=exact)
     wanted = set(range(spec.num_layers)) if layers is None else set(layers)
     visitor = StatsVisitor(spec, stats, store, wanted)
     try:
@@ -124,6 +128,7 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
     finally:
         if visitor.hooks is not None:
             visitor.hooks.remove()
+    store.synchronize()
     if distributed:
         store.all_reduce()
     return store
@@ -162,7 +167,8 @@ def dataset_identity(dataset: str) -> str:
 def calibrate(loaded: LoadedModel, source: TextSource, stats: tuple[str, ...] | str | None = None, *,
               samples: int = 32, seq_len: int = 512, seed: int = 0, device: str | torch.device = "cpu",
               batch_size: int = 8, offload: bool = False, progress: bool = False,
-              visitors: list[LayerVisitor] = (), windows: torch.Tensor | None = None) -> StatsStore:
+              visitors: list[LayerVisitor] = (), windows: torch.Tensor | None = None,
+              exact: bool = False) -> StatsStore:
     """Choose calibration windows of ``source``, collect ``stats`` on them (``visitors`` ride the same pass), and
     stamp the store's metadata (the one place statistics metadata is written: model, spec, dataset, tokens)."""
     import torch.distributed as dist
@@ -172,7 +178,7 @@ def calibrate(loaded: LoadedModel, source: TextSource, stats: tuple[str, ...] | 
     if windows is None:
         windows = calibration_windows(loaded.tokenizer, source, samples, seq_len, seed, loaded.spec.max_positions)
     store = collect_statistics(loaded, windows, stats, device=device, batch_size=batch_size, offload=offload,
-                               progress=progress, visitors=visitors)
+                               progress=progress, visitors=visitors, exact=exact)
     store.meta = {
         "kvtool_version": __version__,
         "model": loaded.identity(),
@@ -181,6 +187,7 @@ def calibrate(loaded: LoadedModel, source: TextSource, stats: tuple[str, ...] | 
                     "seq_len": seq_len, "seed": seed},
         "tokens": int(windows.numel()),
         "windows_sha256": windows_digest(windows),
+        "exact": exact,
         "world_size": dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1,
     }
     return store

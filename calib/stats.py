@@ -51,10 +51,15 @@ def parse_stats(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ..
 class StatsStore:
     """Float64 sums of xᵀx and token counts per (layer, statistic)."""
 
-    def __init__(self, meta: dict[str, Any] | None = None):
+    def __init__(self, meta: dict[str, Any] | None = None, exact: bool = True):
         self.meta: dict[str, Any] = dict(meta or {})
         self.sums: dict[tuple[int, str], torch.Tensor] = {}
         self.counts: dict[tuple[int, str], int] = {}
+        # exact=False: per-batch Gram products of bf16/fp16 activations in float32 (TF32 tensor cores on a GPU:
+        # bf16 values are exact in TF32, so products are exact and only the fp32 accumulation inside one batch
+        # rounds, relative error <~ sqrt(rows) * 2^-24); sums across batches stay float64
+        self.exact = exact
+        self._pending: list[torch.Tensor] = []  # device sums whose asynchronous copy to pinned memory is in flight
 
     # ------------------------------------------------------------------ accumulation
     def add_gram(self, layer: int, name: str, gram: torch.Tensor, tokens: int) -> None:
@@ -74,15 +79,40 @@ class StatsStore:
             self.counts[key] = tokens
 
     def add(self, layer: int, name: str, x: torch.Tensor) -> None:
-        """Add rows of ``x`` (..., n): accumulates ``xᵀx`` in float64."""
-        x = x.reshape(-1, x.shape[-1]).to(torch.float64)
-        self.add_gram(layer, name, x.T @ x, x.shape[0])
+        """Add rows of ``x`` (..., n): accumulates ``xᵀx`` in float64 (see ``exact``)."""
+        x = x.reshape(-1, x.shape[-1])
+        if not self.exact and x.dtype in (torch.bfloat16, torch.float16):
+            xf = x.float()
+            previous = torch.backends.cuda.matmul.allow_tf32
+            torch.backends.cuda.matmul.allow_tf32 = True
+            try:
+                gram = xf.T @ xf
+            finally:
+                torch.backends.cuda.matmul.allow_tf32 = previous
+        else:
+            x = x.to(torch.float64)
+            gram = x.T @ x
+        self.add_gram(layer, name, gram, x.shape[0])
 
     def offload(self, layer: int | None = None) -> None:
-        """Move the sums (of one layer, or all) to the CPU."""
+        """Move the sums (of one layer, or all) to the CPU; from a GPU asynchronously into pinned memory, so the copy
+        overlaps the next layer's work (reads wait for it)."""
         for key in self.sums:
             if layer is None or key[0] == layer:
-                self.sums[key] = self.sums[key].cpu()
+                t = self.sums[key]
+                if t.is_cuda:
+                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                    host.copy_(t, non_blocking=True)
+                    self._pending.append(t)
+                    self.sums[key] = host
+        if layer is None:
+            self.synchronize()
+
+    def synchronize(self) -> None:
+        """Wait for asynchronous copies to the CPU."""
+        if self._pending:
+            torch.cuda.synchronize()
+            self._pending.clear()
 
     # ------------------------------------------------------------------ reading
     def layers(self) -> list[int]:
@@ -97,6 +127,7 @@ class StatsStore:
 
     def sum(self, layer: int, name: str) -> torch.Tensor:
         """The raw float64 sum Σ xᵀx."""
+        self.synchronize()
         if (layer, name) not in self.sums:
             raise KvtoolError(f"statistic {name!r} of layer {layer} is missing: recalibrate with --stats {name}")
         return self.sums[(layer, name)]
@@ -131,6 +162,7 @@ class StatsStore:
 
     def all_reduce(self) -> None:
         """Sum every statistic and count over torch.distributed ranks (in place, same order on all ranks)."""
+        self.synchronize()
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
@@ -147,6 +179,7 @@ class StatsStore:
     # ------------------------------------------------------------------ persistence
     def save(self, directory: str | Path) -> None:
         """Write ``stats.safetensors`` + ``manifest.json`` into ``directory`` (use an atomic folder)."""
+        self.synchronize()
         from safetensors.torch import save_file
 
         if not (self.meta.get("model") or {}).get("hash"):

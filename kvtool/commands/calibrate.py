@@ -32,6 +32,9 @@ def register(app: typer.Typer) -> None:
         inspect.Parameter("statistics", kw, default="attn_in,q,k,v,o_in,mlp_in", annotation=Annotated[str, typer.Option(
             "--statistics", help="Comma-separated statistic names: attn_in,q,k,v,o_in,mlp_in,down_in (down_in is "
                                  "I×I per layer: only for CorDA on down_proj).")]),
+        inspect.Parameter("exact", kw, default=False, annotation=Annotated[bool, typer.Option(
+            "--exact", help="Float64 Gram products for every batch (default: a bf16/fp16 model's products run in "
+                            "float32 on tensor cores, summed across batches in float64).")]),
         inspect.Parameter("offload", kw, default=False, annotation=Annotated[bool, typer.Option(
             "--offload", help="Keep hidden states of all windows on the CPU between layers.")]),
         inspect.Parameter("stream", kw, default=False, annotation=Annotated[bool, typer.Option(
@@ -62,7 +65,7 @@ def calibrate(**values: Any) -> None:
                         device=device if stream else ("cpu" if world == 1 else device), lazy=stream)
     t0 = time.perf_counter()
     store = collect(loaded, data.source(), names, samples=data.samples, seq_len=data.seq_len, seed=data.seed,
-                    device=device, batch_size=data.batch_size, offload=values["offload"],
+                    device=device, batch_size=data.batch_size, offload=values["offload"], exact=values["exact"],
                     progress=values["progress"] and rank == 0)
     seconds = time.perf_counter() - t0
     if rank == 0:

@@ -121,3 +121,27 @@ def test_streamed_layers_equal_in_memory(tiny_checkpoint):
     assert streamed_model.model.model.layers[0].self_attn.q_proj.weight.is_meta  # freed again
     for key in in_memory.sums:
         torch.testing.assert_close(streamed.sums[key], in_memory.sums[key], rtol=1e-10, atol=1e-10)
+
+
+def test_tensor_core_grams_stay_within_their_bound_of_the_exact_float64_path():
+    """bf16 activations: per-batch Gram products in float32 (exact products, float32 accumulation) summed in float64
+    differ from all-float64 products by at most ~sqrt(rows) * 2^-24 relative (the transforms damp covariances by
+    1e-2 * mean(diag), some 10^4 times larger)."""
+    import math
+
+    from conftest import tiny_model
+
+    from kvtool.calib import collect_statistics
+    from kvtool.models import wrap_model
+
+    model = tiny_model("llama", seed=2).to(torch.bfloat16)
+    loaded = wrap_model(model)
+    windows = torch.randint(0, 300, (8, 64), generator=torch.Generator().manual_seed(3))
+    exact = collect_statistics(loaded, windows, "attn_in,o_in,mlp_in", batch_size=4, exact=True)
+    fast = collect_statistics(loaded, windows, "attn_in,o_in,mlp_in", batch_size=4, exact=False)
+    rows = 4 * 64
+    bound = 4 * math.sqrt(rows) * 2.0 ** -24
+    for key, ref in exact.sums.items():
+        rel = float((fast.sums[key] - ref).norm() / ref.norm())
+        assert rel < bound, (key, rel, bound)
+        assert rel > 0 or key[1] == "o_in"  # really a different (float32) path, not the float64 one
