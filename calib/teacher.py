@@ -20,12 +20,13 @@ class TeacherVisitor(LayerVisitor):
 
     With ``streams=True`` the fourth entry is the original model's residual stream after the *previous* layer's
     attention (``x_{2i-1}`` in Ladder-residual notation; layer 0: its inputs), which a Ladder layer's attention
-    reads; otherwise it is None.
+    reads; otherwise it is None. With ``target="attention"`` the outputs are the original attention block's
+    outputs (before the residual add) instead of the layer's.
     """
 
     def __init__(self, on_layer: Callable[[int, Batches], None], layers: set[int] | None = None,
-                 streams: bool = False):
-        self.on_layer, self.layers, self.streams = on_layer, layers, streams
+                 streams: bool = False, target: str = "layer"):
+        self.on_layer, self.layers, self.streams, self.target = on_layer, layers, streams, target
         self.batches: Batches = []
         self._previous: list[torch.Tensor] = []  # x_{2i-1} of each batch, from the layer before
         self._current: list[torch.Tensor] = []
@@ -35,13 +36,15 @@ class TeacherVisitor(LayerVisitor):
 
     def batch(self, index: int, layer: nn.Module, inputs: torch.Tensor, outputs: torch.Tensor,
               layer_kwargs: dict[str, Any]) -> None:
-        stale = None
+        stale, attn = None, None
+        wanted = self.layers is None or index in self.layers
+        if self.streams or (wanted and self.target == "attention"):
+            attn = layer.self_attn(hidden_states=layer.input_layernorm(inputs), **layer_kwargs)[0]
         if self.streams:
             stale = self._previous[len(self._current)] if index > 0 else inputs
-            attn = layer.self_attn(hidden_states=layer.input_layernorm(inputs), **layer_kwargs)[0]
             self._current.append(inputs + attn)
-        if self.layers is None or index in self.layers:
-            self.batches.append((inputs, outputs, layer_kwargs, stale))
+        if wanted:
+            self.batches.append((inputs, attn if self.target == "attention" else outputs, layer_kwargs, stale))
 
     def layer_end(self, index: int, layer: nn.Module) -> None:
         self._previous, self._current = self._current, []

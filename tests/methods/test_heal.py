@@ -118,6 +118,16 @@ def test_heal_steps_option_heals_the_output_in_one_go(converted, verb):
     assert res.exit_code == 0, res.output
 
 
+def test_fit_attention_lowers_every_layers_attention_error(converted):
+    out = converted / "keep-healed-attention"
+    run("heal", converted / "keep", "--teacher", converted / "src", "-o", out, "--steps", "30", "--lr", "2e-4",
+        "--fit", "attention", *SMALL)
+    healing = json.loads((out / "kvtool.json").read_text())["healing"]
+    assert healing["fit"] == "relative error of the attention output" and len(healing["layers"]) == 3
+    for r in healing["layers"]:
+        assert r["loss_after"] < 0.7 * r["loss_before"], r
+
+
 def test_healed_deepseek_export_loads_in_stock_transformers(converted):
     out = converted / "ds-healed"
     if not out.exists():
@@ -145,6 +155,8 @@ def test_heal_is_deterministic(converted):
     (["{keep}", "--teacher", "{src}", "--steps", "0"], "--steps must be > 0"),
     (["{keep}", "--teacher", "{src}", "--lr", "0"], "--lr must be > 0"),
     (["{keep}", "--teacher", "{src}", "--lr", "-1"], "--lr must be > 0"),
+    (["{ladder}", "--teacher", "{src}", "--fit", "attention"], "--fit attention is for convert-mla"),
+    (["{keep}", "--teacher", "{src}", "--fit", "mlp"], "--fit"),
 ])
 def test_bad_heal_input_is_one_error_line(converted, tiny_tokenizer, tmp_path, args, fragment):
     from conftest import tiny_model
@@ -153,7 +165,8 @@ def test_bad_heal_input_is_one_error_line(converted, tiny_tokenizer, tmp_path, a
     if not other.exists():
         tiny_model("llama", seed=5, head_dim=16).save_pretrained(other)
         tiny_tokenizer.save_pretrained(other)
-    argv = [a.format(src=converted / "src", keep=converted / "keep", other=other) for a in args]
+    argv = [a.format(src=converted / "src", keep=converted / "keep", other=other, ladder=converted / "ladder")
+            for a in args]
     res = subprocess.run([KVTOOL, "heal", *argv, "-o", str(tmp_path / "o"), *SMALL], capture_output=True, text=True,
                          timeout=300)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and fragment in res.stderr, res.stderr
