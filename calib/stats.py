@@ -59,7 +59,10 @@ class StatsStore:
         # bf16 values are exact in TF32, so products are exact and only the fp32 accumulation inside one batch
         # rounds, relative error <~ sqrt(rows) * 2^-24); sums across batches stay float64
         self.exact = exact
-        self._pending: list[torch.Tensor] = []  # device sums whose asynchronous copy to pinned memory is in flight
+        # asynchronous offload: one reusable pinned staging buffer per statistic name; a layer's copies drain into
+        # ordinary host memory when the next layer offloads (or on synchronize), so pinning happens once
+        self._staging: dict[str, torch.Tensor] = {}
+        self._pending: list[tuple[tuple[int, str], torch.Tensor, torch.Tensor]] = []  # (key, device sum, staging)
 
     # ------------------------------------------------------------------ accumulation
     def add_gram(self, layer: int, name: str, gram: torch.Tensor, tokens: int) -> None:
@@ -97,21 +100,27 @@ class StatsStore:
     def offload(self, layer: int | None = None) -> None:
         """Move the sums (of one layer, or all) to the CPU; from a GPU asynchronously into pinned memory, so the copy
         overlaps the next layer's work (reads wait for it)."""
-        for key in self.sums:
+        self.synchronize()  # the previous layer's copies had this layer's compute to overlap with
+        for key in list(self.sums):
             if layer is None or key[0] == layer:
                 t = self.sums[key]
-                if t.is_cuda:
-                    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-                    host.copy_(t, non_blocking=True)
-                    self._pending.append(t)
-                    self.sums[key] = host
-        if layer is None:
-            self.synchronize()
+                if not t.is_cuda:
+                    continue
+                if layer is None:
+                    self.sums[key] = t.cpu()
+                    continue
+                staging = self._staging.get(key[1])
+                if staging is None or staging.shape != t.shape:
+                    staging = self._staging[key[1]] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                staging.copy_(t, non_blocking=True)
+                self._pending.append((key, t, staging))
 
     def synchronize(self) -> None:
-        """Wait for asynchronous copies to the CPU."""
+        """Finish asynchronous copies to the CPU (the sums then live in ordinary host memory)."""
         if self._pending:
             torch.cuda.synchronize()
+            for key, _, staging in self._pending:
+                self.sums[key] = staging.clone()
             self._pending.clear()
 
     # ------------------------------------------------------------------ reading
