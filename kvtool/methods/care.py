@@ -173,7 +173,12 @@ class ConvertMla(Method):
                f"{report['mean_err_k']:.4f}", f"{report['mean_err_v']:.4f}",
                f"{report['kv_bytes_per_token_before']} -> {report['kv_bytes_per_token_after']}"]
         cols = ["layers", "ranks K (min/mean/max)", "ranks V", "mean err K", "mean err V", "KV bytes/token"]
-        return f"CARE -> {out} ({report['format']})", cols, [row], []
+        notes = []
+        if report.get("healing"):
+            from kvtool.methods.heal import healing_note
+
+            notes.append(healing_note(report["healing"]))
+        return f"CARE -> {out} ({report['format']})", cols, [row], notes
 
     def validate(self, out: Path, manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
         """Decode held-out tokens with the MLA model twice, PyTorch path vs Triton kernels; compare logits."""

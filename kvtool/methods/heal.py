@@ -134,6 +134,15 @@ def heal_checkpoint(student: Any, teacher: Any, manifest: dict[str, Any], opts: 
     return report
 
 
+def healing_note(report: dict[str, Any]) -> str:
+    """One summary line about a healing report (for the verbs with ``--heal-steps``)."""
+    rows = report["layers"]
+    before = sum(r["loss_before"] for r in rows) / len(rows)
+    after = sum(r["loss_after"] for r in rows) / len(rows)
+    return (f"healed {len(rows)} layers x {report['steps_per_layer']} steps on {report['tokens']} calibration tokens "
+            f"in {report['seconds']:.0f} s: mean relative error {before:.4f} -> {after:.4f} (healing.png)")
+
+
 def heal_written(folder: Path, teacher: Any, steps: int, ctx: RunContext) -> dict[str, Any]:
     """The ``--heal-steps`` option of convert-mla and ladder: heal the checkpoint just written into ``folder`` (inside
     the caller's atomic output) against the loaded source ``teacher`` with heal's defaults, ``steps`` Adam steps per

@@ -137,6 +137,10 @@ class Ladder(Method):
             p = report["perplexity"]
             notes.append(f"held-out perplexity ({p['tokens_scored']} tokens, seq-len {p['seq_len']}): "
                          f"source {p['source']:.3f} -> ladder {p['ladder']:.3f}")
+        if report.get("healing"):
+            from kvtool.methods.heal import healing_note
+
+            notes.append(healing_note(report["healing"]))
         return f"ladder -> {out}", cols, rows, notes
 
     def validate(self, out: Path, manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:

@@ -104,7 +104,8 @@ def test_heal_steps_option_heals_the_output_in_one_go(converted, verb):
     out = converted / f"{verb}-heal-steps"
     extra = ["--stats-dir", converted / "stats", "--kv-ratio", "0.5"] if verb == "convert-mla" else [
         "--layers", "1-2", "--no-drift"]
-    run(verb, converted / "src", "-o", out, *extra, "--heal-steps", "4", *SMALL)
+    res = run(verb, converted / "src", "-o", out, *extra, "--heal-steps", "4", *SMALL)
+    assert "healed" in res.output and "steps on" in res.output
     manifest = json.loads((out / "kvtool.json").read_text())
     assert manifest["command"] == verb and manifest["options"]["heal_steps"] == 4
     assert [len(r["curve"]) for r in manifest["healing"]["layers"]] == ([4, 4, 4] if verb == "convert-mla" else [4, 4])
