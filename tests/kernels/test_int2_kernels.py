@@ -22,7 +22,9 @@ from kvtool.kernels.int2_kv import (
 )
 from kvtool.runtime.kvquant import fake_quantize
 
-assert os.environ.get("TRITON_INTERPRET") == "1"
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="tests run CPU tensors through the Triton interpreter (TRITON_INTERPRET=1); "
+                                "GPU correctness is checked by bench/gpu_int2_attention.py")
 
 
 def _orth(g: int, d: int, seed: int) -> torch.Tensor:
