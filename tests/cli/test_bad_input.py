@@ -112,6 +112,14 @@ def test_recipe_step_names_cannot_reach_outside_the_run_folder(workdir, step_nam
     assert tree_digest(workdir.parent) == before and not (workdir / "run").exists()
 
 
+def test_failures_leave_no_empty_parent_folders(workdir):
+    for argv in (["convert-mla", "model", "--stats-dir", "stats", "-o", "deep/a/b", "--damping", "nan"],
+                 ["convert-mla", "model", "--stats-dir", "model", "-o", "deep/a/b"]):
+        res = kvtool(workdir, *argv)
+        assert res.returncode == 2 and res.stderr.startswith("error:"), res.stderr
+        assert not (workdir / "deep").exists()
+
+
 def test_recipe_output_may_not_be_the_working_directory(workdir):
     recipe = _recipe(workdir, "ok", "mla")
     before = tree_digest(workdir.parent)
