@@ -58,13 +58,14 @@ def _memo_sqrt():
 
 
 class Bench:
-    def __init__(self, samples: int, seq_len: int, max_tokens: int):
+    def __init__(self, samples: int, seq_len: int, max_tokens: int, sample_inputs: bool = True):
         torch.manual_seed(0)
         self.loaded = load_model("smollm2-135m")
         self.windows = calibration_windows(self.loaded.tokenizer, TextSource(), samples, seq_len, seed=0)
         self.sampler = AttnInputSampler(2048)
         t0 = time.time()
-        self.store = collect_statistics(self.loaded, self.windows, "attn_in", batch_size=8, visitors=[self.sampler])
+        self.store = collect_statistics(self.loaded, self.windows, "attn_in", batch_size=8,
+                                        visitors=[self.sampler] if sample_inputs else [])
         print(f"calibrated {self.windows.numel()} tokens in {time.time() - t0:.0f}s", flush=True)
         self.tokens = heldout_tokens(self.loaded.tokenizer, TextSource(split="heldout"), max_tokens)
         self.weights = {k: v.detach() for k, v in self.loaded.model.state_dict().items()}
@@ -124,7 +125,8 @@ def row_of(opts: ConvertMlaOptions, report, secs) -> dict:
             "ratio": r.kv_ratio, "method": r.method, "alloc": r.rank_alloc, "kv_ratio": report["kv_ratio"],
             "err_k": report["mean_err_k"], "err_v": report["mean_err_v"],
             "ranks_k": [x["r_k"] for x in report["layers"]], "ranks_v": [x["r_v"] for x in report["layers"]],
-            "rope_stride": report["layers"][0].get("rope_stride"), "convert_seconds": secs}
+            "rope_stride": report["layers"][0].get("rope_stride"),
+            "rope_fold_used": report["layers"][0].get("rope_fold"), "convert_seconds": secs}
 
 
 def main() -> None:
@@ -146,7 +148,9 @@ def main() -> None:
     args = ap.parse_args()
     _memo_sqrt()
     ratios = [float(r) for r in args.ratios.split(",")]
-    b = Bench(args.samples, args.seq_len, args.max_tokens)
+    b = Bench(args.samples, args.seq_len, args.max_tokens,
+              sample_inputs=args.study == "norm" or (args.study == "sweep" and "decoupled" in args.ropes)
+              or args.deepseek)
     command = " ".join(["bench/care_quality.py"] + [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items()
                                                     if k != "json"])
     results = {"study": args.study, "original": b.original, "rows": [], "command": command,

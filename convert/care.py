@@ -69,9 +69,9 @@ class CareOptions:
     rank_max: int | None = None  # per K or V; default min(2 * uniform rank, available)
     damping: float = 0.01
     rope: str = "keep"
-    rope_dim: int | None = None  # decoupled: width of the shared rope key (default 64, or head_dim/2 if head_dim<=64)
+    rope_dim: int | None = None  # decoupled: width of the shared rope key (default min(64, head_dim))
     rope_select: str = "norm"
-    rope_fold: int = 1  # decoupled: FreqFold, each kept pair's group spans this many adjacent pairs
+    rope_fold: int = 0  # decoupled: FreqFold group span in adjacent pairs; 0 = auto (the stride, or 2 for norm)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -210,7 +210,7 @@ def split_latent(latent: int, avail_k: int, avail_v: int) -> dict[str, int]:
 
 def resolve_rope_dim(spec: ArchSpec, opts: CareOptions) -> int:
     d = spec.head_dim
-    rope_dim = opts.rope_dim if opts.rope_dim is not None else (64 if d > 64 else d // 2)
+    rope_dim = opts.rope_dim if opts.rope_dim is not None else min(64, d)
     if rope_dim < 2 or rope_dim % 2 or rope_dim > d:
         raise KvtoolError(f"--rope-dim {rope_dim} must be even and between 2 and head_dim ({d})")
     if opts.rope_select == "uniform" and (d // 2) % (rope_dim // 2):
@@ -296,7 +296,7 @@ def select_rope_pairs(scores: torch.Tensor, pairs: int, select: str) -> tuple[li
 
 
 def decouple_rope(w_q: torch.Tensor, w_k: torch.Tensor, c: torch.Tensor, spec: ArchSpec, rope_dim: int,
-                  select: str, fold: int = 1,
+                  select: str, fold: int = 0,
                   chosen: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[int], dict]:
     """RoRoPE (+FreqFold) rotation, then keep RoPE on the top component of each kept pair's group.
 
@@ -315,6 +315,8 @@ def decouple_rope(w_q: torch.Tensor, w_k: torch.Tensor, c: torch.Tensor, spec: A
         chosen, stride = select_rope_pairs(scores, pairs, select)
     else:
         stride = chosen[1] - chosen[0] if len(chosen) > 1 else 1
+    if fold == 0:  # auto: groups partition the pairs for a progression (TransMLA's freqfold = collapse), else 2
+        fold = stride if stride > 0 else 2
     wk = w_k.to(torch.float64).view(g, d, -1)
     wq = w_q.to(torch.float64).view(n_h, d, -1)
     # channel layout: (head, pair) -> h*half + f, for the real (a) and imaginary (b) parts
@@ -341,7 +343,7 @@ def decouple_rope(w_q: torch.Tensor, w_k: torch.Tensor, c: torch.Tensor, spec: A
     k_nope = torch.cat([k_a[keep], k_b[keep]])
     k_pe = torch.cat([k_a[pe_slots], k_b[pe_slots]])
     q_new = torch.cat([q_a[:, keep], q_b[:, keep], q_a[:, pe_slots], q_b[:, pe_slots]], dim=1)
-    info = {"stride": stride, "share": sum(shares) / len(shares), "score": group_score,
+    info = {"stride": stride, "fold": fold, "share": sum(shares) / len(shares), "score": group_score,
             "score_share": group_score / max(float(scores.sum()), 1e-300)}
     return q_new.reshape(-1, q_new.shape[-1]), k_nope, k_pe, chosen, info
 
@@ -378,7 +380,7 @@ def convert_layers(weights: dict[str, torch.Tensor], stats: Any, spec: ArchSpec,
                                                             rope_dim, opts.rope_select, opts.rope_fold,
                                                             chosen_all)
             info.update(q_new=q_new.cpu(), k_pe=k_pe.cpu(), pairs=chosen, share=rinfo["share"],
-                        stride=rinfo["stride"], score_share=rinfo["score_share"])
+                        stride=rinfo["stride"], fold=rinfo["fold"], score_share=rinfo["score_share"])
         extra.append(info)
         for name, w in (("k", w_k), ("v", w_v)):
             u, sv, vh = spectrum(w, s if aware else None)
@@ -420,6 +422,7 @@ def convert_layers(weights: dict[str, torch.Tensor], stats: Any, spec: ArchSpec,
             row["rope_energy_share"] = info["share"]
             row["rope_score_share"] = info["score_share"]
             row["rope_stride"] = info["stride"]
+            row["rope_fold"] = info["fold"]
         layers.append(layer)
         per_layer.append(row)
     elem = 2  # bytes per cached value in bf16/fp16 serving
@@ -462,7 +465,7 @@ def check_options(spec: ArchSpec, opts: CareOptions) -> None:
         raise KvtoolError(f"unknown --rope {opts.rope!r}: use keep or decoupled")
     if opts.rope_select not in ROPE_SELECTS:
         raise KvtoolError(f"unknown --rope-select {opts.rope_select!r}: use {', '.join(ROPE_SELECTS)}")
-    if opts.rope_fold < 1 or opts.rope_fold > spec.head_dim // 2:
+    if opts.rope_fold < 0 or opts.rope_fold > spec.head_dim // 2:
         raise KvtoolError(f"--rope-fold {opts.rope_fold} must be between 1 and head_dim/2 ({spec.head_dim // 2})")
     if opts.damping < 0:
         raise KvtoolError(f"--damping {opts.damping} must be >= 0")

@@ -15,7 +15,6 @@ from kvtool.methods.base import Method, RunContext, output_dtype, statistics_pro
 from kvtool.options import Options, option
 
 FORMATS = ("kvtool", "deepseek-v3")
-DEFAULT_FOLD = {"kvtool": 1, "deepseek-v3": 1}  # FreqFold per format (docs/benchmarks.md, CARE rope ablation)
 LATENT_SAMPLES = 2048  # calibration tokens per layer kept for the kv_a_layernorm fit (deepseek-v3)
 
 
@@ -38,14 +37,16 @@ class ConvertMlaOptions(Options):
     rope: str | None = option(None, "keep (reconstruct keys, then RoPE; exact at full rank) or decoupled "
                                     "(DeepSeek-style, absorbable). Default: keep, or decoupled for --format "
                                     "deepseek-v3.", choices=("keep", "decoupled"))
-    rope_dim: int | None = option(None, "Decoupled: shared rope key width (default 64, or head_dim/2 when "
-                                        "head_dim <= 64).", positive=True)
+    rope_dim: int | None = option(None, "Decoupled: shared rope key width (default min(64, head_dim): "
+                                        "DeepSeek's and FlashMLA's 64; on a head_dim-64 model every pair keeps its "
+                                        "top RoRoPE component).", positive=True)
     rope_select: str | None = option(None, "Decoupled: norm (largest ‖q‖‖k‖ pairs, any set), strided (the best "
                                            "{0, s, 2s, ...} by the same score, what DeepSeek's rotary expresses) or "
                                            "uniform (s = head_dim/rope_dim). Default: norm, or strided for "
                                            "--format deepseek-v3.", choices=("norm", "strided", "uniform"))
     rope_fold: int | None = option(None, "Decoupled: FreqFold, each kept pair's RoRoPE group spans this many "
-                                         "adjacent pairs (1 = none). Default: the benchmark's best per format.",
+                                         "adjacent pairs (1 = none). Default: the stride of the kept pairs "
+                                         "(strided/uniform: the groups partition all pairs), 2 for norm.",
                                    positive=True)
     latent_norm: str = option("lsq", "deepseek-v3: how kv_a_layernorm is approximated: lsq (per-channel "
                                      "least-squares weight on calibration tokens), ballast (one latent channel meant "
@@ -62,7 +63,7 @@ class ConvertMlaOptions(Options):
         ds = self.format == "deepseek-v3"
         return dataclasses.replace(self, rope=self.rope or ("decoupled" if ds else "keep"),
                                    rope_select=self.rope_select or ("strided" if ds else "norm"),
-                                   rope_fold=self.rope_fold or DEFAULT_FOLD[self.format])
+                                   rope_fold=self.rope_fold or 0)
 
     def care_options(self) -> Any:
         """The math's option bundle (:class:`kvtool.convert.care.CareOptions`)."""
