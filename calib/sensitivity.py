@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from kvtool.errors import KvtoolError
 from kvtool.models import LoadedModel
 from kvtool.progress import progress_bar
 
@@ -21,7 +22,8 @@ def kv_sensitivity(loaded: LoadedModel, windows: torch.Tensor, *, device: str | 
     """{"k": [α per layer], "v": [...]}: mean squared loss gradient per output channel of k_proj / v_proj."""
     model, spec = loaded.model, loaded.spec
     if any(p.is_meta for p in model.parameters()):
-        raise ValueError("kv_sensitivity needs the whole model loaded (not lazily)")
+        raise KvtoolError("--rank-alloc sensitivity needs the whole model in memory (a lazily loaded model cannot "
+                          "run backward): load it eagerly or use --rank-alloc uniform")
     home = next(model.parameters()).device
     model.to(device)
     sums = {"k": [0.0] * spec.num_layers, "v": [0.0] * spec.num_layers}

@@ -23,10 +23,12 @@ class ConvertMlaOptions(Options):
     """Options of ``kvtool convert-mla`` (CLI flags and recipe keys)."""
 
     method: str = option("care", "care (activation-aware) or svd (weight-only baseline).", choices=("care", "svd"))
-    rank_alloc: str = option("uniform", "uniform, care (CARE Eq. 1: water-filling on σ²/tail), energy (min. total "
-                                        "residual) or sensitivity (min. predicted calibration-loss increase, K and "
-                                        "V of all layers in one pool; one extra forward+backward pass).",
-                             choices=("uniform", "care", "energy", "sensitivity"))
+    rank_alloc: str | None = option(None, "uniform, care (CARE Eq. 1: water-filling on σ²/tail), energy (min. "
+                                          "total residual) or sensitivity (min. predicted calibration-loss "
+                                          "increase, K and V of all layers in one pool; one extra forward+backward "
+                                          "pass). Default: sensitivity, or uniform for --format deepseek-v3 (one "
+                                          "kv_lora_rank for all layers).",
+                                    choices=("uniform", "care", "energy", "sensitivity"))
     kv_rank: int | None = option(None, "Cache width per layer (r_K + r_V [+ rope dims]); overrides --kv-ratio.",
                                  positive=True)
     kv_ratio: float = option(0.5, "Cache width as a fraction of the GQA cache 2*g*d (e.g. 0.5).", positive=True,
@@ -62,6 +64,7 @@ class ConvertMlaOptions(Options):
         """Defaults that depend on the format filled in (DeepSeek needs decoupled RoPE on uniform pairs)."""
         ds = self.format == "deepseek-v3"
         return dataclasses.replace(self, rope=self.rope or ("decoupled" if ds else "keep"),
+                                   rank_alloc=self.rank_alloc or ("uniform" if ds else "sensitivity"),
                                    rope_select=self.rope_select or ("strided" if ds else "norm"),
                                    rope_fold=self.rope_fold or 0)
 
