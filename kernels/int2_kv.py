@@ -31,9 +31,7 @@ import triton
 import triton.language as tl
 
 from kvtool.errors import KvtoolError
-
-LOG2E = 1.4426950408889634
-
+from kvtool.kernels.splitk import LOG2E, merge_weights, softmax_step
 
 # ---------------------------------------------------------------------------------------------- quantize + pack
 
@@ -227,11 +225,7 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
                  + tl.dot(q3, tl.trans(k3)))
         s = s * sm_scale_log2
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
         if NG == 1:
             # p.(z + s*code) = (p*s).code + p.z
             vsc = tl.load(vs_ptr + tok, mask=ok, other=0.0).to(tl.float32)
@@ -283,11 +277,7 @@ def _fp_segment_kernel(q_ptr, k_ptr, v_ptr, len_ptr, o_ptr, m_ptr, l_ptr, sm_sca
         k = tl.load(k_ptr + (base + n)[:, None] * D + i[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
         s = tl.dot(q, tl.trans(k)) * sm_scale_log2
         s = tl.where(ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        m_i = m_new
+        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
         v = tl.load(v_ptr + (base + n)[:, None] * D + i[None, :], mask=ok[:, None], other=0.0).to(tl.float16)
         acc = acc * alpha[:, None] + tl.dot(p.to(tl.float16), v)
     part = (b * H + heads) * NUM_PARTS + PART
@@ -305,9 +295,7 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, H, REP, NUM_SPLITS,
     s_ok = s < NUM_SPLITS
     m = tl.load(m_ptr + pid * NUM_SPLITS + s, mask=s_ok, other=float("-inf"))
     l_ = tl.load(l_ptr + pid * NUM_SPLITS + s, mask=s_ok, other=0.0)
-    m_max = tl.max(m, axis=0)
-    w = tl.where(m > float("-inf"), tl.exp2(m - m_max), 0.0)
-    denom = tl.sum(w * l_, axis=0)
+    w, denom = merge_weights(m, l_)
     i = tl.arange(0, D)
     o = tl.load(o_ptr + (pid * NUM_SPLITS + s)[:, None] * D + i[None, :], mask=s_ok[:, None], other=0.0)
     y = tl.sum(o * w[:, None], axis=0) / denom

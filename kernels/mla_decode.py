@@ -25,6 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvtool.kernels.splitk import LOG2E, merge_weights, softmax_step
+
 
 def _pow2(n: int, floor: int = 16) -> int:
     return max(floor, triton.next_power_of_2(int(n)))
@@ -51,9 +53,7 @@ def _combine_kernel(ACC, M, L, OUT, SPLITS, DV, BLOCK_S: tl.constexpr, BLOCK_DV:
     smask = offs_s < SPLITS
     m = tl.load(M + row * SPLITS + offs_s, mask=smask, other=float("-inf"))
     l = tl.load(L + row * SPLITS + offs_s, mask=smask, other=0.0)
-    top = tl.max(m, 0)
-    w = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)
-    denom = tl.sum(w * l, 0)
+    w, denom = merge_weights(m, l)
     for d0 in range(0, DV, BLOCK_DV):
         offs_d = d0 + tl.arange(0, BLOCK_DV)
         dmask = offs_d < DV
@@ -80,9 +80,9 @@ def _interpreting() -> bool:
 
 
 def combine_reference(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
-    """PyTorch reference of the split merge."""
+    """PyTorch reference of the split merge (maxima ``m`` are base-2 logits, as the kernels store them)."""
     top = m.max(dim=-1, keepdim=True).values
-    w = torch.exp(m - top)
+    w = torch.exp2(m - top)
     w = torch.where(torch.isfinite(m), w, torch.zeros_like(w))
     return (acc * w[..., None]).sum(-2) / (l * w).sum(-1, keepdim=True)
 
@@ -117,14 +117,10 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK, DV, split_len, scale,
                         mask=nmask[None, :] & dmask[:, None], other=0.0)
             s += tl.dot(q, k)
         s = tl.where(nmask[None, :], s * scale, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
         v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_dv[None, :],
                     mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
     tl.store(ACC + b * s_ab + offs_h[:, None] * s_ah + sp * s_as + offs_dv[None, :], acc,
              mask=hmask[:, None] & (offs_dv[None, :] < DV))
     tl.store(M + b * s_mb + offs_h * s_mh + sp, m_i, mask=hmask)
@@ -148,7 +144,7 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
     m = torch.empty(bsz, heads, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _absorbed_kernel[(bsz, hblocks, splits)](
-        q, kv_lat, v_lat, acc, m, l, length, heads, dk, dv, split_len, scale,
+        q, kv_lat, v_lat, acc, m, l, length, heads, dk, dv, split_len, scale * LOG2E,
         q.stride(0), q.stride(1), kv_lat.stride(0), kv_lat.stride(1), v_lat.stride(0), v_lat.stride(1),
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=_pow2(dv), num_warps=num_warps)
@@ -223,14 +219,10 @@ def _keep_kernel(Q, CK, CV, WKB, BK, INV_FREQ, KNW, ACC, M, L,
         r2 = k2 * cos + k1 * sin
         s = (tl.dot(q1, tl.trans(r1.to(q1.dtype))) + tl.dot(q2, tl.trans(r2.to(q2.dtype)))) * scale
         s = tl.where(nmask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
         v = tl.load(CV + b * s_vb + offs_n[:, None] * s_vn + offs_rv[None, :],
                     mask=nmask[:, None] & (offs_rv[None, :] < RV), other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-        m_i = m_new
     tl.store(ACC + b * s_ab + heads[:, None] * s_ah + sp * s_as + offs_rv[None, :], acc,
              mask=hmask[:, None] & (offs_rv[None, :] < RV))
     tl.store(M + b * s_mb + heads * s_mh + sp, m_i, mask=hmask)
@@ -264,7 +256,7 @@ def mla_decode_keep(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, w_kb:
     _keep_kernel[(bsz, groups, splits)](
         q, c_k, c_v, w_kb, b_k if b_k is not None else dummy, inv_freq.float().contiguous(),
         k_norm if k_norm is not None else dummy, acc, m, l,
-        length, r_k, r_v, nrep, split_len, scale, rope_scale, eps,
+        length, r_k, r_v, nrep, split_len, scale * LOG2E, rope_scale, eps,
         q.stride(0), q.stride(1), c_k.stride(0), c_k.stride(1), c_v.stride(0), c_v.stride(1),
         w_kb.stride(0), w_kb.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         HALF=d // 2, BLOCK_REP=_pow2(nrep), BLOCK_N=block_n, BLOCK_RK=min(block_rk, _pow2(r_k)), BLOCK_RV=_pow2(r_v),
