@@ -75,7 +75,18 @@ def environment() -> str:
             commit = "unknown"
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return (f"device {name}; torch {torch.__version__}; triton {triton.__version__}; "
-            f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}")
+            f"date {dt.datetime.now(dt.timezone.utc):%Y-%m-%d %H:%M} UTC; commit {commit}; kernels {kernels_digest()}")
+
+
+def kernels_digest() -> str:
+    """Short SHA-256 of kernels/*.py as run: names the kernel code even where the device copy's git is stale."""
+    import hashlib
+    from pathlib import Path
+
+    h = hashlib.sha256()
+    for f in sorted((Path(__file__).resolve().parent.parent / "kernels").glob("*.py")):
+        h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def sdpa_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

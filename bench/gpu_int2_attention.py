@@ -212,6 +212,10 @@ def main() -> None:
     sms = torch.cuda.get_device_properties(dev).multi_processor_count if dev.startswith("cuda") else 4
     ceiling = copy_ceiling_gbs(dev, (1 << 31) if dev.startswith("cuda") else (1 << 22), timer)
     name = torch.cuda.get_device_name(dev) if dev.startswith("cuda") else "cpu (TRITON_INTERPRET=1)"
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gpu_common import environment
+
+    print(environment(), flush=True)
     print(f"device {name}; copy ceiling {ceiling:.0f} GB/s; H={h} G={g} d={d} page={args.page}", flush=True)
     bf16_bpt = 2 * g * d * 2
     int2_bpt = kv_bytes_per_token(g, d, d)
