@@ -22,15 +22,12 @@ def relative_error(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return diff / target.float().pow(2).sum().clamp_min(1e-30)
 
 
-def fit_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
-              params: list[nn.Parameter], *, steps: int, lr: float, seed: int = 0,
-              forward: Callable[[torch.Tensor, dict[str, Any]], Any] | None = None) -> list[float]:
-    """Adam on :func:`relative_error` of ``layer(x, **kwargs)`` (or ``forward(x, kwargs)``) against ``y`` for ``steps``
-    steps, batch ``step % n``; only ``params`` change. Returns the loss of every step (the first is the loss before
-    any update)."""
-    forward = forward or (lambda x, kwargs: layer(x, **kwargs))
+def adam_fit(params: list[nn.Parameter], loss_at: Callable[[int], torch.Tensor], *, steps: int, lr: float,
+             seed: int = 0, module: nn.Module | None = None) -> list[float]:
+    """Adam on ``loss_at(step)`` for ``steps`` steps, only ``params`` trainable (the rest of ``module`` frozen, its
+    flags restored after); returns the loss of every step (the first is the loss before any update)."""
     torch.manual_seed(seed)
-    frozen = [p for p in layer.parameters() if not any(p is q for q in params)]
+    frozen = [p for p in module.parameters() if not any(p is q for q in params)] if module is not None else []
     flags = [p.requires_grad for p in frozen]
     for p in frozen:
         p.requires_grad_(False)
@@ -41,10 +38,7 @@ def fit_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, 
     try:
         with torch.enable_grad():
             for step in range(steps):
-                x, y, kwargs = batches[step % len(batches)]
-                out = forward(x, kwargs)
-                out = out[0] if isinstance(out, tuple) else out
-                loss = relative_error(out, y)
+                loss = loss_at(step)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
@@ -57,29 +51,31 @@ def fit_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, 
     return losses
 
 
+def fit_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, dict[str, Any]]],
+              params: list[nn.Parameter], *, steps: int, lr: float, seed: int = 0,
+              forward: Callable[[torch.Tensor, dict[str, Any]], Any] | None = None) -> list[float]:
+    """Adam on :func:`relative_error` of ``layer(x, **kwargs)`` (or ``forward(x, kwargs)``) against ``y`` for ``steps``
+    steps, batch ``step % n``; only ``params`` change. Returns the loss of every step (the first is the loss before
+    any update)."""
+    forward = forward or (lambda x, kwargs: layer(x, **kwargs))
+
+    def loss_at(step: int) -> torch.Tensor:
+        x, y, kwargs = batches[step % len(batches)]
+        out = forward(x, kwargs)
+        return relative_error(out[0] if isinstance(out, tuple) else out, y)
+
+    return adam_fit(params, loss_at, steps=steps, lr=lr, seed=seed, module=layer)
+
+
 def distill(student: nn.Module, teacher_logits: Callable[[torch.Tensor], torch.Tensor], windows: list[torch.Tensor],
             params: list[nn.Parameter], *, steps: int, lr: float, seed: int = 0) -> list[float]:
     """End-to-end distillation: Adam on KL(teacher ‖ student) of the next-token distributions, batch ``step % n``."""
-    torch.manual_seed(seed)
-    for p in student.parameters():
-        p.requires_grad_(False)
-    for p in params:
-        p.requires_grad_(True)
-    opt = torch.optim.Adam(params, lr=lr)
-    losses = []
-    try:
-        with torch.enable_grad():
-            for step in range(steps):
-                ids = windows[step % len(windows)]
-                with torch.no_grad():
-                    target = torch.log_softmax(teacher_logits(ids).float(), -1)
-                logp = torch.log_softmax(student(input_ids=ids, use_cache=False).logits.float(), -1)
-                loss = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean") / ids.shape[1]
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                losses.append(float(loss.detach()))
-    finally:
-        for p in params:
-            p.requires_grad_(False)
-    return losses
+
+    def loss_at(step: int) -> torch.Tensor:
+        ids = windows[step % len(windows)]
+        with torch.no_grad():
+            target = torch.log_softmax(teacher_logits(ids).float(), -1)
+        logp = torch.log_softmax(student(input_ids=ids, use_cache=False).logits.float(), -1)
+        return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean") / ids.shape[1]
+
+    return adam_fit(params, loss_at, steps=steps, lr=lr, seed=seed, module=student)
