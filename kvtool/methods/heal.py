@@ -83,6 +83,9 @@ class Heal(Method):
         if opts.teacher is None:
             raise KvtoolError("heal needs the source model: pass --teacher MODEL (the model the checkpoint was "
                               "converted from)")
+        if ctx.data.split != "calib":
+            raise KvtoolError(f"heal fits on calibration text only (--split {ctx.data.split} would heal on text that "
+                              "kvtool eval scores): drop --split or use --split calib")
         manifest = self.check_source(loaded.path)
         if manifest["command"] == "ladder" and opts.fit != "layer":
             raise KvtoolError("--fit attention is for convert-mla outputs: a ladder layer's MLP changes too, use --fit "

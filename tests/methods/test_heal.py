@@ -172,3 +172,10 @@ def test_bad_heal_input_is_one_error_line(converted, tiny_tokenizer, tmp_path, a
                          timeout=300)
     assert res.returncode == 2 and res.stderr.count("\n") == 1 and fragment in res.stderr, res.stderr
     assert not (tmp_path / "o").exists() and not list(tmp_path.glob(".o.tmp-*"))
+
+
+def test_heal_refuses_held_out_text(converted, tmp_path):
+    res = subprocess.run([KVTOOL, "heal", str(converted / "keep"), "--teacher", str(converted / "src"), "-o",
+                          str(tmp_path / "o"), "--split", "heldout", *SMALL], capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 2 and "calibration text only" in res.stderr and not (tmp_path / "o").exists()
