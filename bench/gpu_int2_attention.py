@@ -28,23 +28,11 @@ def _timer(device: str, graphs: bool = True):
     steps run under CUDA graphs in serving engines, so Python/launch overhead is excluded; falls back to eager)."""
     if device.startswith("cuda"):
         import triton.testing
+        from gpu_common import graph_time_us
 
         def cuda_time(fn):
             if graphs:
-                try:
-                    fn()  # compile / warm up outside the capture
-                    torch.cuda.synchronize()
-                    stream = torch.cuda.Stream()
-                    stream.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(stream):
-                        fn()
-                    torch.cuda.current_stream().wait_stream(stream)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph):
-                        fn()
-                    return triton.testing.do_bench(graph.replay, warmup=25, rep=200, return_mode="median") * 1e3
-                except Exception as exc:  # noqa: BLE001
-                    print(f"(CUDA graph capture failed: {type(exc).__name__}; timing eagerly)", flush=True)
+                return graph_time_us(fn)
             return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e3
         return cuda_time
     def cpu_time(fn):  # noqa: E306
