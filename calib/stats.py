@@ -36,6 +36,17 @@ TENSORS_FILE = "stats.safetensors"
 MANIFEST_FILE = "manifest.json"
 
 
+def recorded_dataset(directory: str | Path) -> dict[str, Any] | None:
+    """The ``dataset`` block a statistics folder recorded (which text and windows it was collected on), or None
+    when the folder has no readable manifest (loading it reports the problem)."""
+    try:
+        manifest = json.loads((Path(directory) / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    block = manifest.get("dataset") if isinstance(manifest, dict) else None
+    return block if isinstance(block, dict) else None
+
+
 def parse_stats(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ...]:
     """Validate a comma-separated list of statistic names (None -> the default set)."""
     if spec is None:

@@ -116,6 +116,17 @@ class DataOptions(Options):
     seed: int = option(0, "Seed for choosing windows.")
     batch_size: int = option(8, "Windows per forward call.", positive=True)
 
+    def following(self, recorded: dict[str, Any] | None) -> DataOptions:
+        """These options with every field left at its default replaced by the value a statistics folder recorded
+        (its ``dataset`` block), so passes that need text (sensitivity, visitors) read the statistics' own windows."""
+        if not recorded:
+            return self
+        values = self.to_dict()
+        for f in dataclasses.fields(self):
+            if f.name in recorded and values[f.name] == f.default and f.name != "batch_size":
+                values[f.name] = type(f.default)(recorded[f.name])
+        return DataOptions(**values)
+
     def source(self) -> Any:
         """The :class:`kvtool.data.TextSource` these options name."""
         from kvtool.data import TextSource

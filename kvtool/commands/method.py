@@ -29,6 +29,7 @@ def register(app: typer.Typer, method: Method) -> None:
 
 def run_verb(method: Method, values: dict[str, Any]) -> None:
     """What every method verb does: check everything checkable, load, get statistics, run, summarize."""
+    from kvtool.calib.stats import recorded_dataset
     from kvtool.checkpoint import check_output_dir, local_input
     from kvtool.commands.console import print_json, print_table
     from kvtool.device import resolve_device
@@ -42,6 +43,8 @@ def run_verb(method: Method, values: dict[str, Any]) -> None:
     method.preflight(None, opts)
     output: Path = values["output"]
     stats_dir = values.get("stats_dir")
+    if stats_dir is not None:
+        data = data.following(recorded_dataset(stats_dir))
     inputs = (local_input(values["model"]), stats_dir, local_input(data.dataset))
     check_output_dir(output, values["overwrite"], inputs)
     device = resolve_device(values["device"])

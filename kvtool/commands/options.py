@@ -49,7 +49,8 @@ def common_params(*, output_help: str | None = None, stats_dir: bool = False, js
         params.append(_param("output", Annotated[Path, typer.Option("-o", "--output", help=output_help)], ...))
     if stats_dir:
         params.append(_param("stats_dir", Annotated[Optional[Path], typer.Option(  # noqa: UP045
-            "--stats-dir", help="Statistics folder from `kvtool calibrate` (default: calibrate now on --dataset).")],
+            "--stats-dir", help="Statistics folder from `kvtool calibrate` (default: calibrate now on "
+            "--dataset). Text options left at their defaults then follow the windows the statistics recorded.")],
             None))
     params += [
         _param("device", Annotated[str, typer.Option("--device", help=DEVICE_HELP)], "auto"),
