@@ -36,6 +36,17 @@ Clipping
     :mod:`kvtool.kvquant`) is chosen from a grid (default 1.00, 0.95, ..., 0.50) to minimize the mean
     attention-aware cost over calibration keys/values; ``--no-clip`` keeps ``a = 1``.
 
+OSCAR as released (``--rotation released``; FutureMLS-Lab/OSCAR ``rotation/compute_kv_rotation.py``, method
+``qqt_sst``, composition ``r_h_pbr``): one rotation per layer, shared by its KV heads.
+
+    Σ_K = (1/G) Σ_g mean over the group's query rows of ``q qᵀ`` (post-RoPE queries: the ``q`` statistic / rep);
+    Σ_V = (1/G) Σ_g Vᵀ diag(w) V / n with ``w_t = k_t Σ_Q,g k_tᵀ`` normalised to mean 1 (tokens whose keys draw
+    attention weigh more); for each, ``U`` = eigenvectors (ascending, as ``eigh`` returns them), ``H`` the
+    Sylvester Hadamard matrix, ``P`` the bit-reversal permutation of the eigenvalue-sorted directions; the released
+    code rotates rows as ``x @ (U H P)``, so in kvtool's row convention ``R = (U H P)ᵀ``. Clipping is not searched:
+    each rotated (token, head) row is clamped at a fixed quantile of ``|row|`` (0.96 keys, 0.92 values;
+    :func:`kvtool.runtime.kvquant.quantile_clip`). Needs head_dim a power of two (Hadamard, bit reversal).
+
 Numerics: float64; eigendecompositions of ``C + δI`` with ``δ = 1e-9 · tr(C)/d`` (damping only breaks exact
 ties); deterministic for a seed.
 """
@@ -48,9 +59,10 @@ from typing import Any
 import torch
 
 from kvtool.errors import KvtoolError
-from kvtool.runtime.kvquant import check_bits_group, fake_quantize, hadamard
+from kvtool.runtime.kvquant import check_bits_group, fake_quantize, hadamard, quantile_clip
 
-ROTATIONS = ("none", "hadamard", "cov", "cov-hadamard")
+ROTATIONS = ("none", "hadamard", "cov", "cov-hadamard", "released")
+CLIPS = ("search", "quantile", "none")
 DEFAULT_CLIP_GRID = tuple(round(1.0 - 0.05 * i, 2) for i in range(11))
 
 
@@ -61,8 +73,10 @@ class OscarOptions:
     bits: int = 2
     group_size: int | None = None
     rotation: str = "cov-hadamard"
-    clip: bool = True
+    clip: str = "search"
     clip_grid: tuple[float, ...] = DEFAULT_CLIP_GRID
+    k_quantile: float = 0.96
+    v_quantile: float = 0.92
     residual_window: int = 0
     sink: int = 0
     seed: int = 0
@@ -72,6 +86,13 @@ class OscarOptions:
         """Raise KvtoolError on bad options."""
         if self.rotation not in ROTATIONS:
             raise KvtoolError(f"--rotation {self.rotation!r} is unknown: use one of {', '.join(ROTATIONS)}")
+        if self.clip not in CLIPS:
+            raise KvtoolError(f"--clip {self.clip!r} is unknown: use one of {', '.join(CLIPS)}")
+        if self.rotation == "released" and head_dim & (head_dim - 1):
+            raise KvtoolError(f"--rotation released needs a power-of-two head_dim (Hadamard, bit reversal), the "
+                              f"model has {head_dim}: use --rotation cov-hadamard")
+        if not (0 < self.k_quantile <= 1 and 0 < self.v_quantile <= 1):
+            raise KvtoolError("--k-quantile and --v-quantile must lie in (0, 1]")
         check_bits_group(self.bits, self.group_size or head_dim, head_dim)
         if self.residual_window < 0 or self.sink < 0:
             raise KvtoolError("--residual-window and --sink must be >= 0")
@@ -102,6 +123,44 @@ def spread_matrix(d: int) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))[None, :]
 
 
+def bit_reversal_permutation(eigenvalues: torch.Tensor) -> torch.Tensor:
+    """P_br [d, d]: column ``br(i)`` of P selects the i-th largest eigen-direction (d a power of two)."""
+    d = eigenvalues.numel()
+    bits = d.bit_length() - 1
+    order = torch.argsort(eigenvalues, descending=True)
+    perm = torch.empty(d, dtype=torch.long)
+    for i in range(d):
+        perm[int(format(i, f"0{bits}b")[::-1], 2) if bits else 0] = order[i]
+    return torch.eye(d, dtype=torch.float64)[:, perm]
+
+
+def released_rotation(c: torch.Tensor) -> torch.Tensor:
+    """OSCAR's released rotation of a second moment ``c`` [d, d], in kvtool's row convention: ``(U H P_br)ᵀ``."""
+    c = c.to(torch.float64)
+    d = c.shape[0]
+    c = (c + c.T) / 2 + torch.eye(d, dtype=torch.float64) * (1e-9 * torch.trace(c).clamp_min(1e-30) / d)
+    vals, vecs = torch.linalg.eigh(c)
+    return (vecs @ hadamard(c.shape[0], signs=False) @ bit_reversal_permutation(vals)).T.contiguous()
+
+
+def released_moments(c_q: torch.Tensor, ks: torch.Tensor, vs: torch.Tensor, rep: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Σ_K and Σ_V of one layer as the released code computes them (float64).
+
+    ``c_q`` [G, d, d]: the ``q`` statistic (sum over each group's query heads of E[q qᵀ]); ``ks``, ``vs`` [N, G, d]:
+    calibration keys/values of the same layer.
+    """
+    qtq = c_q.to(torch.float64) / rep  # mean over the group's query rows
+    sigma_k = qtq.mean(0)
+    sigma_v = torch.zeros_like(sigma_k)
+    for g in range(qtq.shape[0]):
+        k, v = ks[:, g].to(torch.float64), vs[:, g].to(torch.float64)
+        w = ((k @ qtq[g]) * k).sum(-1)
+        w = w / w.sum().clamp_min(1e-12) * k.shape[0]
+        sigma_v += (v * w[:, None]).T @ v / k.shape[0]
+    return sigma_k, sigma_v / qtq.shape[0]
+
+
 def weighted_error(x: torch.Tensor, rot: torch.Tensor, weight: torch.Tensor, bits: int, group_size: int,
                    clip: float) -> float:
     """Mean attention-aware cost ``Δxᵀ W Δx`` of quantizing rows of x [N, d] after rotation ``rot`` (k' = R k)."""
@@ -130,8 +189,11 @@ def value_weights(w_o: torch.Tensor, num_heads: int, num_kv_heads: int, head_dim
     return per_head.reshape(num_kv_heads, num_heads // num_kv_heads, head_dim, head_dim).sum(1)
 
 
-def _candidates(mode: str, own: torch.Tensor, target: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+def _candidates(mode: str, own: torch.Tensor, target: torch.Tensor, seed: int,
+                released: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     d = own.shape[0]
+    if mode == "released":
+        return {"released": released}
     if mode == "none":
         return {"identity": torch.eye(d, dtype=torch.float64)}
     if mode == "hadamard":
@@ -142,14 +204,23 @@ def _candidates(mode: str, own: torch.Tensor, target: torch.Tensor, seed: int) -
     return {"hadamard*own-eigenbasis": h @ eigenbasis(own).T, "hadamard*target-eigenbasis": h @ eigenbasis(target).T}
 
 
-def _fit(x: torch.Tensor, own: torch.Tensor, target: torch.Tensor, opts: OscarOptions, gs: int
+def _fit(x: torch.Tensor, own: torch.Tensor, target: torch.Tensor, opts: OscarOptions, gs: int,
+         released: torch.Tensor | None = None, quantile: float | None = None
          ) -> tuple[torch.Tensor, float, dict[str, Any]]:
-    """Best (rotation, clip) for samples x [N, d] under weight ``target``; returns rotation, clip, report."""
+    """Best (rotation, clip) for samples x [N, d] under weight ``target``; returns rotation, clip, report.
+
+    With ``opts.clip == "quantile"`` the clip ratio is 1 and rows are clamped at ``quantile`` instead (the error
+    reported includes that clamp)."""
     signal = float(((x @ target) * x).sum(-1).mean())
-    grid = opts.clip_grid if opts.clip else (1.0,)
+    grid = opts.clip_grid if opts.clip == "search" else (1.0,)
     best: tuple[str, torch.Tensor, float, float] | None = None
-    for name, rot in _candidates(opts.rotation, own, target, opts.seed).items():
-        clip, err = search_clip(x, rot, target, opts.bits, gs, grid)
+    for name, rot in _candidates(opts.rotation, own, target, opts.seed, released).items():
+        if opts.clip == "quantile":
+            y = x @ rot.T
+            dx = (fake_quantize(quantile_clip(y, quantile), opts.bits, gs) - y) @ rot
+            clip, err = 1.0, float(((dx @ target) * dx).sum(-1).mean())
+        else:
+            clip, err = search_clip(x, rot, target, opts.bits, gs, grid)
         if best is None or err < best[3]:
             best = (name, rot, clip, err)
     name, rot, clip, err = best
@@ -178,12 +249,18 @@ def oscar_transform(w_o: dict[int, torch.Tensor], stats: Any, samples: dict[int,
         m_v = value_weights(w_o[i], spec.num_heads, g_heads, d)
         m_v = m_v / m_v.diagonal(dim1=-2, dim2=-1).sum(-1).mean()  # scale-free weight (errors are relative)
         ks, vs = samples[i]
+        released = (None, None)
+        if options.rotation == "released":
+            sigma_k, sigma_v = released_moments(c_q, ks, vs, spec.num_heads // g_heads)
+            released = (released_rotation(sigma_k), released_rotation(sigma_v))
         rots = {"k": [], "v": []}
         clips = {"k": [], "v": []}
         heads = []
         for g in range(g_heads):
-            rk, ak, rep_k = _fit(ks[:, g].to(torch.float64), c_k[g], c_q[g], options, gs)
-            rv, av, rep_v = _fit(vs[:, g].to(torch.float64), c_v[g], m_v[g], options, gs)
+            rk, ak, rep_k = _fit(ks[:, g].to(torch.float64), c_k[g], c_q[g], options, gs, released[0],
+                                 options.k_quantile)
+            rv, av, rep_v = _fit(vs[:, g].to(torch.float64), c_v[g], m_v[g], options, gs, released[1],
+                                 options.v_quantile)
             rots["k"].append(rk)
             rots["v"].append(rv)
             clips["k"].append(ak)

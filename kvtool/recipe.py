@@ -169,6 +169,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             names.add(name)
             options: Any = method.Options.from_dict(opts, where)
             method.preflight(None, options)
+            method.check_data(options, data)
         elif kind == "validate":
             options = _check_keys(where, opts, VALIDATE_KEYS)
             if options.get("target") not in names:

@@ -48,6 +48,9 @@ class Method:
     def preflight(self, spec: Any, opts: Any) -> None:
         """Every check that needs the model's shapes but no statistics (runs before any calibration)."""
 
+    def check_data(self, opts: Any, data: Any) -> None:
+        """Checks of the options against the text options (``DataOptions``), before anything is loaded."""
+
     def run(self, loaded: Any, store: Any, out: Path, opts: Any, ctx: RunContext) -> dict[str, Any]:
         """Convert ``loaded`` and write ``out`` atomically; returns the report (also in kvtool.json)."""
         raise NotImplementedError

@@ -25,13 +25,19 @@ class ExportOptions(Options):
     bits: int = option(2, "KV cache bits: 2 (INT2) or 4 (INT4).", choices=(2, 4))
     group_size: int | None = option(None, "Elements per scale/zero along head_dim; must divide head_dim "
                                           "(default: head_dim).", positive=True)
-    rotation: str = option("cov-hadamard", "cov-hadamard (OSCAR), cov (covariance rotation only), hadamard "
-                                           "(randomized Hadamard), none.",
-                           choices=("none", "hadamard", "cov", "cov-hadamard"))
-    clip: bool = option(True, "Search clip ratios (1.0..0.5) minimizing the attention-aware error.")
-    residual_window: int = option(0, "Recent tokens kept in full precision (recorded as the eval default).", low=0)
-    sink: int = option(0, "First tokens kept in full precision (left out of the clip search; recorded as the eval "
-                          "default).", low=0)
+    rotation: str = option("cov-hadamard", "cov-hadamard (kvtool: per-head candidates scored by the attention-aware "
+                                           "error), released (OSCAR's released U·H·P_br from query/attention-weighted "
+                                           "moments), cov, hadamard (randomized), none.",
+                           choices=("none", "hadamard", "cov", "cov-hadamard", "released"))
+    clip: str = option("search", "search (clip ratios 1.0..0.5 minimizing the attention-aware error), quantile "
+                                 "(OSCAR as released: clamp each rotated row at --k-quantile/--v-quantile of |row|), "
+                                 "none.", choices=("search", "quantile", "none"))
+    k_quantile: float = option(0.96, "Key clip quantile with --clip quantile.", low=0.01, high=1.0)
+    v_quantile: float = option(0.92, "Value clip quantile with --clip quantile.", low=0.01, high=1.0)
+    residual_window: int = option(256, "Recent tokens kept in full precision at decode (OSCAR's deployment: 256).",
+                                  low=0)
+    sink: int = option(64, "First tokens kept in full precision at decode (OSCAR's deployment: 64); left out of the "
+                           "clip search.", low=0)
     kv_samples: int = option(4, "Calibration windows whose keys/values drive the clip search.", positive=True)
     fold: bool = option(False, "Also write a model checkpoint into OUT with R_v folded into W_v/W_o.")
 
@@ -58,6 +64,15 @@ class Export(Method):
 
         if spec is not None:
             check_bits_group(opts.bits, opts.group_size or spec.head_dim, spec.head_dim)
+            d = spec.head_dim
+            if opts.rotation == "released" and d & (d - 1):
+                raise KvtoolError(f"--rotation released needs a power-of-two head_dim (Hadamard, bit reversal); the "
+                                  f"model has {d}: use --rotation cov-hadamard")
+
+    def check_data(self, opts: ExportOptions, data: Any) -> None:
+        if opts.sink >= data.seq_len:
+            raise KvtoolError(f"--sink {opts.sink} leaves no calibration keys in windows of --seq-len {data.seq_len}: "
+                              f"use a --seq-len above {opts.sink} or a smaller --sink")
 
     def run(self, loaded: Any, store: Any, out: Path, opts: ExportOptions, ctx: RunContext) -> dict[str, Any]:
         """Compute OSCAR rotations/clips and write the export folder ``out`` atomically. Calibration keys/values
@@ -70,7 +85,9 @@ class Export(Method):
 
         spec, data = loaded.spec, ctx.data
         self.preflight(spec, opts)
+        self.check_data(opts, data)
         math_opts = OscarOptions(bits=opts.bits, group_size=opts.group_size, rotation=opts.rotation, clip=opts.clip,
+                                 k_quantile=opts.k_quantile, v_quantile=opts.v_quantile,
                                  residual_window=opts.residual_window, sink=opts.sink, seed=data.seed)
         math_opts.check(spec.head_dim)
         store.require(self.required, spec.num_layers, loaded.model_hash)
@@ -121,7 +138,7 @@ class Export(Method):
 
         from kvtool.data import TextSource, heldout_tokens
         from kvtool.models import load_model
-        from kvtool.runtime.kvquant import kv_quantization, load_oscar_spec
+        from kvtool.runtime.kvquant import kv_quantization, load_oscar_spec, quantile_clip
 
         device = options.get("device", "cpu")
         from kvtool.kernels.int2_kv import (
@@ -170,9 +187,14 @@ class Export(Method):
             vc = new_paged_cache(n_blocks + 2, spec.num_kv_heads, block, spec.head_dim, gs, device)
             k_rot, v_rot = qspec.k_rotation[i].to(device), qspec.v_rotation.get(i)
             v_rot = v_rot.to(device) if v_rot is not None else None
-            quantize_pack(k, k_rot, qspec.k_clip[i].to(device), slots, kc)
-            quantize_pack(v, v_rot, qspec.v_clip[i].to(device), slots, vc)
-            ref_packed, _, _ = quantize_pack_reference(k, k_rot, qspec.k_clip[i].to(device), gs)
+            if qspec.k_quantile is not None:  # released clip: rows are rotated and clamped before packing
+                k = quantile_clip(torch.einsum("ged,tgd->tge", k_rot, k), qspec.k_quantile)
+                v = quantile_clip(v if v_rot is None else torch.einsum("ged,tgd->tge", v_rot, v), qspec.v_quantile)
+            pack_k_rot = None if qspec.k_quantile is not None else k_rot
+            pack_v_rot = None if qspec.k_quantile is not None else v_rot
+            quantize_pack(k, pack_k_rot, qspec.k_clip[i].to(device), slots, kc)
+            quantize_pack(v, pack_v_rot, qspec.v_clip[i].to(device), slots, vc)
+            ref_packed, _, _ = quantize_pack_reference(k, pack_k_rot, qspec.k_clip[i].to(device), gs)
             packed = kc[0][slots // block, :, slots % block]
             mismatch = float((packed != ref_packed).float().mean())
             fp_seg, fp_lens = None, None
@@ -207,22 +229,42 @@ class Export(Method):
 
 
 def quantization_config(opts: Any, spec: Any, folded: bool) -> dict[str, Any]:
-    """The ``quantization_config.json`` content: what is quantized how, and which tensors rotate where."""
+    """The ``quantization_config.json`` content (docs/formats.md, "OSCAR export"): a ``kv_cache_scheme`` in the
+    style of compressed-tensors (what is quantized how) plus ``rotations``/``clipping``/``full_precision`` (what
+    OSCAR adds: which tensors rotate where, how rows are clipped, which tokens stay in 16 bits)."""
     gs = opts.group_size or spec.head_dim
+    quantile = opts.clip == "quantile"
     return {
-        "method": "oscar", "bits": opts.bits, "group_size": gs, "residual_window": opts.residual_window,
-        "sink": opts.sink, "symmetric": False, "scale_dtype": "float16", "zero_dtype": "float16",
-        "key_granularity": "per-token", "value_granularity": "per-token",
-        "packing": f"{8 // opts.bits} codes per byte, element 4c+t in bits {opts.bits}t.. of byte c"
-        if opts.bits == 2 else "2 codes per byte, element 2c+t in bits 4t.. of byte c",
-        "clip": "range [lo, hi] of each group shrunk around its midpoint by k_clip/v_clip (per layer, KV head)",
-        "k_rotation": "applied after RoPE (and k_norm): cached k' = R_k k; every query head h of KV group g uses "
-                      "q' = R_k[g] q_h, so q'.k' = q.k",
-        "v_rotation": "cached v' = R_v v; the attention output is rotated back by R_v^T"
-                      + (" (folded: W_v <- R_v W_v, W_o <- W_o R_v^T in this checkpoint)" if folded
-                         else " (foldable into W_v and W_o; `kvtool export --fold`)"),
-        "v_rotation_folded": folded, "rotation_mode": opts.rotation, "clip_search": bool(opts.clip),
+        "quant_method": "kvtool-oscar",
+        "format_version": 2,
+        "kv_cache_scheme": {
+            "num_bits": opts.bits, "type": "int", "symmetric": False, "strategy": "group", "group_size": gs,
+            "dynamic": True, "observer": "minmax", "scale_dtype": "float16", "zp_dtype": "float16",
+            "granularity": "per token, per KV head, per group of group_size consecutive head_dim elements",
+            "targets": ["key", "value"],
+        },
+        "rotations": {
+            "file": "oscar.safetensors", "convention": "row: cached x' = R x; R [kv_heads, head_dim, head_dim] "
+                                                       "float32 per layer",
+            "key": "layers.{i}.k_rotation, applied after RoPE (and q_norm/k_norm); every query head of KV group g "
+                   "uses q' = R_k[g] q, so q'.k' = q.k",
+            "value": "layers.{i}.v_rotation; the attention output is rotated back by R_v^T"
+                     + (" (folded into this checkpoint: W_v <- R_v W_v, W_o <- W_o R_v^T; a rotation-aware "
+                        "engine needs only R_k)" if folded else " (foldable into W_v and W_o: `kvtool export --fold`)"),
+            "value_folded": folded, "mode": opts.rotation,
+        },
+        "clipping": {
+            "mode": opts.clip,
+            "key_quantile": opts.k_quantile if quantile else None,
+            "value_quantile": opts.v_quantile if quantile else None,
+            "rule": ("clamp each rotated (token, KV head) row to [-t, t], t = sorted(|row|)[min(int(q*head_dim), "
+                     "head_dim-1)], before the group min/max" if quantile else
+                     "range [lo, hi] of each group shrunk around its midpoint by layers.{i}.k_clip/v_clip "
+                     "(per layer, KV head; 1.0 = no clip)"),
+        },
+        "full_precision": {"sink": opts.sink, "residual_window": opts.residual_window,
+                           "rule": "the first `sink` tokens and the `residual_window` most recent stay in 16 bits; "
+                                   "a token is quantized once, when it leaves the recent window"},
+        "packing": f"{8 // opts.bits} codes per byte, element {8 // opts.bits}c+t in bits {opts.bits}t.. of byte c",
         "num_layers": spec.num_layers, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
-        "layout": "layers.{i}.k_rotation / v_rotation [kv_heads, d, d] float32 (row convention y = R x); "
-                  "layers.{i}.k_clip / v_clip [kv_heads]",
     }

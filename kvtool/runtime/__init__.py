@@ -6,6 +6,17 @@ themselves with transformers' Auto classes (``import kvtool`` calls it, except i
 it loads a model).
 """
 
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    """``kvtool.runtime.Int2Cache`` without importing transformers' cache module at package import."""
+    if name in ("Int2Cache", "Int2Layer"):
+        from kvtool.runtime import int2_cache
+
+        return getattr(int2_cache, name)
+    raise AttributeError(name)
+
 
 def register_auto_classes() -> None:
     """Register kvtool's converted-model configs and classes with AutoConfig / AutoModelForCausalLM (idempotent)."""

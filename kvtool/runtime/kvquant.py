@@ -7,8 +7,8 @@ head_dim (default: the whole head), one scale and one zero (offset) per token, h
 ``a`` in (0, 1] the group's range [lo, hi] shrinks around its midpoint to ``[m - a*h, m + a*h]`` (m = (lo+hi)/2,
 h = (hi-lo)/2), then::
 
-    scale = 2*a*h / (2**bits - 1)     zero = m - a*h     code = clamp(round((x - zero) / scale), 0, 2**bits - 1)
-    x_hat = zero + scale * code
+    scale = 2*a*h / (2**bits - 1)     zero = m - a*h     code = clamp(floor((x - zero) / scale + 1/2), 0, 2**bits - 1)
+    x_hat = fp16(zero) + fp16(scale) * code           (scale and zero are stored in fp16, as the INT2 cache does)
 
 Methods (``--kv-quant``):
 
@@ -88,8 +88,19 @@ def quantize_groups(x: torch.Tensor, bits: int, group_size: int, clip: torch.Ten
     levels = 2 ** bits - 1
     zero = mid - half
     scale = (2 * half / levels).clamp_min(torch.finfo(x.dtype).tiny ** 0.5)
-    codes = torch.clamp(torch.round((xg - zero[..., None]) / scale[..., None]), 0, levels)
+    codes = torch.clamp(torch.floor((xg - zero[..., None]) / scale[..., None] + 0.5), 0, levels)
     return codes.reshape(*lead, d), scale, zero
+
+
+def quantile_clip(x: torch.Tensor, quantile: float | None) -> torch.Tensor:
+    """Clamp every row (last dim) of ``x`` to ``[-t, t]``, t = the ``quantile`` order statistic of ``|row|``
+    (index ``min(int(quantile * d), d - 1)`` of the sorted magnitudes): OSCAR's released per-(token, head) clip.
+    None or a quantile >= 1 leaves ``x`` unchanged."""
+    if quantile is None or quantile >= 1.0:
+        return x
+    d = x.shape[-1]
+    thr = x.abs().sort(dim=-1).values[..., min(int(quantile * d), d - 1)].unsqueeze(-1)
+    return torch.minimum(torch.maximum(x, -thr), thr)
 
 
 def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -100,9 +111,10 @@ def dequantize_groups(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tens
 
 
 def fake_quantize(x: torch.Tensor, bits: int, group_size: int, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
-    """Quantize and dequantize the last dim of ``x`` in groups (per token)."""
+    """Quantize and dequantize the last dim of ``x`` in groups (per token), as the cache stores it: codes from the
+    exact scale and zero, which are then kept in fp16 (the INT2 cache's and kernels' storage format)."""
     codes, scale, zero = quantize_groups(x, bits, group_size, clip)
-    return dequantize_groups(codes, scale, zero, group_size)
+    return dequantize_groups(codes, scale.half().to(x.dtype), zero.half().to(x.dtype), group_size)
 
 
 def fake_quantize_per_channel(k: torch.Tensor, bits: int, chunk: int, start: int) -> torch.Tensor:
@@ -125,13 +137,14 @@ def fake_quantize_per_channel(k: torch.Tensor, bits: int, chunk: int, start: int
 
 
 def quantized_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, window: int, sink: int,
-                   chunk: int | None = None) -> torch.Tensor:
+                   chunk: int | None = None, prefill: int = 0) -> torch.Tensor:
     """Bool [Lq, Lk]: True where query position i reads key/value position j from the quantized cache.
 
     ``chunk`` (KIVI keys) additionally requires j's token chunk (counted from ``sink``) to be complete at step i.
+    ``prefill`` = P: queries i < P (a prompt prefilled in full precision) read nothing quantized.
     """
     i, j = q_pos[:, None], k_pos[None, :]
-    mask = (j >= sink) & (i - j >= window)
+    mask = (j >= sink) & (i - j >= window) & (i >= prefill)
     if chunk is not None:
         chunk_end = sink + ((j - sink) // chunk + 1) * chunk
         mask &= chunk_end - 1 <= i
@@ -178,12 +191,16 @@ class KVQuantSpec:
     v_clip: dict[int, torch.Tensor] = field(default_factory=dict)
     v_folded: bool = False
     source: str | None = None
+    k_quantile: float | None = None  # OSCAR as released: clamp each rotated row at this quantile of |row|
+    v_quantile: float | None = None
+    prefill: int = 0  # positions < prefill are a prompt prefilled in full precision (generation emulation)
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly summary (no tensors)."""
         return {"method": self.method, "bits": self.bits, "group_size": self.group_size,
                 "residual_window": self.residual_window, "sink": self.sink,
-                "key_granularity": self.key_granularity, "v_folded": self.v_folded, "source": self.source}
+                "key_granularity": self.key_granularity, "v_folded": self.v_folded, "source": self.source,
+                "k_quantile": self.k_quantile, "v_quantile": self.v_quantile}
 
 
 def resolve_kv_quant(value: str, *, head_dim: int, num_layers: int, num_kv_heads: int, group_size: int | None = None,
@@ -213,6 +230,18 @@ def resolve_kv_quant(value: str, *, head_dim: int, num_layers: int, num_kv_heads
                       "folder written by `kvtool export`: give one of those")
 
 
+def flat_oscar_config(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The fields kvtool reads from an export's ``quantization_config.json`` (format 2, with ``kv_cache_scheme``;
+    format 1, flat, as kvtool 0.2 wrote it): bits, group_size, sink, residual_window, v_rotation_folded, quantiles."""
+    if "kv_cache_scheme" not in cfg:
+        return cfg
+    scheme, clip = cfg["kv_cache_scheme"], cfg.get("clipping") or {}
+    fp, rot = cfg.get("full_precision") or {}, cfg.get("rotations") or {}
+    return {"bits": scheme["num_bits"], "group_size": scheme["group_size"], "sink": fp.get("sink", 0),
+            "residual_window": fp.get("residual_window", 0), "v_rotation_folded": rot.get("value_folded", False),
+            "k_quantile": clip.get("key_quantile"), "v_quantile": clip.get("value_quantile")}
+
+
 def load_oscar_spec(path: Path, *, head_dim: int, num_layers: int, num_kv_heads: int, group_size: int | None = None,
                     residual_window: int | None = None, sink: int | None = None) -> KVQuantSpec:
     """Read an OSCAR export folder (``oscar.safetensors`` + ``quantization_config.json``)."""
@@ -222,7 +251,7 @@ def load_oscar_spec(path: Path, *, head_dim: int, num_layers: int, num_kv_heads:
     if not cfg_file.is_file() or not tensors_file.is_file():
         raise KvtoolError(f"{path} has no quantization_config.json/oscar.safetensors: give a folder written by "
                           "`kvtool export`")
-    cfg = json.loads(cfg_file.read_text())
+    cfg = flat_oscar_config(json.loads(cfg_file.read_text()))
     if group_size is not None and group_size != cfg["group_size"]:
         raise KvtoolError(f"--group-size {group_size} differs from the export's group size {cfg['group_size']}: "
                           "drop --group-size or re-export with it")
@@ -230,7 +259,7 @@ def load_oscar_spec(path: Path, *, head_dim: int, num_layers: int, num_kv_heads:
     spec = KVQuantSpec(method="oscar", bits=int(cfg["bits"]), group_size=int(cfg["group_size"]),
                        residual_window=cfg.get("residual_window", 0) if residual_window is None else residual_window,
                        sink=cfg.get("sink", 0) if sink is None else sink, v_folded=bool(cfg.get("v_rotation_folded")),
-                       source=str(path))
+                       source=str(path), k_quantile=cfg.get("k_quantile"), v_quantile=cfg.get("v_quantile"))
     check_bits_group(spec.bits, spec.group_size, head_dim)
     for i in range(num_layers):
         key = f"layers.{i}.k_rotation"
@@ -271,8 +300,9 @@ def quantize_kv(spec: KVQuantSpec, layer: int, key: torch.Tensor, value: torch.T
     if spec.key_granularity == "per-channel":
         k_hat = fake_quantize_per_channel(key, spec.bits, gs, spec.sink)
     else:
-        k_hat = _unrotate(fake_quantize(_rotate(key, k_rot), spec.bits, gs, kc), k_rot)
-    v_hat = _unrotate(fake_quantize(_rotate(value, v_rot), spec.bits, gs, vc), v_rot)
+        k_hat = _unrotate(fake_quantize(quantile_clip(_rotate(key, k_rot), spec.k_quantile), spec.bits, gs, kc),
+                          k_rot)
+    v_hat = _unrotate(fake_quantize(quantile_clip(_rotate(value, v_rot), spec.v_quantile), spec.bits, gs, vc), v_rot)
     return k_hat, v_hat
 
 
@@ -301,8 +331,8 @@ def kvquant_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor,
         k_hat, v_hat = quantize_kv(spec, module.layer_idx, key, value)
         gs = spec.group_size or d
         mk = quantized_mask(q_pos, k_pos, spec.residual_window, spec.sink,
-                            gs if spec.key_granularity == "per-channel" else None)
-        mv = quantized_mask(q_pos, k_pos, spec.residual_window, spec.sink)
+                            gs if spec.key_granularity == "per-channel" else None, spec.prefill)
+        mv = quantized_mask(q_pos, k_pos, spec.residual_window, spec.sink, prefill=spec.prefill)
         logits = torch.where(mk, torch.einsum("bgrld,bgsd->bgrls", q, k_hat), logits)
     logits = logits * scaling
     causal = k_pos[None, :] <= q_pos[:, None]

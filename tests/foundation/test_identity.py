@@ -63,7 +63,7 @@ def test_same_command_same_bytes(tiny_checkpoint, tmp_path):
     for i in (1, 2):
         for argv in (["calibrate", model, "-o", tmp_path / f"s{i}", "--samples", 2, "--seq-len", 32],
                      ["export", model, "--stats-dir", tmp_path / "s1", "-o", tmp_path / f"o{i}", "--kv-samples", 1,
-                      "--seq-len", 32, "--group-size", 8]):
+                      "--seq-len", 32, "--group-size", 8, "--sink", 4, "--residual-window", 8]):
             res = subprocess.run([KVTOOL, *map(str, argv), "--device", "cpu", "--no-progress"], capture_output=True,
                                  text=True, env=env, timeout=300)
             assert res.returncode == 0, res.stderr

@@ -118,7 +118,8 @@ def test_export_then_validate_on_tiny_model(tiny_checkpoint, tmp_path):
     model = tiny_checkpoint("llama", head_dim=64)
     runner = CliRunner()
     res = runner.invoke(app, ["export", str(model), "-o", str(tmp_path / "osc"), "--seq-len", "32",
-                              "--kv-samples", "2", "--device", "cpu", "--no-progress", "--sink", "1"])
+                              "--kv-samples", "2", "--device", "cpu", "--no-progress", "--sink", "1",
+                              "--residual-window", "0"])
     assert res.exit_code == 0, res.output
     res = runner.invoke(app, ["validate", str(tmp_path / "osc"), "--device", "cpu", "--json"])
     assert res.exit_code == 0, res.output

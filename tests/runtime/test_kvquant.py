@@ -31,14 +31,16 @@ def test_quantizer_levels_error_bound_and_clip():
         assert codes.min() >= 0 and codes.max() <= 2 ** bits - 1
         xh = fake_quantize(x, bits, 8)
         err = (xh - x).reshape(50, 2, 2, 8).abs().amax(-1)
-        assert torch.all(err <= scale / 2 + 1e-12)  # no clipping: error at most half a step
+        fp16 = (zero.abs() + (2 ** bits - 1) * scale) * 2.0 ** -11  # scale and zero are stored in fp16
+        assert torch.all(err <= scale / 2 + fp16 + 1e-12)  # no clipping: error at most half a step
         assert xh.reshape(50, 2, 2, 8)[0, 0, 0].unique().numel() <= 2 ** bits
     assert (fake_quantize(x, 4, 8) - x).pow(2).mean() < (fake_quantize(x, 2, 8) - x).pow(2).mean() / 4
     # clip 0.5 shrinks the range around the midpoint: extremes saturate at mid ± half/2
     xc = fake_quantize(x, 2, 16, 0.5)
     lo, hi = x.amin(-1), x.amax(-1)
     mid, half = (lo + hi) / 2, (hi - lo) / 2
-    assert torch.allclose(xc.amax(-1), mid + half / 2) and torch.allclose(xc.amin(-1), mid - half / 2)
+    assert torch.allclose(xc.amax(-1), mid + half / 2, atol=2e-3) and torch.allclose(xc.amin(-1), mid - half / 2,
+                                                                                       atol=2e-3)
 
 
 def test_quantized_mask_windows_and_kivi_chunks():

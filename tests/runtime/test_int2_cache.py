@@ -1,0 +1,112 @@
+"""Int2Cache: model.generate with a 2-bit KV cache equals the fake-quant emulation of the same decode."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import tiny_model
+from typer.testing import CliRunner
+
+from kvtool.errors import KvtoolError
+from kvtool.runtime import Int2Cache
+from kvtool.runtime.kvquant import KVQuantSpec, kv_quantization
+
+G, D, LAYERS = 2, 16, 3
+
+
+def _orth(seed: int) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(D, D, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def _spec(window: int, sink: int, quantile: float | None) -> KVQuantSpec:
+    spec = KVQuantSpec(method="oscar", bits=2, group_size=8, sink=sink, residual_window=window, k_quantile=quantile,
+                       v_quantile=quantile)
+    for i in range(LAYERS):
+        spec.k_rotation[i] = torch.stack([_orth(i * 10 + g) for g in range(G)])
+        spec.v_rotation[i] = torch.stack([_orth(100 + i * 10 + g) for g in range(G)])
+        spec.k_clip[i], spec.v_clip[i] = torch.tensor([0.9, 1.0]), torch.tensor([1.0, 0.8])
+    return spec
+
+
+@pytest.mark.parametrize("window,sink,quantile", [(3, 2, 0.9), (0, 1, None), (5, 0, None)])
+def test_generate_with_int2_cache_equals_the_emulated_decode(window, sink, quantile):
+    model = tiny_model("llama", seed=4, head_dim=D).eval()
+    spec = _spec(window, sink, quantile)
+    ids = torch.randint(0, 300, (1, 10), generator=torch.Generator().manual_seed(1))
+    cache = Int2Cache(spec, LAYERS)
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), past_key_values=cache,
+                         max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    got = torch.cat(out.logits)  # [12, vocab]: the prompt's last position, then one per decode step
+    seq = out.sequences
+    with torch.no_grad(), kv_quantization(model, replace(spec, prefill=ids.shape[1])):
+        emulated = model(input_ids=seq[:, :-1]).logits[0, ids.shape[1] - 1:]
+    with torch.no_grad():
+        exact = model(input_ids=seq[:, :-1]).logits[0, ids.shape[1] - 1:]
+    gap = float((got - emulated).abs().max())
+    assert gap < 1e-3, gap  # fp16 scales/zeros in the cache vs float32 in the emulation
+    assert float((exact - emulated).abs().max()) > 20 * gap  # the 2-bit cache is really in the loop
+    assert torch.equal(got.argmax(-1), seq[0, ids.shape[1]:])
+    # bytes: every token outside the sink and the last window-1 is held as codes + fp16 scale/zero only
+    n = seq.shape[1] - 1
+    n_fp = min(sink, n) + max(window - 1, 0)
+    per_token_int2 = 2 * G * (D // 4 + 2 * 2 * (D // 8))  # K and V: codes + fp16 scale and zero per group
+    assert cache.nbytes() == {"full_precision": n_fp * 2 * G * D * 4 * LAYERS,
+                              "int2": (n - n_fp) * per_token_int2 * LAYERS}
+
+
+def test_from_export_checks_the_model(tiny_checkpoint, tmp_path):
+    from kvtool.cli import app
+    from kvtool.models import load_model
+
+    runner = CliRunner()
+    model_dir = tiny_checkpoint("llama")
+    res = runner.invoke(app, ["export", str(model_dir), "-o", str(tmp_path / "osc"), "--seq-len", "32",
+                              "--kv-samples", "2", "--sink", "2", "--residual-window", "4", "--group-size", "8",
+                              "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    loaded = load_model(str(model_dir))
+    cache = Int2Cache.from_export(tmp_path / "osc", loaded)
+    assert cache.spec.sink == 2 and cache.spec.residual_window == 4 and len(cache.layers) == loaded.spec.num_layers
+    other = load_model(str(tiny_checkpoint("llama", seed=7)))
+    with pytest.raises(KvtoolError, match="exported from other weights"):
+        Int2Cache.from_export(tmp_path / "osc", other)
+    with pytest.raises(KvtoolError, match="exported for a model with"):
+        Int2Cache.from_export(tmp_path / "osc", tiny_model("llama", seed=4, head_dim=8))
+    with pytest.raises(KvtoolError, match="no quantization_config.json"):
+        Int2Cache.from_export(model_dir, loaded)
+    cfg = json.loads((tmp_path / "osc" / "quantization_config.json").read_text())
+    assert cfg["kv_cache_scheme"]["num_bits"] == 2
+
+
+@pytest.mark.slow
+def test_greedy_generation_on_the_embedded_model_matches_the_emulation(embedded, tmp_path):
+    """SmolLM2 with an OSCAR export: 24 greedy tokens through Int2Cache equal the emulation's, token for token."""
+    from kvtool.calib import collect_statistics
+    from kvtool.calib.kv_samples import collect_kv_samples
+    from kvtool.convert.oscar import OscarOptions, oscar_transform
+    from kvtool.data import TextSource, calibration_windows, heldout_tokens
+
+    spec = embedded.spec
+    windows = calibration_windows(embedded.tokenizer, TextSource("embedded"), 2, 128, 0, spec.max_positions)
+    store = collect_statistics(embedded, windows, ("q", "k", "v"), progress=False)
+    samples = collect_kv_samples(embedded.model, windows, sink=4)
+    w_o = {i: layer.self_attn.o_proj.weight.detach() for i, layer in enumerate(spec.layers(embedded.model))}
+    tensors, _ = oscar_transform(w_o, store, samples, spec, OscarOptions(rotation="released", clip="quantile"))
+    q = KVQuantSpec(method="oscar", bits=2, group_size=spec.head_dim, sink=4, residual_window=8, k_quantile=0.96,
+                    v_quantile=0.92)
+    for i in range(spec.num_layers):
+        for name in ("k_rotation", "v_rotation", "k_clip", "v_clip"):
+            getattr(q, name)[i] = tensors[f"layers.{i}.{name}"]
+    prompt = heldout_tokens(embedded.tokenizer, TextSource("embedded", "heldout"), 40)[None]
+    out = embedded.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                  past_key_values=Int2Cache(q, spec.num_layers), max_new_tokens=24, do_sample=False)
+    emulated = prompt
+    with torch.no_grad(), kv_quantization(embedded.model, replace(q, prefill=prompt.shape[1])):
+        for _ in range(24):
+            nxt = embedded.model(input_ids=emulated).logits[:, -1].argmax(-1, keepdim=True)
+            emulated = torch.cat([emulated, nxt], dim=1)
+    assert torch.equal(out, emulated)
