@@ -16,11 +16,13 @@ A token is quantized once, when it leaves the recent window (it is never re-quan
 call whose first new token is at position ``a``: the sink and every token ``j > a - residual_window`` in full
 precision, older tokens dequantized and rotated back (``R_kᵀ``, ``R_vᵀ``). The first call (the prompt) reads its
 own tokens in full precision; later calls read their own tokens in full precision when ``residual_window >= 1``
-and from the 2-bit cache when it is 0 (written, then read). For one-token decode steps this is exactly the rule the perplexity
-emulation scores (:func:`kvtool.runtime.kvquant.quantized_mask` with ``prefill`` = the prompt length).
+and from the 2-bit cache when it is 0 (written, then read). For one-token decode steps this is exactly the rule
+the perplexity emulation scores (:func:`kvtool.runtime.kvquant.quantized_mask` with ``prefill`` = the prompt
+length).
 
 Attention itself is the model's own (SDPA/eager) over the returned tensors, so this path saves cache memory but not
-decode time; the fused decode kernel that reads the codes directly is :func:`kvtool.kernels.int2_kv.int2_decode_attention`.
+decode time; the fused decode kernel that reads the codes directly is
+:func:`kvtool.kernels.int2_kv.int2_decode_attention`.
 """
 
 from __future__ import annotations
