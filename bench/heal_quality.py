@@ -27,7 +27,10 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.5")
     ap.add_argument("--layouts", default="keep,decoupled,deepseek-v3")
     ap.add_argument("--steps", type=int, default=None, help="heal steps per layer (default: kvtool heal's)")
-    ap.add_argument("--e2e-steps", type=int, default=0)
+    ap.add_argument("--e2e-steps", type=int, default=0, help="then end-to-end distillation of the healed checkpoint "
+                    "(KL to the original's logits on heal's windows, kvtool heal's e2e code path), scored again")
+    ap.add_argument("--fit", default=None, help="kvtool heal --fit (default: heal's)")
+    ap.add_argument("--rank-alloc", default=None, help="convert-mla --rank-alloc (default: convert-mla's)")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -56,25 +59,43 @@ def main() -> None:
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for layout in args.layouts.split(","):
             conv = tmp / f"{layout}-{ratio}"
-            run_method("convert-mla", source, store, conv, kv_ratio=ratio, **LAYOUTS[layout])
+            extra = {"rank_alloc": args.rank_alloc} if args.rank_alloc else {}
+            run_method("convert-mla", source, store, conv, kv_ratio=ratio, **LAYOUTS[layout], **extra)
             student = load_model(str(conv), strict=False)
             before = perplexity(student.model, tokens, 512)["perplexity"]
             t0 = time.perf_counter()
+            fit = {"fit": args.fit} if args.fit else {}
             report = run_method("heal", student, None, tmp / f"{layout}-{ratio}-healed", teacher="smollm2-135m",
-                                data=heal_data, steps=steps, e2e_steps=args.e2e_steps)
+                                data=heal_data, steps=steps, **fit)
             seconds = time.perf_counter() - t0
             healed = load_model(str(tmp / f"{layout}-{ratio}-healed"), strict=False)
             after = perplexity(healed.model, tokens, 512)["perplexity"]
             row = {"layout": layout, "kv_ratio": ratio, "before": before, "after": after,
                    "before_x": before / result["original"], "after_x": after / result["original"],
                    "heal_seconds": round(seconds, 1), "heal_tokens": report["tokens"], "steps_per_layer": steps,
-                   "e2e_steps": args.e2e_steps}
+                   "fit": report.get("healing", report).get("fit"), "rank_alloc": args.rank_alloc or "default"}
+            if args.e2e_steps:
+                from kvtool.convert.heal import distill
+                from kvtool.data import calibration_windows
+
+                t0 = time.perf_counter()
+                windows = calibration_windows(source.tokenizer, heal_data.source(), heal_data.samples,
+                                              heal_data.seq_len, heal_data.seed, source.spec.max_positions)
+                params = [p for layer in healed.model.model.layers for p in layer.self_attn.parameters()]
+                curve = distill(healed.model, lambda ids: source.model(input_ids=ids, use_cache=False).logits,
+                                list(windows.split(heal_data.batch_size)), params, steps=args.e2e_steps,
+                                lr=HealOptions().e2e_lr)
+                e2e = perplexity(healed.model.eval(), tokens, 512)["perplexity"]
+                row.update({"e2e_steps": args.e2e_steps, "after_e2e": e2e, "after_e2e_x": e2e / result["original"],
+                            "e2e_seconds": round(time.perf_counter() - t0, 1), "kl_before": curve[0],
+                            "kl_after": curve[-1]})
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
-    print("\n| layout | KV ratio | one-shot | healed | heal s |\n|---|---|---|---|---|")
+    print("\n| layout | KV ratio | one-shot | healed | + e2e | heal s |\n|---|---|---|---|---|---|")
     for r in result["rows"]:
+        e2e = f"{r['after_e2e']:.2f} ({r['after_e2e_x']:.2f}x)" if "after_e2e" in r else "-"
         print(f"| {r['layout']} | {r['kv_ratio']} | {r['before']:.2f} ({r['before_x']:.2f}x) | {r['after']:.2f} "
-              f"({r['after_x']:.2f}x) | {r['heal_seconds']:.0f} |")
+              f"({r['after_x']:.2f}x) | {e2e} | {r['heal_seconds']:.0f} |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2) + "\n")

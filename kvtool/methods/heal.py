@@ -41,9 +41,10 @@ class HealOptions(Options):
     e2e_steps: int = option(0, "Then this many end-to-end distillation steps (KL to the teacher's logits).", low=0)
     e2e_lr: float = option(1e-4, "Adam learning rate of the end-to-end distillation.", positive=True)
     layers: str = option("all", LAYERS_HELP + " Layers to heal.")
-    fit: str = option("layer", "What each fitted layer must reproduce: layer (the decoder layer's output) or "
-                               "attention (the attention block's output; skips the MLP, several times cheaper; "
-                               "MLA outputs only).", choices=("layer", "attention"))
+    fit: str = option("auto", "What each fitted layer must reproduce: layer (the decoder layer's output), "
+                              "attention (the attention block's output; skips the MLP, several times cheaper; MLA "
+                              "outputs only), or auto (attention for convert-mla outputs, layer for ladder).",
+                      choices=("auto", "layer", "attention"))
 
 
 class Heal(Method):
@@ -87,7 +88,7 @@ class Heal(Method):
             raise KvtoolError(f"heal fits on calibration text only (--split {ctx.data.split} would heal on text that "
                               "kvtool eval scores): drop --split or use --split calib")
         manifest = self.check_source(loaded.path)
-        if manifest["command"] == "ladder" and opts.fit != "layer":
+        if manifest["command"] == "ladder" and opts.fit == "attention":
             raise KvtoolError("--fit attention is for convert-mla outputs: a ladder layer's MLP changes too, use --fit "
                               "layer")
         teacher = load_model(opts.teacher, dtype=ctx.dtype, device="cpu")
@@ -178,9 +179,10 @@ def heal_model(student: Any, teacher: Any, windows: Any, opts: HealOptions, *, d
 
     chosen = parse_layers(opts.layers, teacher.spec.num_layers)
     chosen = set(range(teacher.spec.num_layers)) if chosen is None else set(chosen)
-    if ladder and opts.fit != "layer":
+    if ladder and opts.fit == "attention":
         raise KvtoolError("--fit attention is for convert-mla outputs: a ladder layer's MLP changes too, use --fit "
                           "layer")
+    fit = opts.fit if opts.fit != "auto" else ("layer" if ladder else "attention")
     if ladder:
         chosen &= set(ladder_layers_of(student))
         if not chosen:
@@ -203,7 +205,7 @@ def heal_model(student: Any, teacher: Any, windows: Any, opts: HealOptions, *, d
             def forward(x: Any, kw: dict[str, Any]) -> Any:
                 rest = {k: v for k, v in kw.items() if k != "stale"}
                 return ladder_layer_step(layer, x, kw["stale"], True, rest)[0]
-        elif opts.fit == "attention":
+        elif fit == "attention":
             params = list(layer.self_attn.parameters())
 
             def forward(x: Any, kw: dict[str, Any]) -> Any:
@@ -222,13 +224,13 @@ def heal_model(student: Any, teacher: Any, windows: Any, opts: HealOptions, *, d
         rows.append({"layer": index, "loss_before": losses[0], "loss_after": sum(after) / len(after),
                      "curve": [round(v, 6) for v in losses]})
 
-    visitor = TeacherVisitor(on_layer, chosen, streams=ladder, target=opts.fit)
+    visitor = TeacherVisitor(on_layer, chosen, streams=ladder, target=fit)
     run_layers(teacher, windows, [visitor], device=device,
                batch_size=batch_size, progress=progress, description="healing layers",
                num_layers=max(chosen) + 1)
     trained = "ladder layers (all parameters)" if ladder else "self_attn (all)"
     report: dict[str, Any] = {"layers": rows, "parameters": trained, "steps_per_layer": opts.steps,
-                              "fit": f"relative error of the {opts.fit} output"}
+                              "fit": f"relative error of the {fit} output"}
     if opts.e2e_steps:
         student.to(device)
         teacher.model.to(device)
