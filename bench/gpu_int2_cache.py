@@ -63,8 +63,8 @@ def main() -> None:
     ids = torch.randint(0, cfg.vocab_size, (1, args.context), generator=gen).to(dev)
     weights_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     result = {"device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
-              "context": args.context, "new_tokens": args.new_tokens, "layers": cfg.num_hidden_layers, "weights_bytes": weights_bytes,
-              "caches": {}}
+              "context": args.context, "new_tokens": args.new_tokens, "layers": cfg.num_hidden_layers,
+              "weights_bytes": weights_bytes, "caches": {}}
 
     @torch.no_grad()
     def run(name: str, cache: object) -> torch.Tensor:
