@@ -5,7 +5,9 @@ For a linear ``W`` (out×in) whose input ``x`` has second moment ``C = E[x xᵀ]
 1. **Damping.** ``C_λ = C + λ·mean(diag C)·I``; ``λ`` starts at ``damp`` (0.01, PEFT's value) and doubles until the
    inverse error ``‖C_λ·C_λ⁻¹ − I‖_F`` is below ``inverse_tol`` (0.05, PEFT's rule). If ``λ`` would exceed
    ``max_damp`` the covariance is singular beyond what damping may fix and :class:`KvtoolError` is raised.
-2. **SVD** of ``W·C_λ = U Σ Vᵀ`` in float64, so ``W = U Σ (Vᵀ C_λ⁻¹)`` exactly.
+2. **SVD** of ``W·C_λ = U Σ Vᵀ`` in float64, so ``W = U Σ (Vᵀ C_λ⁻¹)`` exactly. Only the ``r`` triplets the adapter
+   uses are formed, from the eigendecomposition of the smaller Gram side (:func:`top_or_bottom_svd`), and only their
+   ``r`` rows of ``Vᵀ C_λ⁻¹``; ``C_λ⁻¹`` comes from a Cholesky factor.
 3. **Adapter** from ``r`` components: the smallest (``kpa``, knowledge-preserved: the directions the
    calibration context uses least go to the trainable adapter) or the largest (``ipa``, instruction-previewed).
    ``B = U_r √Σ_r`` (out×r), ``A = √Σ_r (Vᵀ C_λ⁻¹)_r`` (r×in), and the frozen residual is ``W − B·A``, so the
@@ -95,8 +97,9 @@ def damped_inverse(cov: torch.Tensor, damp: float = DEFAULT_DAMP, max_damp: floa
     lam = damp
     while True:
         damped = c + (lam * scale) * eye
-        try:
-            inverse = torch.linalg.inv(damped)
+        try:  # Cholesky (C_λ is symmetric positive definite once damped enough), LU when it is not
+            factor, info = torch.linalg.cholesky_ex(damped)
+            inverse = torch.cholesky_inverse(factor) if int(info) == 0 else torch.linalg.inv(damped)
             err = float(torch.linalg.matrix_norm(damped @ inverse - eye))
         except RuntimeError:  # exactly singular
             err = math.inf
@@ -145,13 +148,43 @@ def corda_factor(weight: torch.Tensor, cov: DampedInverse | None, rank: int, mod
         if cov.damped.shape[0] != in_f:
             raise KvtoolError(f"statistics for {what} are {cov.damped.shape[0]}-wide but the linear takes {in_f} "
                               "inputs: recalibrate on this model")
-        u, s, vh = torch.linalg.svd(w @ cov.damped, full_matrices=False)
-        right = vh @ cov.inverse
+        idx = slice(-rank, None) if mode == "kpa" else slice(0, rank)
+        u_r, s, vh_r = top_or_bottom_svd(w @ cov.damped, idx)
+        right = vh_r @ cov.inverse  # only the r rows the adapter uses
         report.update(damp=cov.damp, inverse_error=cov.inverse_error)
+        root = s[idx].sqrt()
+        b = u_r * root
+        a = root[:, None] * right
+        return _finish(w, a, b, s, idx, report)
     idx = slice(-rank, None) if mode == "kpa" else slice(0, rank)
     root = s[idx].sqrt()
     b = u[:, idx] * root
     a = root[:, None] * right[idx]
+    return _finish(w, a, b, s, idx, report)
+
+
+def top_or_bottom_svd(m: torch.Tensor, idx: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Singular triplets ``idx`` of ``m`` (descending order, like ``torch.linalg.svd``): (U[:, idx], all singular
+    values, Vᵀ[idx]), from the eigendecomposition of the smaller Gram matrix (``m mᵀ`` or ``mᵀ m``) in float64.
+
+    2-4x faster than a full SVD on these shapes. Squaring costs relative accuracy on singular values far below the
+    largest (about ``eps · σ_max² / σ²``), so when a chosen one is below ``1e-4 · σ_max`` the full SVD is used; the
+    other factor is recovered as ``mᵀu/σ`` or ``m v/σ`` (tests compare against ``torch.linalg.svd``)."""
+    out_f, in_f = m.shape
+    wide = out_f <= in_f
+    vals, vecs = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
+    vals, vecs = vals.flip(0), vecs.flip(1)  # descending
+    s = vals.clamp_min(0).sqrt()
+    chosen, sv = vecs[:, idx], s[idx]
+    if float(sv.min()) < 1e-4 * float(s[0]):  # squared spread > 1e8: the Gram loses the vectors, use the full SVD
+        u, s_full, vh = torch.linalg.svd(m, full_matrices=False)
+        return u[:, idx], s_full, vh[idx]
+    if wide:
+        return chosen, s, (m.T @ chosen / sv).T
+    return m @ chosen / sv, s, chosen.T
+
+
+def _finish(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, idx: slice, report: dict) -> Factor:
     residual = w - b @ a
     energy = s.square()
     report.update(energy_kept=float(energy[idx].sum() / energy.sum()),

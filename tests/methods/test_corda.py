@@ -49,6 +49,32 @@ def test_factor_reconstructs_and_selects_components():
         ipa.lora_b @ ipa.lora_a @ root)
 
 
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48)])
+def test_gram_eigen_factor_equals_the_full_svd(shape):
+    """The r chosen triplets from the smaller Gram side give the same adapter as a full float64 SVD."""
+    from kvtool.convert.corda import top_or_bottom_svd
+
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(out_f, in_f, generator=g, dtype=torch.float64)
+    m = w @ damped_inverse(_cov(in_f, decay=0.4)).damped  # singular values spread over ~1e3
+    u, s, vh = torch.linalg.svd(m, full_matrices=False)
+    for idx in (slice(-4, None), slice(0, 4)):
+        u_r, s_all, vh_r = top_or_bottom_svd(m, idx)
+        assert torch.allclose(s_all, s, rtol=1e-9)
+        want = u[:, idx] @ torch.diag(s[idx]) @ vh[idx]
+        got = u_r @ torch.diag(s_all[idx]) @ vh_r
+        assert float((got - want).norm() / want.norm()) < 1e-9
+        assert torch.allclose(vh_r @ vh_r.T, torch.eye(4, dtype=torch.float64), atol=1e-9)
+    # a spread beyond what the Gram keeps (smallest singular values ~1e-8 of the largest) takes the full SVD
+    u2, _, vh2 = torch.linalg.svd(torch.randn(out_f, in_f, generator=g, dtype=torch.float64), full_matrices=False)
+    spread = torch.logspace(0, -8, min(shape), dtype=torch.float64)
+    hard = u2 @ torch.diag(spread) @ vh2
+    u_r, s_all, vh_r = top_or_bottom_svd(hard, slice(-4, None))
+    want = u2[:, -4:] @ torch.diag(spread[-4:]) @ vh2[-4:]
+    assert float((u_r @ torch.diag(s_all[-4:]) @ vh_r - want).norm() / want.norm()) < 1e-6
+
+
 def test_pissa_and_lora_baselines():
     w = torch.randn(20, 12, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     p = corda_factor(w, None, 3, "pissa")
