@@ -49,9 +49,12 @@ class Export(Method):
     help = """OSCAR: attention-aware rotations and clip ratios for a 2-bit KV cache, per layer and KV head.
 
     Examples:
-      kvtool export smollm2-135m --stats-dir stats/ --sink 4 --residual-window 64 -o out/oscar
+      kvtool export smollm2-135m --stats-dir stats/ -o out/oscar      (64 sink + 256 recent tokens in 16 bits)
+      kvtool export smollm2-135m --rotation released --clip quantile -o out/oscar-released   (OSCAR as released)
+      kvtool export smollm2-135m --stats-dir stats/ --sink 4 --residual-window 64 -o out/oscar-small
       kvtool eval smollm2-135m --kv-quant out/oscar      (perplexity with the INT2 cache)
       TRITON_INTERPRET=1 kvtool validate out/oscar --device cpu   (Triton kernels on real K/V)
+      python: model.generate(..., past_key_values=kvtool.runtime.Int2Cache.from_export("out/oscar", loaded))
     """
     writes_model = False
     required = ("q", "k", "v")

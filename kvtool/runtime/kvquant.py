@@ -426,6 +426,10 @@ def eval_kv_quant(loaded: Any, tokens: torch.Tensor, kv_quant: str, group_size: 
                           "drop --kv-quant")
     if (residual_window is not None and residual_window < 0) or (sink is not None and sink < 0):
         raise KvtoolError("--residual-window and --sink must be >= 0")
+    if Path(kv_quant).expanduser().is_dir() and (Path(kv_quant).expanduser() / "quantization_config.json").is_file():
+        from kvtool.runtime.int2_cache import check_export_matches
+
+        check_export_matches(Path(kv_quant).expanduser(), loaded)  # shapes, and the weights it was exported from
     qspec = resolve_kv_quant(kv_quant, head_dim=spec.head_dim, num_layers=spec.num_layers,
                              num_kv_heads=spec.num_kv_heads, group_size=group_size, residual_window=residual_window,
                              sink=sink)

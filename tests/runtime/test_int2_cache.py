@@ -80,6 +80,11 @@ def test_from_export_checks_the_model(tiny_checkpoint, tmp_path):
         Int2Cache.from_export(model_dir, loaded)
     cfg = json.loads((tmp_path / "osc" / "quantization_config.json").read_text())
     assert cfg["kv_cache_scheme"]["num_bits"] == 2
+    # kvtool eval refuses an export made from other weights in one line
+    res = runner.invoke(app, ["eval", str(tiny_checkpoint("llama", seed=7)), "--kv-quant", str(tmp_path / "osc"),
+                              "--max-tokens", "64", "--seq-len", "32", "--device", "cpu"])
+    assert res.exit_code == 2 and res.output.strip().startswith("error:") and "other weights" in res.output, \
+        res.output
 
 
 @pytest.mark.slow
