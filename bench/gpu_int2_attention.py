@@ -156,19 +156,11 @@ def bench_one(bsz: int, ctx: int, h: int, g: int, d: int, args, dev: str, sms: i
     qs = q[:, :, None]
     sdpa_us = timer(lambda: F.scaled_dot_product_attention(qs, k, v, enable_gqa=True))
     us, setting, err_ref, err_exact = best
-    old_us = None
-    if args.compare_magic:  # the previous code->fp16 path (int->float conversions), same setting, same run
-        bn, tp, nw = (int(x) for x in setting.split("/"))
-        old_us = timer(lambda: int2_decode_attention(q, kc, vc, table, seq_lens, k_rot, v_rot, max_seq_len=ctx,
-                                                     block_n=bn, target_programs=tp, fp_segment=fp, fp_lens=fp_lens,
-                                                     num_warps=nw, magic=False))
-        print(f"B={bsz} S={ctx}: conversion path {old_us:.1f} us vs bit-op path {us:.1f} us "
-              f"({old_us / us:.2f}x)", flush=True)
     pack_us = pack_step_us(bsz, g, d, kc, k_rot, dev, timer)
     r = dict(pack_us=pack_us, batch=bsz, ctx=ctx, sdpa_us=sdpa_us, int2_us=us, speedup=sdpa_us / us,
              bf16_gbs=bsz * ctx * bf16_bpt / (sdpa_us * 1e-6) / 1e9,
              int2_gbs=bsz * ctx * int2_bpt / (us * 1e-6) / 1e9, setting=setting,
-             err_ref=err_ref, err_exact=err_exact, int2_conversion_path_us=old_us)
+             err_ref=err_ref, err_exact=err_exact)
     print(f"B={bsz} S={ctx}: sdpa {sdpa_us:.1f} us, int2 {us:.1f} us ({r['speedup']:.2f}x), "
           f"err vs ref {err_ref:.1e}, vs exact bf16 {err_exact:.2f}; pack step {pack_us:.1f} us", flush=True)
     return r
@@ -192,8 +184,6 @@ def main() -> None:
                     help="try block-n 32/64/128/256 x target 1/2/4/8 x SMs x num_warps 4/8; keep the best")
     ap.add_argument("--num-warps", type=int, default=4, help="warps of the main INT2 kernel")
     ap.add_argument("--eager", action="store_true", help="time eager calls (default: CUDA-graph replays)")
-    ap.add_argument("--compare-magic", action="store_true",
-                    help="also time the previous int->float code conversion (magic=False) at the same setting")
     args = ap.parse_args()
 
     dev = args.device

@@ -167,21 +167,10 @@ def _rotate_rows_kernel(x_ptr, rot_ptr, out_ptr, H, REP, D: tl.constexpr, TRANSP
 
 
 @triton.jit
-def _codes_f16(x, SHIFT: tl.constexpr, MAGIC: tl.constexpr):
-    """The 2-bit codes at bit ``SHIFT`` of each byte as fp16. MAGIC: without an int->float conversion, by OR-ing the
-    code into the mantissa of 1024.0 (bits 0x6400), i.e. the value ``1024 + code`` exactly; the caller subtracts
-    the 1024 (folded into the zero-point term). Otherwise ``code`` through a conversion."""
-    if MAGIC:
-        return (((x >> SHIFT) & 3) | 0x6400).to(tl.int16).to(tl.float16, bitcast=True)
-    return ((x >> SHIFT) & 3).to(tl.float16)
-
-
-@triton.jit
 def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr,
                                  o_ptr, m_ptr, l_ptr, sm_scale_log2, H, G, REP, BLOCK_SIZE, MAX_BLOCKS,
                                  TOKENS_PER_SPLIT, NUM_SPLITS,
-                                 D: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 MAGIC: tl.constexpr):
+                                 D: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
@@ -221,10 +210,9 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
             # one scale/zero per token: q.(z + s*code) = s * (q.code) + z * sum(q); codes are exact in fp16
             ksc = tl.load(ks_ptr + tok, mask=ok, other=0.0).to(tl.float32)
             kze = tl.load(kz_ptr + tok, mask=ok, other=0.0).to(tl.float32)
-            s = (tl.dot(q0, tl.trans(_codes_f16(kb, 0, MAGIC))) + tl.dot(q1, tl.trans(_codes_f16(kb, 2, MAGIC)))
-                 + tl.dot(q2, tl.trans(_codes_f16(kb, 4, MAGIC))) + tl.dot(q3, tl.trans(_codes_f16(kb, 6, MAGIC))))
-            if MAGIC:  # the dots saw 1024 + code: q.code = dot - 1024 * sum(q)
-                kze = kze - 1024.0 * ksc
+            s = (tl.dot(q0, tl.trans((kb & 3).to(tl.float16))) + tl.dot(q1, tl.trans(((kb >> 2) & 3).to(tl.float16)))
+                 + tl.dot(q2, tl.trans(((kb >> 4) & 3).to(tl.float16)))
+                 + tl.dot(q3, tl.trans(((kb >> 6) & 3).to(tl.float16))))
             s = s * ksc[None, :] + qsum[:, None] * kze[None, :]
         else:
             ksc = tl.load(ks_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
@@ -244,12 +232,10 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
             vze = tl.load(vz_ptr + tok, mask=ok, other=0.0).to(tl.float32)
             ps = (p * vsc[None, :]).to(tl.float16)
             pz = tl.sum(p * vze[None, :], axis=1)[:, None]
-            if MAGIC:  # the dots see 1024 + code: subtract 1024 * sum(ps) with the same fp16 ps
-                pz = pz - 1024.0 * tl.sum(ps.to(tl.float32), axis=1)[:, None]
-            acc0 = acc0 * alpha[:, None] + tl.dot(ps, _codes_f16(vb, 0, MAGIC)) + pz
-            acc1 = acc1 * alpha[:, None] + tl.dot(ps, _codes_f16(vb, 2, MAGIC)) + pz
-            acc2 = acc2 * alpha[:, None] + tl.dot(ps, _codes_f16(vb, 4, MAGIC)) + pz
-            acc3 = acc3 * alpha[:, None] + tl.dot(ps, _codes_f16(vb, 6, MAGIC)) + pz
+            acc0 = acc0 * alpha[:, None] + tl.dot(ps, (vb & 3).to(tl.float16)) + pz
+            acc1 = acc1 * alpha[:, None] + tl.dot(ps, ((vb >> 2) & 3).to(tl.float16)) + pz
+            acc2 = acc2 * alpha[:, None] + tl.dot(ps, ((vb >> 4) & 3).to(tl.float16)) + pz
+            acc3 = acc3 * alpha[:, None] + tl.dot(ps, ((vb >> 6) & 3).to(tl.float16)) + pz
         else:
             vsc = tl.load(vs_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             vze = tl.load(vz_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
@@ -331,8 +317,7 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
                           v_rot: torch.Tensor | None = None, sm_scale: float | None = None, *,
                           max_seq_len: int | None = None, block_n: int = 64, num_splits: int | None = None,
                           target_programs: int = 512, fp_segment: tuple[torch.Tensor, torch.Tensor] | None = None,
-                          fp_lens: torch.Tensor | None = None, num_warps: int = 4,
-                          magic: bool = True) -> torch.Tensor:
+                          fp_lens: torch.Tensor | None = None, num_warps: int = 4) -> torch.Tensor:
     """Decode attention of q [B, H, d] (after RoPE, unrotated) over a paged INT2 K/V cache; returns [B, H, d].
 
     ``k_rot``/``v_rot``: [G, d, d] float32 rotations the cache was written with (None: identity / folded).
@@ -340,9 +325,7 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     ``fp_segment`` = (k, v) [B, G, W, d] (bf16/fp16/fp32): the full-precision sink + recent tokens of each sequence,
     stored rotated like the cache (``R_k k``, ``R_v v``); ``fp_lens`` [B] says how many are valid. They are one more
     partial in the split merge (online softmax), so the result is attention over INT2 history ∪ FP tokens.
-    ``num_warps`` applies to the main (split) kernel. ``magic`` (default): codes become fp16 by bit operations
-    (``0x6400 | code`` = 1024 + code, the 1024 folded into the zero-point term) instead of int->float conversions
-    (one scale per token only; ``magic=False`` is the previous path, kept for A/B timing).
+    ``num_warps`` applies to the main (split) kernel.
     """
     bsz, h, d = q.shape
     data = k_cache[0]
@@ -368,7 +351,7 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     _int2_attention_split_kernel[(bsz, g, splits)](
         qf, *k_cache, *v_cache, block_table.int().contiguous(), seq_lens.int().contiguous(),
         o_part, m_part, l_part, sm_scale * LOG2E, h, g, rep, block_size, block_table.shape[1], per_split, parts,
-        D=d, GS=gs, GP=gp, BLOCK_N=block_n, MAGIC=magic, num_warps=num_warps)
+        D=d, GS=gs, GP=gp, BLOCK_N=block_n, num_warps=num_warps)
     if fp_segment is not None:
         fk, fv = (t.contiguous() for t in fp_segment)
         if fk.shape[:2] != (bsz, g) or fk.shape[-1] != d or fv.shape != fk.shape or fp_lens is None:

@@ -79,9 +79,8 @@ def test_quantize_pack_skips_negative_slots():
     assert kc[0][1, 0, 1].any() and not kc[0][0].any() and not kc[0][1, 0, [0, 2, 3]].any()
 
 
-@pytest.mark.parametrize("rotated,splits,gs,magic", [(True, 3, 32, True), (True, 2, 64, True),
-                                                      (False, None, 64, True), (True, 2, 64, False)])
-def test_decode_attention_matches_reference(rotated, splits, gs, magic):
+@pytest.mark.parametrize("rotated,splits,gs", [(True, 3, 32), (True, 2, 64), (False, None, 64)])
+def test_decode_attention_matches_reference(rotated, splits, gs):
     g, rep, d, block = 2, 3, 64, 8
     k_rot = _orth(g, d, 2) if rotated else None
     v_rot = _orth(g, d, 3) if rotated else None
@@ -89,8 +88,7 @@ def test_decode_attention_matches_reference(rotated, splits, gs, magic):
     kc, vc, table, _ = _paged(lens, block, g, d, gs, seed=4, k_rot=k_rot, v_rot=v_rot)
     q = torch.randn(2, g * rep, d, generator=torch.Generator().manual_seed(6))
     seq_lens = torch.tensor(lens)
-    out = int2_decode_attention(q, kc, vc, table, seq_lens, k_rot, v_rot, block_n=16, num_splits=splits,
-                                magic=magic)
+    out = int2_decode_attention(q, kc, vc, table, seq_lens, k_rot, v_rot, block_n=16, num_splits=splits)
     ref = decode_attention_reference(q, kc, vc, table, seq_lens, k_rot, v_rot)
     assert out.shape == (2, g * rep, d)
     torch.testing.assert_close(out, ref, atol=3e-3, rtol=3e-3)  # fp16 operands inside the kernel
