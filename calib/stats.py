@@ -70,10 +70,13 @@ class StatsStore:
         # bf16 values are exact in TF32, so products are exact and only the fp32 accumulation inside one batch
         # rounds, relative error <~ sqrt(rows) * 2^-24); sums across batches stay float64
         self.exact = exact
-        # asynchronous offload: one reusable pinned staging buffer per statistic name; a layer's copies drain into
-        # ordinary host memory when the next layer offloads (or on synchronize), so pinning happens once
-        self._staging: dict[str, torch.Tensor] = {}
-        self._pending: list[tuple[tuple[int, str], torch.Tensor, torch.Tensor]] = []  # (key, device sum, staging)
+        # asynchronous offload: up to two reusable pinned staging buffers per (statistic, shape); each layer's
+        # device->pinned copies are enqueued on the GPU stream with an event, and a background thread waits for
+        # the event and copies pinned -> ordinary host memory, so neither step blocks the next layer's launches
+        self._free: dict[tuple[str, tuple[int, ...]], list[torch.Tensor]] = {}
+        self._allocated: dict[tuple[str, tuple[int, ...]], int] = {}
+        self._pending: list[Any] = []  # futures of the background drains, oldest first
+        self._executor: Any = None
 
     # ------------------------------------------------------------------ accumulation
     def add_gram(self, layer: int, name: str, gram: torch.Tensor, tokens: int) -> None:
@@ -109,30 +112,47 @@ class StatsStore:
         self.add_gram(layer, name, gram, x.shape[0])
 
     def offload(self, layer: int | None = None) -> None:
-        """Move the sums (of one layer, or all) to the CPU; from a GPU asynchronously into pinned memory, so the copy
-        overlaps the next layer's work (reads wait for it)."""
-        self.synchronize()  # the previous layer's copies had this layer's compute to overlap with
+        """Move the sums (of one layer, or all) to the CPU. For one layer from a GPU: asynchronously, through pinned
+        staging buffers and a background thread, overlapping the next layer's work (reads wait for it)."""
         for key in list(self.sums):
             if layer is None or key[0] == layer:
                 t = self.sums[key]
                 if not t.is_cuda:
                     continue
                 if layer is None:
+                    self.synchronize()
                     self.sums[key] = t.cpu()
                     continue
-                staging = self._staging.get(key[1])
-                if staging is None or staging.shape != t.shape:
-                    staging = self._staging[key[1]] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+                staging = self._staging_buffer(key[1], tuple(t.shape), t.dtype)
                 staging.copy_(t, non_blocking=True)
-                self._pending.append((key, t, staging))
+                done = torch.cuda.Event()
+                done.record()
+                if self._executor is None:
+                    from concurrent.futures import ThreadPoolExecutor
+
+                    self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtool-stats-drain")
+                self._pending.append(self._executor.submit(self._drain, key, t, staging, done))
+
+    def _staging_buffer(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A free pinned buffer for (name, shape): a new one while fewer than two exist, else the next to drain."""
+        slot = (name, shape)
+        while not self._free.get(slot):
+            if self._allocated.get(slot, 0) < 2:
+                self._allocated[slot] = self._allocated.get(slot, 0) + 1
+                return torch.empty(shape, dtype=dtype, pin_memory=True)
+            self._pending.pop(0).result()  # oldest drain first: it returns its buffer
+        return self._free[slot].pop()
+
+    def _drain(self, key: tuple[int, str], device_sum: torch.Tensor, staging: torch.Tensor, done: Any) -> None:
+        done.synchronize()
+        self.sums[key] = staging.clone()
+        del device_sum  # the device tensor could be freed only once its copy had finished
+        self._free.setdefault((key[1], tuple(staging.shape)), []).append(staging)
 
     def synchronize(self) -> None:
         """Finish asynchronous copies to the CPU (the sums then live in ordinary host memory)."""
-        if self._pending:
-            torch.cuda.synchronize()
-            for key, _, staging in self._pending:
-                self.sums[key] = staging.clone()
-            self._pending.clear()
+        while self._pending:
+            self._pending.pop(0).result()
 
     # ------------------------------------------------------------------ reading
     def layers(self) -> list[int]:
