@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from kvtool.calib.runner import LayerVisitor, batches, run_layers
-from kvtool.calib.stats import StatsStore, parse_stats
+from kvtool.calib.stats import StatsStore, gram_fp32, parse_stats
 from kvtool.data import TextSource, calibration_windows
 from kvtool.models import ArchSpec, LoadedModel
 from kvtool.runtime.rope import apply_rope
@@ -60,8 +60,13 @@ class _StatHooks:
                     x = getattr(self.attn, f"{name}_norm")(x)
                 cos, sin = self.rope
                 x = apply_rope(x, cos, sin)
-            x = x.reshape(b * length, spec.num_kv_heads, -1, spec.head_dim).to(torch.float64)
-            gram = torch.einsum("nghd,nghe->gde", x, x)  # sums the query heads of each group for q
+            x = x.reshape(b * length, spec.num_kv_heads, -1, spec.head_dim)
+            if not self.store.exact and x.dtype in (torch.bfloat16, torch.float16):
+                # [G, n*heads, d]: the group's query heads are summed by stacking their rows
+                gram = gram_fp32(x.permute(1, 0, 2, 3).reshape(spec.num_kv_heads, -1, spec.head_dim))
+            else:
+                x = x.to(torch.float64)
+                gram = torch.einsum("nghd,nghe->gde", x, x)  # sums the query heads of each group for q
             self.store.add_gram(self.index, name, gram, b * length)
         return hook
 

@@ -59,6 +59,28 @@ def parse_stats(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ..
     return tuple(n for n in ALL_STATS if n in names)
 
 
+def gram_fp32(x: torch.Tensor) -> torch.Tensor:
+    """``xᵀx`` of bf16/fp16 rows ``x`` [n, d] (or batched [b, n, d] -> [b, d, d]) with float32 accumulation.
+
+    On a GPU: a half-precision GEMM with a float32 output (products of bf16/fp16 values are exact in float32; only
+    the accumulation rounds), else the same numbers through TF32 (bf16 values are exact in TF32)."""
+    xt = x.transpose(-1, -2)
+    if x.is_cuda:
+        try:
+            if x.ndim == 3:
+                return torch.bmm(xt, x, out_dtype=torch.float32)
+            return torch.mm(xt, x, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):  # torch without out_dtype for this backend
+            pass
+    xf = x.float()
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        return xf.transpose(-1, -2) @ xf
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 class StatsStore:
     """Float64 sums of xᵀx and token counts per (layer, statistic)."""
 
@@ -99,13 +121,7 @@ class StatsStore:
         """Add rows of ``x`` (..., n): accumulates ``xᵀx`` in float64 (see ``exact``)."""
         x = x.reshape(-1, x.shape[-1])
         if not self.exact and x.dtype in (torch.bfloat16, torch.float16):
-            xf = x.float()
-            previous = torch.backends.cuda.matmul.allow_tf32
-            torch.backends.cuda.matmul.allow_tf32 = True
-            try:
-                gram = xf.T @ xf
-            finally:
-                torch.backends.cuda.matmul.allow_tf32 = previous
+            gram = gram_fp32(x)
         else:
             x = x.to(torch.float64)
             gram = x.T @ x
