@@ -40,7 +40,7 @@ the window), so a whole window of queries can be scored at once::
 :func:`kv_quantization` installs this as a transformers attention implementation (registered as
 ``kvtool_kvquant``, with SDPA's mask builder) on a loaded model for the duration of a ``with`` block, so
 ``kvtool.evaluate.perplexity`` scores every held-out token exactly as a decoder with that cache would see it.
-``tests/test_kvquant.py`` checks it against a token-by-token decode with a stateful quantized cache.
+``tests/runtime/test_kvquant.py`` checks it against a token-by-token decode with a stateful quantized cache.
 """
 
 from __future__ import annotations
