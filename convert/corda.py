@@ -204,7 +204,7 @@ def corda_transform(weights: dict[str, torch.Tensor], covariance: CovarianceFn |
                     seed: int = 0, adapter_dtype: torch.dtype = torch.float32,
                     base_dtype: torch.dtype | None = None, layers: list[int] | None = None,
                     on_layer: Callable[[int], None] | None = None, device: str | torch.device = "cpu",
-                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+                    in_place: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """CorDA (or a baseline) for every target linear of every (selected) layer.
 
     Args:
@@ -220,6 +220,9 @@ def corda_transform(weights: dict[str, torch.Tensor], covariance: CovarianceFn |
         layers: only these layer indices (default all).
         on_layer: called after each layer (progress).
         device: where the float64 factorizations run (e.g. ``cuda``); results come back to the CPU.
+        in_place: write each residual into its tensor of ``weights`` as soon as it is computed (the caller's model
+            becomes the residual base; peak memory holds no second copy of the target weights); the returned
+            residual dict then maps to those same tensors.
 
     Returns:
         (adapter tensors keyed ``base_model.model.<module>.lora_{A,B}.weight``, residual weights keyed like
@@ -257,7 +260,12 @@ def corda_transform(weights: dict[str, torch.Tensor], covariance: CovarianceFn |
                              what=key)
             adapter[f"base_model.model.{key}.lora_A.weight"] = f.lora_a.to("cpu", adapter_dtype).contiguous()
             adapter[f"base_model.model.{key}.lora_B.weight"] = f.lora_b.to("cpu", adapter_dtype).contiguous()
-            residual[f"{key}.weight"] = f.residual.to("cpu", base_dtype or w.dtype).contiguous()
+            if in_place:
+                with torch.no_grad():
+                    w.copy_(f.residual)
+                residual[f"{key}.weight"] = w
+            else:
+                residual[f"{key}.weight"] = f.residual.to("cpu", base_dtype or w.dtype).contiguous()
             modules[key] = {"layer": i, "target": t, **({"stat": STAT_OF[t]} if cov is not None else {}), **f.report}
         if on_layer is not None:
             on_layer(i)

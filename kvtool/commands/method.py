@@ -59,7 +59,8 @@ def run_verb(method: Method, values: dict[str, Any]) -> None:
     store = statistics_for(loaded, needed, stats_dir, data, device=device, progress=values["progress"],
                            visitors=list(visitors.values()))
     ctx = RunContext(device=device, dtype=values["dtype"], data=data, overwrite=values["overwrite"],
-                     progress=values["progress"], inputs=inputs, release_statistics=True, visitors=visitors)
+                     progress=values["progress"], inputs=inputs, release_statistics=True, consume_model=True,
+                     visitors=visitors)
     t0 = time.perf_counter()
     report = method.run(loaded, store, output, opts, ctx)
     if values["as_json"]:

@@ -22,6 +22,7 @@ class RunContext:
     progress: bool = False
     inputs: tuple[Path | None, ...] = ()  # what the output must not replace (source model, statistics folder)
     release_statistics: bool = False  # a method may free each layer's statistics once used (the CLI's store)
+    consume_model: bool = False  # a method may overwrite the loaded model's weights (the CLI loads it for one run)
     visitors: dict[str, Any] = field(default_factory=dict)  # this run's visitors that rode the calibration pass
 
 

@@ -130,7 +130,8 @@ class Corda(Method):
             adapter, residual, report = corda_transform(
                 state, (lambda i, s: store.second_moment(i, s)) if needed else None, spec.num_layers, targets,
                 opts.rank, opts.mode, damp=opts.damping, max_damp=opts.max_damping, inverse_tol=opts.inverse_tol,
-                seed=opts.init_seed, base_dtype=base_dtype, layers=layers, on_layer=done, device=ctx.device)
+                seed=opts.init_seed, base_dtype=base_dtype, layers=layers, on_layer=done, device=ctx.device,
+                in_place=ctx.consume_model)
         new_state = {k: (v.to(base_dtype) if v.is_floating_point() else v) for k, v in {**state, **residual}.items()}
         options = {**opts.to_dict(), "dtype": str(base_dtype).replace("torch.", "")}
         manifest = provenance(self.name, options, loaded.identity(), statistics_provenance(store) if needed else None,
