@@ -124,6 +124,8 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
     if distributed and dist.is_available() and dist.is_initialized():
         windows = windows[dist.get_rank()::dist.get_world_size()]
     store = StatsStore(exact=exact)
+    store.reduce_each_layer = bool(distributed and dist.is_available() and dist.is_initialized()
+                                   and dist.get_world_size() > 1 and dist.get_backend() == "nccl")
     wanted = set(range(spec.num_layers)) if layers is None else set(layers)
     visitor = StatsVisitor(spec, stats, store, wanted)
     try:

@@ -99,6 +99,10 @@ class StatsStore:
         self._allocated: dict[tuple[str, tuple[int, ...]], int] = {}
         self._pending: list[Any] = []  # futures of the background drains, oldest first
         self._executor: Any = None
+        # under NCCL: all-reduce each layer's sums on the GPU when the layer offloads (overlapping the next layer)
+        # instead of moving every sum back to the GPU at the end
+        self.reduce_each_layer = False
+        self._reduced: set[tuple[int, str]] = set()
 
     # ------------------------------------------------------------------ accumulation
     def add_gram(self, layer: int, name: str, gram: torch.Tensor, tokens: int) -> None:
@@ -139,6 +143,11 @@ class StatsStore:
                     self.synchronize()
                     self.sums[key] = t.cpu()
                     continue
+                if self.reduce_each_layer:
+                    import torch.distributed as dist
+
+                    dist.all_reduce(t)  # enqueued on NCCL's stream; the copy below is ordered after it
+                    self._reduced.add(key)
                 staging = self._staging_buffer(key[1], tuple(t.shape), t.dtype)
                 staging.copy_(t, non_blocking=True)
                 done = torch.cuda.Event()
@@ -225,9 +234,10 @@ class StatsStore:
             return
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
         for key in sorted(self.sums):
-            t = self.sums[key].to(device)
-            dist.all_reduce(t)
-            self.sums[key] = t.cpu()
+            if key not in self._reduced:
+                t = self.sums[key].to(device)
+                dist.all_reduce(t)
+                self.sums[key] = t.cpu()
             c = torch.tensor([self.counts[key]], dtype=torch.int64, device=device)
             dist.all_reduce(c)
             self.counts[key] = int(c.item())
