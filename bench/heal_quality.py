@@ -13,6 +13,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -53,14 +56,22 @@ def main() -> None:
     t0 = time.perf_counter()
     store = calibrate(source, data.source(), ("attn_in",), samples=data.samples, seq_len=data.seq_len, seed=data.seed)
     print(f"statistics in {time.perf_counter() - t0:.0f} s", flush=True)
+    stats_dir = Path(tempfile.mkdtemp(prefix="heal-bench-stats-")) / "stats"
+    store.save(stats_dir)
     heal_data = DataOptions(samples=16, seq_len=256, batch_size=4)  # kvtool heal's defaults
     steps = args.steps or HealOptions().steps
     tmp = Path(tempfile.mkdtemp(prefix="heal-bench-"))
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for layout in args.layouts.split(","):
             conv = tmp / f"{layout}-{ratio}"
-            extra = {"rank_alloc": args.rank_alloc} if args.rank_alloc else {}
-            run_method("convert-mla", source, store, conv, kv_ratio=ratio, **LAYOUTS[layout], **extra)
+            # the CLI itself (the DeepSeek export's latent-norm fit rides the statistics pass as a visitor)
+            flags = [f"--{k.replace('_', '-')}={v}" for k, v in LAYOUTS[layout].items()]
+            if args.rank_alloc:
+                flags.append(f"--rank-alloc={args.rank_alloc}")
+            exe = shutil.which("kvtool", path=str(Path(sys.executable).parent)) or "kvtool"
+            subprocess.run([exe, "convert-mla", "smollm2-135m", "--stats-dir", str(stats_dir), f"--kv-ratio={ratio}",
+                            *flags, "-o", str(conv), "--device", "cpu", "--no-progress"], check=True,
+                           stdout=subprocess.DEVNULL)
             student = load_model(str(conv), strict=False)
             before = perplexity(student.model, tokens, 512)["perplexity"]
             t0 = time.perf_counter()
