@@ -57,6 +57,7 @@ def main() -> None:
     store = calibrate(source, data.source(), ("attn_in",), samples=data.samples, seq_len=data.seq_len, seed=data.seed)
     print(f"statistics in {time.perf_counter() - t0:.0f} s", flush=True)
     stats_dir = Path(tempfile.mkdtemp(prefix="heal-bench-stats-")) / "stats"
+    stats_dir.mkdir(parents=True)
     store.save(stats_dir)
     heal_data = DataOptions(samples=16, seq_len=256, batch_size=4)  # kvtool heal's defaults
     steps = args.steps or HealOptions().steps
