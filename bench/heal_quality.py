@@ -103,14 +103,14 @@ def main() -> None:
                             "kl_after": curve[-1]})
             result["rows"].append(row)
             print(json.dumps(row), flush=True)
+            if args.json:  # after every row: a stopped run keeps what it measured
+                args.json.parent.mkdir(parents=True, exist_ok=True)
+                args.json.write_text(json.dumps(result, indent=2) + "\n")
     print("\n| layout | KV ratio | one-shot | healed | + e2e | heal s |\n|---|---|---|---|---|---|")
     for r in result["rows"]:
         e2e = f"{r['after_e2e']:.2f} ({r['after_e2e_x']:.2f}x)" if "after_e2e" in r else "-"
         print(f"| {r['layout']} | {r['kv_ratio']} | {r['before']:.2f} ({r['before_x']:.2f}x) | {r['after']:.2f} "
               f"({r['after_x']:.2f}x) | {e2e} | {r['heal_seconds']:.0f} |")
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ PyTorch references beside them: :func:`quantize_pack_reference`, :func:`decode_a
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -166,11 +167,70 @@ def _rotate_rows_kernel(x_ptr, rot_ptr, out_ptr, H, REP, D: tl.constexpr, TRANSP
     tl.store(out_ptr + pid * D + i, y)
 
 
+# Four 2-bit code planes of 4 packed bytes -> fp16 without int->float conversions: bytes are spread to the two halves of
+# a 32-bit word (prmt), a code is masked into the mantissa of 1024.0 (lop3 with 0x64006400 = fp16x2 {1024, 1024}) and
+# 1024 is subtracted (sub.f16x2), exact for codes 0..3: ~1.6 instructions per code instead of shift/and/I2F/F2F each.
+# Output t holds code t (bits 2t..2t+1) of each byte: registers $2t (bytes 0, 1) and $2t+1 (bytes 2, 3).
+_UNPACK_PTX = """
+{
+.reg .b32 lo, hi, t, m, k, z;
+mov.b32 z, 0;
+mov.b32 m, 0x00030003;
+mov.b32 k, 0x64006400;
+prmt.b32 lo, $8, z, 0x4140;
+prmt.b32 hi, $8, z, 0x4342;
+lop3.b32 $0, lo, m, k, 0xea;
+lop3.b32 $1, hi, m, k, 0xea;
+shr.b32 t, lo, 2;
+lop3.b32 $2, t, m, k, 0xea;
+shr.b32 t, hi, 2;
+lop3.b32 $3, t, m, k, 0xea;
+shr.b32 t, lo, 4;
+lop3.b32 $4, t, m, k, 0xea;
+shr.b32 t, hi, 4;
+lop3.b32 $5, t, m, k, 0xea;
+shr.b32 t, lo, 6;
+lop3.b32 $6, t, m, k, 0xea;
+shr.b32 t, hi, 6;
+lop3.b32 $7, t, m, k, 0xea;
+sub.f16x2 $0, $0, k;
+sub.f16x2 $1, $1, k;
+sub.f16x2 $2, $2, k;
+sub.f16x2 $3, $3, k;
+sub.f16x2 $4, $4, k;
+sub.f16x2 $5, $5, k;
+sub.f16x2 $6, $6, k;
+sub.f16x2 $7, $7, k;
+}
+"""
+
+
+@triton.jit
+def code_planes(x, ASM: tl.constexpr):
+    """The four 2-bit code planes of uint8 bytes ``x`` as fp16 (plane t: bits 2t..2t+1 of each byte).
+
+    ``ASM``: packed bit operations (PTX, GPU only; see ``_UNPACK_PTX``); otherwise shifts and conversions (also what
+    the interpreter runs). Both give the same exact values 0..3.
+    """
+    if ASM:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(_UNPACK_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+                                                   is_pure=True, pack=4)
+    else:
+        xi = x.to(tl.int32)
+        c0 = (xi & 3).to(tl.float16)
+        c1 = ((xi >> 2) & 3).to(tl.float16)
+        c2 = ((xi >> 4) & 3).to(tl.float16)
+        c3 = ((xi >> 6) & 3).to(tl.float16)
+    return c0, c1, c2, c3
+
+
 @triton.jit
 def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr,
                                  o_ptr, m_ptr, l_ptr, sm_scale_log2, H, G, REP, BLOCK_SIZE, MAX_BLOCKS,
                                  TOKENS_PER_SPLIT, NUM_SPLITS,
-                                 D: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr):
+                                 D: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
+                                 ASM: tl.constexpr, NUM_STAGES: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
@@ -199,28 +259,29 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
     if NG == 1:
         qsum = (tl.sum(q0.to(tl.float32), axis=1) + tl.sum(q1.to(tl.float32), axis=1)
                 + tl.sum(q2.to(tl.float32), axis=1) + tl.sum(q3.to(tl.float32), axis=1))
-    for n0 in range(start, end, BLOCK_N):
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         n = n0 + n_off
         ok = n < end
         page = tl.load(bt_ptr + b * MAX_BLOCKS + n // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
         tok = (page * G + g) * BLOCK_SIZE + n % BLOCK_SIZE
-        kb = tl.load(kd_ptr + tok[:, None] * DQ + c[None, :], mask=ok[:, None], other=0).to(tl.int32)
-        vb = tl.load(vd_ptr + tok[:, None] * DQ + c[None, :], mask=ok[:, None], other=0).to(tl.int32)
+        kb = tl.load(kd_ptr + tok[:, None] * DQ + c[None, :], mask=ok[:, None], other=0)
+        vb = tl.load(vd_ptr + tok[:, None] * DQ + c[None, :], mask=ok[:, None], other=0)
         if NG == 1:
             # one scale/zero per token: q.(z + s*code) = s * (q.code) + z * sum(q); codes are exact in fp16
             ksc = tl.load(ks_ptr + tok, mask=ok, other=0.0).to(tl.float32)
             kze = tl.load(kz_ptr + tok, mask=ok, other=0.0).to(tl.float32)
-            s = (tl.dot(q0, tl.trans((kb & 3).to(tl.float16))) + tl.dot(q1, tl.trans(((kb >> 2) & 3).to(tl.float16)))
-                 + tl.dot(q2, tl.trans(((kb >> 4) & 3).to(tl.float16)))
-                 + tl.dot(q3, tl.trans(((kb >> 6) & 3).to(tl.float16))))
+            k0, k1, k2, k3 = code_planes(kb, ASM)
+            s = (tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
+                 + tl.dot(q3, tl.trans(k3)))
             s = s * ksc[None, :] + qsum[:, None] * kze[None, :]
         else:
             ksc = tl.load(ks_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             kze = tl.load(kz_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            k0 = (kze + ksc * (kb & 3).to(tl.float32)).to(tl.float16)
-            k1 = (kze + ksc * ((kb >> 2) & 3).to(tl.float32)).to(tl.float16)
-            k2 = (kze + ksc * ((kb >> 4) & 3).to(tl.float32)).to(tl.float16)
-            k3 = (kze + ksc * ((kb >> 6) & 3).to(tl.float32)).to(tl.float16)
+            c0, c1, c2, c3 = code_planes(kb, ASM)
+            k0 = (kze + ksc * c0.to(tl.float32)).to(tl.float16)
+            k1 = (kze + ksc * c1.to(tl.float32)).to(tl.float16)
+            k2 = (kze + ksc * c2.to(tl.float32)).to(tl.float16)
+            k3 = (kze + ksc * c3.to(tl.float32)).to(tl.float16)
             s = (tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
                  + tl.dot(q3, tl.trans(k3)))
         s = s * sm_scale_log2
@@ -232,18 +293,20 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
             vze = tl.load(vz_ptr + tok, mask=ok, other=0.0).to(tl.float32)
             ps = (p * vsc[None, :]).to(tl.float16)
             pz = tl.sum(p * vze[None, :], axis=1)[:, None]
-            acc0 = acc0 * alpha[:, None] + tl.dot(ps, (vb & 3).to(tl.float16)) + pz
-            acc1 = acc1 * alpha[:, None] + tl.dot(ps, ((vb >> 2) & 3).to(tl.float16)) + pz
-            acc2 = acc2 * alpha[:, None] + tl.dot(ps, ((vb >> 4) & 3).to(tl.float16)) + pz
-            acc3 = acc3 * alpha[:, None] + tl.dot(ps, ((vb >> 6) & 3).to(tl.float16)) + pz
+            v0, v1, v2, v3 = code_planes(vb, ASM)
+            acc0 = acc0 * alpha[:, None] + tl.dot(ps, v0) + pz
+            acc1 = acc1 * alpha[:, None] + tl.dot(ps, v1) + pz
+            acc2 = acc2 * alpha[:, None] + tl.dot(ps, v2) + pz
+            acc3 = acc3 * alpha[:, None] + tl.dot(ps, v3) + pz
         else:
             vsc = tl.load(vs_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             vze = tl.load(vz_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             pf = p.to(tl.float16)
-            acc0 = acc0 * alpha[:, None] + tl.dot(pf, (vze + vsc * (vb & 3).to(tl.float32)).to(tl.float16))
-            acc1 = acc1 * alpha[:, None] + tl.dot(pf, (vze + vsc * ((vb >> 2) & 3).to(tl.float32)).to(tl.float16))
-            acc2 = acc2 * alpha[:, None] + tl.dot(pf, (vze + vsc * ((vb >> 4) & 3).to(tl.float32)).to(tl.float16))
-            acc3 = acc3 * alpha[:, None] + tl.dot(pf, (vze + vsc * ((vb >> 6) & 3).to(tl.float32)).to(tl.float16))
+            v0, v1, v2, v3 = code_planes(vb, ASM)
+            acc0 = acc0 * alpha[:, None] + tl.dot(pf, (vze + vsc * v0.to(tl.float32)).to(tl.float16))
+            acc1 = acc1 * alpha[:, None] + tl.dot(pf, (vze + vsc * v1.to(tl.float32)).to(tl.float16))
+            acc2 = acc2 * alpha[:, None] + tl.dot(pf, (vze + vsc * v2.to(tl.float32)).to(tl.float16))
+            acc3 = acc3 * alpha[:, None] + tl.dot(pf, (vze + vsc * v3.to(tl.float32)).to(tl.float16))
     part = (b * H + heads) * NUM_SPLITS + sp
     tl.store(m_ptr + part, m_i, mask=row_ok)
     tl.store(l_ptr + part, l_i, mask=row_ok)
@@ -306,6 +369,15 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, H, REP, NUM_SPLITS,
     tl.store(out_ptr + pid * D + i, y)
 
 
+def _use_asm(unpack: str, device: torch.device) -> bool:
+    if unpack not in ("auto", "asm", "convert"):
+        raise KvtoolError(f"unpack must be auto, asm or convert, got {unpack!r}")
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if unpack == "asm" and (interpreted or device.type != "cuda"):
+        raise KvtoolError("unpack='asm' needs a CUDA device and no TRITON_INTERPRET")
+    return unpack == "asm" or (unpack == "auto" and device.type == "cuda" and not interpreted)
+
+
 def _num_splits(batch: int, kv_heads: int, max_len: int, block_n: int, target_programs: int) -> int:
     tiles = max(1, math.ceil(max_len / block_n))
     return max(1, min(tiles, math.ceil(target_programs / max(batch * kv_heads, 1))))
@@ -317,7 +389,8 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
                           v_rot: torch.Tensor | None = None, sm_scale: float | None = None, *,
                           max_seq_len: int | None = None, block_n: int = 64, num_splits: int | None = None,
                           target_programs: int = 512, fp_segment: tuple[torch.Tensor, torch.Tensor] | None = None,
-                          fp_lens: torch.Tensor | None = None, num_warps: int = 4) -> torch.Tensor:
+                          fp_lens: torch.Tensor | None = None, num_warps: int = 4, num_stages: int = 1,
+                          unpack: str = "auto") -> torch.Tensor:
     """Decode attention of q [B, H, d] (after RoPE, unrotated) over a paged INT2 K/V cache; returns [B, H, d].
 
     ``k_rot``/``v_rot``: [G, d, d] float32 rotations the cache was written with (None: identity / folded).
@@ -325,7 +398,9 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     ``fp_segment`` = (k, v) [B, G, W, d] (bf16/fp16/fp32): the full-precision sink + recent tokens of each sequence,
     stored rotated like the cache (``R_k k``, ``R_v v``); ``fp_lens`` [B] says how many are valid. They are one more
     partial in the split merge (online softmax), so the result is attention over INT2 history ∪ FP tokens.
-    ``num_warps`` applies to the main (split) kernel.
+    ``num_warps`` and ``num_stages`` (software pipelining of the tile loop) apply to the main (split) kernel.
+    ``unpack``: ``"asm"`` (packed PTX bit operations), ``"convert"`` (shifts + conversions) or ``"auto"`` (asm on a
+    CUDA device unless the Triton interpreter runs).
     """
     bsz, h, d = q.shape
     data = k_cache[0]
@@ -351,7 +426,8 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     _int2_attention_split_kernel[(bsz, g, splits)](
         qf, *k_cache, *v_cache, block_table.int().contiguous(), seq_lens.int().contiguous(),
         o_part, m_part, l_part, sm_scale * LOG2E, h, g, rep, block_size, block_table.shape[1], per_split, parts,
-        D=d, GS=gs, GP=gp, BLOCK_N=block_n, num_warps=num_warps)
+        D=d, GS=gs, GP=gp, BLOCK_N=block_n, ASM=_use_asm(unpack, q.device), NUM_STAGES=num_stages,
+        num_warps=num_warps)
     if fp_segment is not None:
         fk, fv = (t.contiguous() for t in fp_segment)
         if fk.shape[:2] != (bsz, g) or fk.shape[-1] != d or fv.shape != fk.shape or fp_lens is None:
