@@ -190,7 +190,7 @@ def main() -> None:
     ints = lambda x: [int(v) for v in x.split(",")]  # noqa: E731
     ap.add_argument("--block-n", type=ints, default=[64], help="tokens per kernel tile (comma list: tried, best kept)")
     ap.add_argument("--target", type=ints, default=[4], help="split-K programs to aim for, in multiples of the SMs")
-    ap.add_argument("--stages", type=ints, default=[1], help="software-pipelining stages of the tile loop")
+    ap.add_argument("--stages", type=ints, default=[3], help="software-pipelining stages of the tile loop")
     ap.add_argument("--unpack", type=lambda x: x.split(","), default=["auto"], help="auto, asm, convert")
     ap.add_argument("--fp-tokens", type=int, default=0,
                     help="also attend to this many BF16 sink+recent tokens per sequence (OSCAR layout, e.g. 132)")

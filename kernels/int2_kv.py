@@ -171,51 +171,50 @@ def _rotate_rows_kernel(x_ptr, rot_ptr, out_ptr, H, REP, D: tl.constexpr, TRANSP
 # a 32-bit word (prmt), a code is masked into the mantissa of 1024.0 (lop3 with 0x64006400 = fp16x2 {1024, 1024}) and
 # 1024 is subtracted (sub.f16x2), exact for codes 0..3: ~1.6 instructions per code instead of shift/and/I2F/F2F each.
 # Output t holds code t (bits 2t..2t+1) of each byte: registers $2t (bytes 0, 1) and $2t+1 (bytes 2, 3).
-_UNPACK_PTX = """
-{
-.reg .b32 lo, hi, t, m, k, z;
-mov.b32 z, 0;
-mov.b32 m, 0x00030003;
-mov.b32 k, 0x64006400;
-prmt.b32 lo, $8, z, 0x4140;
-prmt.b32 hi, $8, z, 0x4342;
-lop3.b32 $0, lo, m, k, 0xea;
-lop3.b32 $1, hi, m, k, 0xea;
-shr.b32 t, lo, 2;
-lop3.b32 $2, t, m, k, 0xea;
-shr.b32 t, hi, 2;
-lop3.b32 $3, t, m, k, 0xea;
-shr.b32 t, lo, 4;
-lop3.b32 $4, t, m, k, 0xea;
-shr.b32 t, hi, 4;
-lop3.b32 $5, t, m, k, 0xea;
-shr.b32 t, lo, 6;
-lop3.b32 $6, t, m, k, 0xea;
-shr.b32 t, hi, 6;
-lop3.b32 $7, t, m, k, 0xea;
-sub.f16x2 $0, $0, k;
-sub.f16x2 $1, $1, k;
-sub.f16x2 $2, $2, k;
-sub.f16x2 $3, $3, k;
-sub.f16x2 $4, $4, k;
-sub.f16x2 $5, $5, k;
-sub.f16x2 $6, $6, k;
-sub.f16x2 $7, $7, k;
-}
-"""
+# (The PTX is a literal in code_planes: jitted functions cannot read non-constexpr globals.)
 
 
 @triton.jit
 def code_planes(x, ASM: tl.constexpr):
     """The four 2-bit code planes of uint8 bytes ``x`` as fp16 (plane t: bits 2t..2t+1 of each byte).
 
-    ``ASM``: packed bit operations (PTX, GPU only; see ``_UNPACK_PTX``); otherwise shifts and conversions (also what
+    ``ASM``: packed bit operations (PTX, GPU only; the comment above); otherwise shifts and conversions (also what
     the interpreter runs). Both give the same exact values 0..3.
     """
     if ASM:
-        c0, c1, c2, c3 = tl.inline_asm_elementwise(_UNPACK_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
-                                                   dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-                                                   is_pure=True, pack=4)
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            ("{\n"
+            ".reg .b32 lo, hi, t, m, k, z;\n"
+            "mov.b32 z, 0;\n"
+            "mov.b32 m, 0x00030003;\n"
+            "mov.b32 k, 0x64006400;\n"
+            "prmt.b32 lo, $8, z, 0x4140;\n"
+            "prmt.b32 hi, $8, z, 0x4342;\n"
+            "lop3.b32 $0, lo, m, k, 0xea;\n"
+            "lop3.b32 $1, hi, m, k, 0xea;\n"
+            "shr.b32 t, lo, 2;\n"
+            "lop3.b32 $2, t, m, k, 0xea;\n"
+            "shr.b32 t, hi, 2;\n"
+            "lop3.b32 $3, t, m, k, 0xea;\n"
+            "shr.b32 t, lo, 4;\n"
+            "lop3.b32 $4, t, m, k, 0xea;\n"
+            "shr.b32 t, hi, 4;\n"
+            "lop3.b32 $5, t, m, k, 0xea;\n"
+            "shr.b32 t, lo, 6;\n"
+            "lop3.b32 $6, t, m, k, 0xea;\n"
+            "shr.b32 t, hi, 6;\n"
+            "lop3.b32 $7, t, m, k, 0xea;\n"
+            "sub.f16x2 $0, $0, k;\n"
+            "sub.f16x2 $1, $1, k;\n"
+            "sub.f16x2 $2, $2, k;\n"
+            "sub.f16x2 $3, $3, k;\n"
+            "sub.f16x2 $4, $4, k;\n"
+            "sub.f16x2 $5, $5, k;\n"
+            "sub.f16x2 $6, $6, k;\n"
+            "sub.f16x2 $7, $7, k;\n"
+            "}\n"),
+            "=r,=r,=r,=r,=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=4)
     else:
         xi = x.to(tl.int32)
         c0 = (xi & 3).to(tl.float16)
@@ -389,7 +388,7 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
                           v_rot: torch.Tensor | None = None, sm_scale: float | None = None, *,
                           max_seq_len: int | None = None, block_n: int = 64, num_splits: int | None = None,
                           target_programs: int = 512, fp_segment: tuple[torch.Tensor, torch.Tensor] | None = None,
-                          fp_lens: torch.Tensor | None = None, num_warps: int = 4, num_stages: int = 1,
+                          fp_lens: torch.Tensor | None = None, num_warps: int = 4, num_stages: int = 3,
                           unpack: str = "auto") -> torch.Tensor:
     """Decode attention of q [B, H, d] (after RoPE, unrotated) over a paged INT2 K/V cache; returns [B, H, d].
 
