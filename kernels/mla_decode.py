@@ -127,15 +127,33 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK, DV, split_len, scale,
     tl.store(L + b * s_mb + offs_h * s_mh + sp, l_i, mask=hmask)
 
 
+# fp32 output accumulator elements one program keeps (BLOCK_H x BLOCK_DV): 32 heads x 512 fills 64 registers per
+# thread at 8 warps; wider latents (per-layer ranks past 512) take fewer heads per program instead of spilling, and
+# the head blocks of one split read the same latent tiles close together in time (L2 hits).
+_ACC_BUDGET = 32 * 512
+
+
+def absorbed_launch(heads: int, dv: int, num_warps: int | None = None) -> tuple[int, int]:
+    """(BLOCK_H, num_warps) for the absorbed kernel: heads per program under the accumulator budget, 8 warps for
+    accumulators of 8192 elements or more (64 fp32 registers per thread at most), else 4."""
+    block_dv = _pow2(dv)
+    block_h = min(64, _pow2(heads), max(16, _ACC_BUDGET // block_dv))
+    if num_warps is None:
+        num_warps = 8 if block_h * block_dv >= 8192 else 4
+    return block_h, num_warps
+
+
 def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tensor, scale: float,
                         num_splits: int | None = None, block_n: int = 32, block_d: int = 64,
-                        num_warps: int = 4) -> torch.Tensor:
-    """Absorbed MLA decode. q [B, H, DK], kv_lat [B, S, DK], v_lat [B, S, DV] -> out_lat [B, H, DV] (float32)."""
+                        num_warps: int | None = None) -> torch.Tensor:
+    """Absorbed MLA decode. q [B, H, DK], kv_lat [B, S, DK], v_lat [B, S, DV] -> out_lat [B, H, DV] (float32).
+
+    ``num_warps`` None: chosen with the heads per program from the latent width (:func:`absorbed_launch`)."""
     bsz, heads, dk = q.shape
     _, length, dv = v_lat.shape
     assert kv_lat.shape[:2] == (bsz, length) and kv_lat.shape[2] == dk
     q, kv_lat, v_lat = q.contiguous(), kv_lat.contiguous(), v_lat.contiguous()
-    block_h = min(64, _pow2(heads))
+    block_h, num_warps = absorbed_launch(heads, dv, num_warps)
     hblocks = triton.cdiv(heads, block_h)
     splits = num_splits or _num_splits(bsz, hblocks, length, block_n)
     split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n

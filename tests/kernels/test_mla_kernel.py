@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from kvtool.kernels.mla_decode import (
+    absorbed_launch,
     mla_decode_absorbed,
     mla_decode_absorbed_reference,
     mla_decode_keep,
@@ -24,6 +25,20 @@ def test_absorbed_matches_reference(heads, dk, dv, length, splits):
                 torch.randn(2, length, dv, generator=g))
     out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=splits, block_n=16, block_d=16)
     assert out.shape == (2, heads, dv)
+    assert rel(out, mla_decode_absorbed_reference(q, kv, v, 0.2)) < 1e-5
+
+
+def test_wide_latent_takes_fewer_heads_per_program():
+    # per-layer ranks past 512: 32 heads x 1024 would spill; 16 heads per program, 8 warps, two head blocks
+    assert absorbed_launch(32, 480) == (32, 8)
+    assert absorbed_launch(32, 736) == (16, 8)
+    assert absorbed_launch(32, 200) == (32, 8)
+    assert absorbed_launch(8, 100) == (16, 4)
+    assert absorbed_launch(32, 480, num_warps=4) == (32, 4)
+    g = torch.Generator().manual_seed(5)
+    q, kv, v = (torch.randn(1, 32, 24, generator=g), torch.randn(1, 20, 24, generator=g),
+                torch.randn(1, 20, 600, generator=g))
+    out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=2, block_n=16, block_d=16)
     assert rel(out, mla_decode_absorbed_reference(q, kv, v, 0.2)) < 1e-5
 
 
