@@ -145,9 +145,9 @@ def bench_one(bsz: int, ctx: int, h: int, g: int, d: int, args, dev: str, sms: i
 
     def make(setting):
         bn, tp, nw, st, up = setting
-        return lambda: int2_decode_attention(q, kc, vc, table, seq_lens, k_rot, v_rot, max_seq_len=ctx, block_n=bn,
-                                             target_programs=tp, fp_segment=fp, fp_lens=fp_lens, num_warps=nw,
-                                             num_stages=st, unpack=up)
+        return lambda: int2_decode_attention(q, kc, vc, table, seq_lens, k_rot, v_rot, max_seq_len=ctx,
+                                             block_n=bn or None, target_programs=tp, fp_segment=fp, fp_lens=fp_lens,
+                                             num_warps=nw, num_stages=st or None, unpack=up)
     errs = {}
     trial = {}
     for setting in settings:
@@ -188,9 +188,10 @@ def main() -> None:
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--page", type=int, default=16, help="paged-cache block size (tokens)")
     ints = lambda x: [int(v) for v in x.split(",")]  # noqa: E731
-    ap.add_argument("--block-n", type=ints, default=[64], help="tokens per kernel tile (comma list: tried, best kept)")
+    ap.add_argument("--block-n", type=ints, default=[0],
+                    help="tokens per kernel tile (comma list: tried, best kept; 0: the kernel's default)")
     ap.add_argument("--target", type=ints, default=[4], help="split-K programs to aim for, in multiples of the SMs")
-    ap.add_argument("--stages", type=ints, default=[3], help="software-pipelining stages of the tile loop")
+    ap.add_argument("--stages", type=ints, default=[0], help="software-pipelining stages of the tile loop (0: default)")
     ap.add_argument("--unpack", type=lambda x: x.split(","), default=["auto"], help="auto, asm, convert")
     ap.add_argument("--fp-tokens", type=int, default=0,
                     help="also attend to this many BF16 sink+recent tokens per sequence (OSCAR layout, e.g. 132)")

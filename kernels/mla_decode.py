@@ -128,29 +128,36 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK, DV, split_len, scale,
 
 
 # fp32 output accumulator elements one program keeps (BLOCK_H x BLOCK_DV): up to 32 heads x 512 (the uniform KV-ratio
-# 0.5 shape; 4 warps measured fastest there, 8 warps 1.4x slower on an H200); wider latents (per-layer ranks past
-# 512) take fewer heads per program instead of spilling, and the head blocks of one split read the same latent tiles
-# close together in time (L2 hits).
+# 0.5 shape; 4 warps and 64-token tiles measured fastest there on an H200, 8 warps 1.4x slower). Wider latents
+# (per-layer ranks past 512) take 16 heads per program, 8 warps and V tiles of at most 64 x 512 elements: with 4 warps
+# or 64 x 1024 tiles a 1024-wide latent ran 4.6x slower (2026-11-30). The head blocks of one split read the same
+# latent tiles close together in time (L2 hits).
 _ACC_BUDGET = 32 * 512
+_V_TILE_BUDGET = 64 * 512
 
 
-def absorbed_heads_per_program(heads: int, dv: int) -> int:
-    """BLOCK_H of the absorbed kernel: as many heads as fit the accumulator budget at the latent width, >= 16."""
-    return min(64, _pow2(heads), max(16, _ACC_BUDGET // _pow2(dv)))
+def absorbed_launch(heads: int, dv: int, block_n: int = 64, num_warps: int | None = None) -> tuple[int, int, int]:
+    """(BLOCK_H, BLOCK_N, num_warps) of the absorbed kernel at latent width ``dv`` (see the budgets above)."""
+    block_dv = _pow2(dv)
+    block_h = min(64, _pow2(heads), max(16, _ACC_BUDGET // block_dv))
+    block_n = max(16, min(block_n, _V_TILE_BUDGET // block_dv))
+    if num_warps is None:
+        num_warps = 8 if block_dv > 512 else 4
+    return block_h, block_n, num_warps
 
 
 def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tensor, scale: float,
                         num_splits: int | None = None, block_n: int = 64, block_d: int = 64,
-                        num_warps: int = 4) -> torch.Tensor:
+                        num_warps: int | None = None) -> torch.Tensor:
     """Absorbed MLA decode. q [B, H, DK], kv_lat [B, S, DK], v_lat [B, S, DV] -> out_lat [B, H, DV] (float32).
 
-    Defaults: the configuration the H200 bench picked for every shape (block_n 64, 4 warps); heads per program from
-    the latent width (:func:`absorbed_heads_per_program`)."""
+    Defaults: the configuration the H200 bench picked for every uniform shape (block_n 64, 4 warps), adjusted for
+    latents wider than 512 (:func:`absorbed_launch`)."""
     bsz, heads, dk = q.shape
     _, length, dv = v_lat.shape
     assert kv_lat.shape[:2] == (bsz, length) and kv_lat.shape[2] == dk
     q, kv_lat, v_lat = q.contiguous(), kv_lat.contiguous(), v_lat.contiguous()
-    block_h = absorbed_heads_per_program(heads, dv)
+    block_h, block_n, num_warps = absorbed_launch(heads, dv, block_n, num_warps)
     hblocks = triton.cdiv(heads, block_h)
     splits = num_splits or _num_splits(bsz, hblocks, length, block_n)
     split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n

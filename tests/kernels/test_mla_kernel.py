@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from kvtool.kernels.mla_decode import (
-    absorbed_heads_per_program,
+    absorbed_launch,
     mla_decode_absorbed,
     mla_decode_absorbed_reference,
     mla_decode_keep,
@@ -30,10 +30,11 @@ def test_absorbed_matches_reference(heads, dk, dv, length, splits):
 
 def test_wide_latent_takes_fewer_heads_per_program():
     # per-layer ranks past 512: 32 heads x 1024 would spill; 16 heads per program, two head blocks
-    assert absorbed_heads_per_program(32, 480) == 32
-    assert absorbed_heads_per_program(32, 736) == 16
-    assert absorbed_heads_per_program(32, 200) == 32
-    assert absorbed_heads_per_program(8, 100) == 16
+    assert absorbed_launch(32, 480) == (32, 64, 4)
+    assert absorbed_launch(32, 736) == (16, 32, 8)
+    assert absorbed_launch(32, 200) == (32, 64, 4)
+    assert absorbed_launch(8, 100, block_n=16) == (16, 16, 4)
+    assert absorbed_launch(32, 736, num_warps=4) == (16, 32, 4)
     g = torch.Generator().manual_seed(5)
     q, kv, v = (torch.randn(1, 32, 24, generator=g), torch.randn(1, 20, 24, generator=g),
                 torch.randn(1, 20, 600, generator=g))
