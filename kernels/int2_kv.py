@@ -226,10 +226,14 @@ def code_planes(x, ASM: tl.constexpr):
 
 @triton.jit
 def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, vz_ptr, bt_ptr, len_ptr,
-                                 o_ptr, m_ptr, l_ptr, sm_scale_log2, H, G, REP, BLOCK_SIZE, MAX_BLOCKS,
+                                 o_ptr, m_ptr, l_ptr, sm_scale_log2, H, G, REP, MAX_BLOCKS,
                                  TOKENS_PER_SPLIT, NUM_SPLITS,
                                  D: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
-                                 ASM: tl.constexpr, NUM_STAGES: tl.constexpr):
+                                 ASM: tl.constexpr, NUM_STAGES: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                                 IDX64: tl.constexpr):
+    # BLOCK_SIZE (tokens per page) is a compile-time power of two: page and offset are a shift and a mask, not a
+    # signed division (ncu: integer address arithmetic was ~40% of the instructions with a runtime page size).
+    # IDX64: 64-bit token offsets only when the cache has 2**31 elements or more.
     b = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
@@ -261,7 +265,9 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
     for n0 in tl.range(start, end, BLOCK_N, num_stages=NUM_STAGES):
         n = n0 + n_off
         ok = n < end
-        page = tl.load(bt_ptr + b * MAX_BLOCKS + n // BLOCK_SIZE, mask=ok, other=0).to(tl.int64)
+        page = tl.load(bt_ptr + b * MAX_BLOCKS + n // BLOCK_SIZE, mask=ok, other=0)
+        if IDX64:
+            page = page.to(tl.int64)
         tok = (page * G + g) * BLOCK_SIZE + n % BLOCK_SIZE
         kb = tl.load(kd_ptr + tok[:, None] * DQ + c[None, :], mask=ok[:, None], other=0)
         vb = tl.load(vd_ptr + tok[:, None] * DQ + c[None, :], mask=ok[:, None], other=0)
@@ -429,9 +435,9 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     gp = max(16, triton.next_power_of_2(rep))
     _int2_attention_split_kernel[(bsz, g, splits)](
         qf, *k_cache, *v_cache, block_table.int().contiguous(), seq_lens.int().contiguous(),
-        o_part, m_part, l_part, sm_scale * LOG2E, h, g, rep, block_size, block_table.shape[1], per_split, parts,
+        o_part, m_part, l_part, sm_scale * LOG2E, h, g, rep, block_table.shape[1], per_split, parts,
         D=d, GS=gs, GP=gp, BLOCK_N=block_n, ASM=_use_asm(unpack, q.device), NUM_STAGES=num_stages,
-        num_warps=num_warps)
+        BLOCK_SIZE=block_size, IDX64=data.numel() >= 2 ** 31 // 4, num_warps=num_warps)
     if fp_segment is not None:
         fk, fv = (t.contiguous() for t in fp_segment)
         if fk.shape[:2] != (bsz, g) or fk.shape[-1] != d or fv.shape != fk.shape or fp_lens is None:
