@@ -31,6 +31,7 @@ from kvtool.kernels.mla_decode import (  # noqa: E402
     mla_decode_absorbed_reference,
     mla_decode_keep,
     mla_decode_keep_reference,
+    padded_latent_cache,
 )
 
 H, G, D, ROPE = 32, 8, 128, 64
@@ -136,7 +137,8 @@ def whole_model_step(dev: str, graph_time_us) -> None:
     layers, dt = 32, torch.bfloat16
     g = torch.Generator(device=dev).manual_seed(1)
     print("\n| batch | context | KV ratio | GQA SDPA 32 layers us | MLA uniform us | MLA per-layer ranks us | "
-          "per-layer / uniform |\n|---|---|---|---|---|---|---|", flush=True)
+          "per-layer, rows padded to 16 us | padded per-layer / uniform |\n|---|---|---|---|---|---|---|---|",
+          flush=True)
     from gpu_common import sdpa_decode
 
     for b, s in ((1, 32768), (8, 8192)):
@@ -149,20 +151,24 @@ def whole_model_step(dev: str, graph_time_us) -> None:
         for ratio in (0.5, 0.25):
             total = int(ratio * 2 * G * D) * layers
             times = {}
-            for name, widths in (("uniform", [total // layers] * layers),
-                                 ("per-layer", per_layer_ranks(layers, total, ratio))):
+            for name, widths, pad in (("uniform", [total // layers] * layers, 1),
+                                      ("per-layer", per_layer_ranks(layers, total, ratio), 1),
+                                      ("per-layer padded", per_layer_ranks(layers, total, ratio), 16)):
                 caches = []
                 for w in widths:
                     r_k = (w - ROPE) // 2
-                    caches.append((torch.randn(b, H, r_k + ROPE, device=dev, dtype=dt, generator=g) / 8,
-                                   torch.randn(b, s, r_k + ROPE, device=dev, dtype=dt, generator=g),
-                                   torch.randn(b, s, w - ROPE - r_k, device=dev, dtype=dt, generator=g)))
+                    kv = padded_latent_cache(b, s, r_k + ROPE, dt, dev, pad)
+                    vl = padded_latent_cache(b, s, w - ROPE - r_k, dt, dev, pad)
+                    kv.normal_(generator=g)
+                    vl.normal_(generator=g)
+                    caches.append((torch.randn(b, H, r_k + ROPE, device=dev, dtype=dt, generator=g) / 8, kv, vl))
                 times[name] = graph_time_us(lambda caches=caches: [mla_decode_absorbed(qa, kv, vl, 0.08)
                                                                    for qa, kv, vl in caches])
                 del caches
                 torch.cuda.empty_cache()
             print(f"| {b} | {s} | {ratio} | {t_gqa:.0f} | {times['uniform']:.0f} | {times['per-layer']:.0f} | "
-                  f"{times['per-layer'] / times['uniform']:.2f}x |", flush=True)
+                  f"{times['per-layer padded']:.0f} | {times['per-layer padded'] / times['uniform']:.2f}x |",
+                  flush=True)
 
 
 def quick_check(dev: str) -> None:

@@ -404,8 +404,8 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     stored rotated like the cache (``R_k k``, ``R_v v``); ``fp_lens`` [B] says how many are valid. They are one more
     partial in the split merge (online softmax), so the result is attention over INT2 history ∪ FP tokens.
     ``num_warps`` and ``num_stages`` (software pipelining of the tile loop) apply to the main (split) kernel.
-    ``block_n``/``num_stages`` None: 64 tokens per tile and 3 stages when fewer than 128 (sequence, KV head) pairs
-    (latency-bound), else 128 and 1 (issue-bound) — the H200 ablation's picks at batch 1 and 32 (2026-11-30).
+    ``block_n``/``num_stages`` None: 64 tokens per tile when fewer than 128 (sequence, KV head) pairs, else 128;
+    3 stages — the H200 ablation's picks at batch 1 and 32 (2026-11-30, docs/gpu-logs/int2_ablation2_h200.log).
     ``unpack``: ``"asm"`` (packed PTX bit operations), ``"convert"`` (shifts + conversions) or ``"auto"`` (asm on a
     CUDA device unless the Triton interpreter runs).
     """
@@ -424,7 +424,7 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     max_len = int(seq_lens.max()) if max_seq_len is None else max_seq_len
     wide = bsz * g >= 128
     block_n = block_n or (128 if wide else 64)
-    num_stages = num_stages or (1 if wide else 3)
+    num_stages = num_stages or 3
     splits = num_splits or _num_splits(bsz, g, max_len, block_n, target_programs)
     per_split = math.ceil(max(max_len, 1) / splits / block_n) * block_n
     splits = max(1, math.ceil(max(max_len, 1) / per_split))

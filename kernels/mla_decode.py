@@ -151,12 +151,15 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
                         num_warps: int | None = None) -> torch.Tensor:
     """Absorbed MLA decode. q [B, H, DK], kv_lat [B, S, DK], v_lat [B, S, DV] -> out_lat [B, H, DV] (float32).
 
+    ``kv_lat``/``v_lat`` may be views of caches whose rows are padded (see :func:`padded_latent_cache`).
     Defaults: the configuration the H200 bench picked for every uniform shape (block_n 64, 4 warps), adjusted for
     latents wider than 512 (:func:`absorbed_launch`)."""
     bsz, heads, dk = q.shape
     _, length, dv = v_lat.shape
     assert kv_lat.shape[:2] == (bsz, length) and kv_lat.shape[2] == dk
-    q, kv_lat, v_lat = q.contiguous(), kv_lat.contiguous(), v_lat.contiguous()
+    # rows may be padded (a cache allocated with row strides a multiple of 16 elements lets every row start aligned:
+    # per-layer ranks of any width then load with 16-byte vectors); only the last dimension must be contiguous
+    q, kv_lat, v_lat = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kv_lat, v_lat))
     block_h, block_n, num_warps = absorbed_launch(heads, dv, block_n, num_warps)
     hblocks = triton.cdiv(heads, block_h)
     splits = num_splits or _num_splits(bsz, hblocks, length, block_n)
@@ -171,6 +174,15 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
         acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=_pow2(dv), num_warps=num_warps)
     return _combine(acc, m, l)
+
+
+def padded_latent_cache(batch: int, length: int, width: int, dtype: torch.dtype, device: torch.device | str,
+                        multiple: int = 16) -> torch.Tensor:
+    """An empty [batch, length, width] latent cache whose rows start every ``multiple`` elements (a view of a padded
+    buffer). Per-layer ranks give widths like 168 whose unpadded rows lose Triton's 16-divisible stride
+    specialisation and with it vectorised loads; padding costs at most ``multiple - 1`` elements per row."""
+    stride = -(-width // multiple) * multiple
+    return torch.empty(batch, length, stride, dtype=dtype, device=device)[..., :width]
 
 
 def mla_decode_absorbed_reference(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tensor,

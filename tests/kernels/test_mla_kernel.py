@@ -11,6 +11,7 @@ from kvtool.kernels.mla_decode import (
     mla_decode_absorbed_reference,
     mla_decode_keep,
     mla_decode_keep_reference,
+    padded_latent_cache,
 )
 
 
@@ -38,6 +39,17 @@ def test_wide_latent_takes_fewer_heads_per_program():
     g = torch.Generator().manual_seed(5)
     q, kv, v = (torch.randn(1, 32, 24, generator=g), torch.randn(1, 20, 24, generator=g),
                 torch.randn(1, 20, 600, generator=g))
+    out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=2, block_n=16, block_d=16)
+    assert rel(out, mla_decode_absorbed_reference(q, kv, v, 0.2)) < 1e-5
+
+
+def test_padded_rows_read_in_place():
+    g = torch.Generator().manual_seed(6)
+    kv, v = padded_latent_cache(2, 30, 40, torch.float32, "cpu"), padded_latent_cache(2, 30, 24, torch.float32, "cpu")
+    assert kv.stride(1) == 48 and v.stride(1) == 32 and not kv.is_contiguous()
+    kv.copy_(torch.randn(2, 30, 40, generator=g))
+    v.copy_(torch.randn(2, 30, 24, generator=g))
+    q = torch.randn(2, 4, 40, generator=g)
     out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=2, block_n=16, block_d=16)
     assert rel(out, mla_decode_absorbed_reference(q, kv, v, 0.2)) < 1e-5
 
