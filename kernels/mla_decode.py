@@ -140,7 +140,8 @@ def absorbed_launch(heads: int, dv: int, block_n: int = 64, num_warps: int | Non
     """(BLOCK_H, BLOCK_N, num_warps) of the absorbed kernel at latent width ``dv`` (see the budgets above)."""
     block_dv = _pow2(dv)
     block_h = min(64, _pow2(heads), max(16, _ACC_BUDGET // block_dv))
-    block_n = max(16, min(block_n, _V_TILE_BUDGET // block_dv))
+    if block_dv > 512:  # up to 512 wide, 128-token tiles at 8 warps were the bench's pick at batch 32
+        block_n = max(16, min(block_n, _V_TILE_BUDGET // block_dv))
     if num_warps is None:
         num_warps = 8 if block_dv > 512 else 4
     return block_h, block_n, num_warps

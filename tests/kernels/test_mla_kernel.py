@@ -36,6 +36,7 @@ def test_wide_latent_takes_fewer_heads_per_program():
     assert absorbed_launch(32, 200) == (32, 64, 4)
     assert absorbed_launch(8, 100, block_n=16) == (16, 16, 4)
     assert absorbed_launch(32, 736, num_warps=4) == (16, 32, 4)
+    assert absorbed_launch(32, 480, block_n=128, num_warps=8) == (32, 128, 8)
     g = torch.Generator().manual_seed(5)
     q, kv, v = (torch.randn(1, 32, 24, generator=g), torch.randn(1, 20, 24, generator=g),
                 torch.randn(1, 20, 600, generator=g))
