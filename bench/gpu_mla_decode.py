@@ -61,6 +61,8 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.5,0.25")
     ap.add_argument("--skip-convert", action="store_true")
     ap.add_argument("--skip-model", action="store_true", help="skip the whole-model per-layer-rank decode step")
+    ap.add_argument("--width-sweep", action="store_true",
+                    help="only: one layer's absorbed decode time at each latent width per_layer_ranks gives (b=1, 32k)")
     args = ap.parse_args()
     dev = args.device
     if dev != "cuda" or args.quick:
@@ -68,6 +70,8 @@ def main() -> None:
     from gpu_common import environment, graph_time_us, pick, read_bandwidth_gbs, sdpa_decode
 
     print(environment(), flush=True)
+    if args.width_sweep:
+        return width_sweep(dev, graph_time_us)
     read_bw = read_bandwidth_gbs()
     print(f"read bandwidth reference (device copy, bytes read / time): {read_bw:.0f} GB/s", flush=True)
     dt = torch.bfloat16
@@ -169,6 +173,27 @@ def whole_model_step(dev: str, graph_time_us) -> None:
             print(f"| {b} | {s} | {ratio} | {t_gqa:.0f} | {times['uniform']:.0f} | {times['per-layer']:.0f} | "
                   f"{times['per-layer padded']:.0f} | {times['per-layer padded'] / times['uniform']:.2f}x |",
                   flush=True)
+
+
+def width_sweep(dev: str, graph_time_us) -> None:
+    """Per-layer cost against latent width: is per-layer-rank time proportional to bytes?"""
+    from kvtool.kernels.mla_decode import absorbed_launch
+
+    g = torch.Generator(device=dev).manual_seed(2)
+    b, s = 1, 32768
+    widths = sorted(set(per_layer_ranks(32, 512 * 32, 0.25) + per_layer_ranks(32, 1024 * 32, 0.5)))
+    print("| width | r_K + rope | r_V | BLOCK_H/BLOCK_N/warps | splits | us | GB/s |\n|---|---|---|---|---|---|---|")
+    for w in widths:
+        r_k = (w - ROPE) // 2
+        r_v = w - ROPE - r_k
+        qa = torch.randn(b, H, r_k + ROPE, device=dev, dtype=torch.bfloat16, generator=g) / 8
+        kv = torch.randn(b, s, r_k + ROPE, device=dev, dtype=torch.bfloat16, generator=g)
+        vl = torch.randn(b, s, r_v, device=dev, dtype=torch.bfloat16, generator=g)
+        bh, bn, nw = absorbed_launch(H, r_v)
+        splits = _num_splits(b, -(-H // bh), s, bn)
+        us = graph_time_us(lambda qa=qa, kv=kv, vl=vl: mla_decode_absorbed(qa, kv, vl, 0.08))
+        print(f"| {w} | {r_k + ROPE} | {r_v} | {bh}/{bn}/{nw} | {splits} | {us:.1f} | {b * s * w * 2 / us / 1e3:.0f} |",
+              flush=True)
 
 
 def quick_check(dev: str) -> None:
