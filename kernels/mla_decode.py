@@ -90,9 +90,19 @@ def combine_reference(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> to
 # ------------------------------------------------------------------------------------------------ absorbed
 
 @triton.jit
-def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK, DV, split_len, scale,
-                     s_qb, s_qh, s_kb, s_kn, s_vb, s_vn, s_ab, s_ah, s_as, s_mb, s_mh,
-                     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
+                     s_qb, s_qh_a, s_kb, s_kn_a, s_vb, s_vn_a, s_ab, s_ah, s_as, s_mb, s_mh,
+                     BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     ALIGN: tl.constexpr):
+    # Widths and row strides arrive divided by ALIGN and are multiplied back here, so the compiler knows they are
+    # multiples of ALIGN (8 elements = 16 bytes): masks and rows then allow 16-byte vector loads. Triton only infers
+    # this for values divisible by 16; per-layer ranks give widths like 168, which ran 3x slower without it (H200,
+    # 2026-11-30, docs/gpu-logs/mla_width_sweep_h200.log).
+    DK = DK_A * ALIGN
+    DV = DV_A * ALIGN
+    s_qh = s_qh_a * ALIGN
+    s_kn = s_kn_a * ALIGN
+    s_vn = s_vn_a * ALIGN
     b = tl.program_id(0)
     hb = tl.program_id(1)
     sp = tl.program_id(2)
@@ -162,6 +172,7 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
     # per-layer ranks of any width then load with 16-byte vectors); only the last dimension must be contiguous
     q, kv_lat, v_lat = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kv_lat, v_lat))
     block_h, block_n, num_warps = absorbed_launch(heads, dv, block_n, num_warps)
+    align = 8 if all(x % 8 == 0 for x in (dk, dv, q.stride(1), kv_lat.stride(1), v_lat.stride(1))) else 1
     hblocks = triton.cdiv(heads, block_h)
     splits = num_splits or _num_splits(bsz, hblocks, length, block_n)
     split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
@@ -170,10 +181,10 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
     m = torch.empty(bsz, heads, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     _absorbed_kernel[(bsz, hblocks, splits)](
-        q, kv_lat, v_lat, acc, m, l, length, heads, dk, dv, split_len, scale * LOG2E,
-        q.stride(0), q.stride(1), kv_lat.stride(0), kv_lat.stride(1), v_lat.stride(0), v_lat.stride(1),
-        acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=_pow2(dv), num_warps=num_warps)
+        q, kv_lat, v_lat, acc, m, l, length, heads, dk // align, dv // align, split_len, scale * LOG2E,
+        q.stride(0), q.stride(1) // align, kv_lat.stride(0), kv_lat.stride(1) // align, v_lat.stride(0),
+        v_lat.stride(1) // align, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=_pow2(dv), ALIGN=align, num_warps=num_warps)
     return _combine(acc, m, l)
 
 
