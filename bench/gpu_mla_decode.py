@@ -63,6 +63,7 @@ def main() -> None:
     ap.add_argument("--skip-model", action="store_true", help="skip the whole-model per-layer-rank decode step")
     ap.add_argument("--width-sweep", action="store_true",
                     help="only: one layer's absorbed decode time at each latent width per_layer_ranks gives (b=1, 32k)")
+    ap.add_argument("--widths", default="", help="with --width-sweep: these latent widths instead (comma list)")
     args = ap.parse_args()
     dev = args.device
     if dev != "cuda" or args.quick:
@@ -71,7 +72,7 @@ def main() -> None:
 
     print(environment(), flush=True)
     if args.width_sweep:
-        return width_sweep(dev, graph_time_us)
+        return width_sweep(dev, graph_time_us, [int(w) for w in args.widths.split(",") if w])
     read_bw = read_bandwidth_gbs()
     print(f"read bandwidth reference (device copy, bytes read / time): {read_bw:.0f} GB/s", flush=True)
     dt = torch.bfloat16
@@ -175,13 +176,13 @@ def whole_model_step(dev: str, graph_time_us) -> None:
                   flush=True)
 
 
-def width_sweep(dev: str, graph_time_us) -> None:
+def width_sweep(dev: str, graph_time_us, widths: list[int] | None = None) -> None:
     """Per-layer cost against latent width: is per-layer-rank time proportional to bytes?"""
     from kvtool.kernels.mla_decode import absorbed_launch
 
     g = torch.Generator(device=dev).manual_seed(2)
     b, s = 1, 32768
-    widths = sorted(set(per_layer_ranks(32, 512 * 32, 0.25) + per_layer_ranks(32, 1024 * 32, 0.5)))
+    widths = widths or sorted(set(per_layer_ranks(32, 512 * 32, 0.25) + per_layer_ranks(32, 1024 * 32, 0.5)))
     print("| width | r_K + rope | r_V | BLOCK_H/BLOCK_N/warps | splits | us | GB/s |\n|---|---|---|---|---|---|---|")
     for w in widths:
         r_k = (w - ROPE) // 2
