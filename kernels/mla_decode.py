@@ -47,19 +47,20 @@ def _num_splits(batch: int, programs: int, length: int, block_n: int) -> int:
 
 
 @triton.jit
-def _combine_kernel(ACC, M, L, OUT, SPLITS, DV, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr):
+def _combine_kernel(ACC, M, L, OUT, SPLITS, DV_A, BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGN: tl.constexpr):
     row = tl.program_id(0)  # one (batch, head)
+    dc = tl.program_id(1)  # one BLOCK_DV slice of the output: B*H*ceil(DV/BLOCK_DV) programs, not B*H
+    DV = DV_A * ALIGN  # a multiple of ALIGN the compiler can see (vector loads when DV is not divisible by 16)
     offs_s = tl.arange(0, BLOCK_S)
     smask = offs_s < SPLITS
     m = tl.load(M + row * SPLITS + offs_s, mask=smask, other=float("-inf"))
     l = tl.load(L + row * SPLITS + offs_s, mask=smask, other=0.0)
     w, denom = merge_weights(m, l)
-    for d0 in range(0, DV, BLOCK_DV):
-        offs_d = d0 + tl.arange(0, BLOCK_DV)
-        dmask = offs_d < DV
-        acc = tl.load(ACC + row * SPLITS * DV + offs_s[:, None] * DV + offs_d[None, :],
-                      mask=smask[:, None] & dmask[None, :], other=0.0)
-        tl.store(OUT + row * DV + offs_d, tl.sum(acc * w[:, None], 0) / denom, mask=dmask)
+    offs_d = dc * BLOCK_DV + tl.arange(0, BLOCK_DV)
+    dmask = offs_d < DV
+    acc = tl.load(ACC + row * SPLITS * DV + offs_s[:, None] * DV + offs_d[None, :],
+                  mask=smask[:, None] & dmask[None, :], other=0.0)
+    tl.store(OUT + row * DV + offs_d, tl.sum(acc * w[:, None], 0) / denom, mask=dmask)
 
 
 def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tensor:
@@ -67,8 +68,11 @@ def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tenso
     if acc.is_cuda or _interpreting():
         bsz, heads, splits, dv = acc.shape
         out = torch.empty(bsz, heads, dv, device=acc.device, dtype=torch.float32)
-        _combine_kernel[(bsz * heads,)](acc, m, l, out, splits, dv, BLOCK_S=max(2, triton.next_power_of_2(splits)),
-                                        BLOCK_DV=min(128, _pow2(dv)))
+        block_s = max(2, triton.next_power_of_2(splits))
+        block_dv = max(16, min(64, 8192 // block_s, _pow2(dv)))
+        align = 8 if dv % 8 == 0 else 1
+        _combine_kernel[(bsz * heads, triton.cdiv(dv, block_dv))](acc, m, l, out, splits, dv // align,
+                                                                 BLOCK_S=block_s, BLOCK_DV=block_dv, ALIGN=align)
         return out
     return combine_reference(acc, m, l)
 
