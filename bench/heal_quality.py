@@ -34,6 +34,7 @@ def main() -> None:
                     "(KL to the original's logits on heal's windows, kvtool heal's e2e code path), scored again")
     ap.add_argument("--fit", default=None, help="kvtool heal --fit (default: heal's)")
     ap.add_argument("--rank-alloc", default=None, help="convert-mla --rank-alloc (default: convert-mla's)")
+    ap.add_argument("--rope-dim", type=int, default=None, help="convert-mla --rope-dim (default: convert-mla's)")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -69,6 +70,8 @@ def main() -> None:
             flags = [f"--{k.replace('_', '-')}={v}" for k, v in LAYOUTS[layout].items()]
             if args.rank_alloc:
                 flags.append(f"--rank-alloc={args.rank_alloc}")
+            if args.rope_dim is not None and layout != "keep":
+                flags.append(f"--rope-dim={args.rope_dim}")
             exe = shutil.which("kvtool", path=str(Path(sys.executable).parent)) or "kvtool"
             subprocess.run([exe, "convert-mla", "smollm2-135m", "--stats-dir", str(stats_dir), f"--kv-ratio={ratio}",
                             *flags, "-o", str(conv), "--device", "cpu", "--no-progress"], check=True,
@@ -85,7 +88,8 @@ def main() -> None:
             row = {"layout": layout, "kv_ratio": ratio, "before": before, "after": after,
                    "before_x": before / result["original"], "after_x": after / result["original"],
                    "heal_seconds": round(seconds, 1), "heal_tokens": report["tokens"], "steps_per_layer": steps,
-                   "fit": report.get("healing", report).get("fit"), "rank_alloc": args.rank_alloc or "default"}
+                   "fit": report.get("healing", report).get("fit"), "rank_alloc": args.rank_alloc or "default",
+                   "rope_dim": args.rope_dim or "default"}
             if args.e2e_steps:
                 from kvtool.convert.heal import distill
                 from kvtool.data import calibration_windows
