@@ -137,7 +137,7 @@ def bench_one(bsz: int, ctx: int, h: int, g: int, d: int, args, dev: str, sms: i
     settings = [(bn, m * sms, w, st, up) for bn in args.block_n for m in args.target for w in args.num_warps
                 for st in args.stages for up in args.unpack]
     if args.sweep:
-        settings = [(bn, m * sms, w, 1, "auto") for bn in (32, 64, 128, 256) for m in (1, 2, 4, 8) for w in (4, 8)]
+        settings = [(bn, m * sms, w, 0, "auto") for bn in (32, 64, 128, 256) for m in (1, 2, 4, 8) for w in (4, 8)]
     fp, fp_lens = None, None
     if args.fp_tokens:  # BF16 sink + recent segment (stored rotated), merged with the INT2 history
         fp = tuple(torch.randn(bsz, g, args.fp_tokens, d, device=dev, dtype=torch.bfloat16) for _ in range(2))

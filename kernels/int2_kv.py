@@ -233,7 +233,7 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
                                  IDX64: tl.constexpr):
     # BLOCK_SIZE (tokens per page) is a compile-time power of two: page and offset are a shift and a mask, not a
     # signed division (ncu: integer address arithmetic was ~40% of the instructions with a runtime page size).
-    # IDX64: 64-bit token offsets only when the cache has 2**31 elements or more.
+    # IDX64: 64-bit token offsets only when the cache has 2**29 elements or more (a 4x margin below 2**31).
     b = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)

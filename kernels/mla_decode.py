@@ -70,11 +70,16 @@ def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tenso
         out = torch.empty(bsz, heads, dv, device=acc.device, dtype=torch.float32)
         block_s = max(2, triton.next_power_of_2(splits))
         block_dv = max(16, min(64, 8192 // block_s, _pow2(dv)))
-        align = 8 if dv % 8 == 0 else 1
+        align = _align(dv)
         _combine_kernel[(bsz * heads, triton.cdiv(dv, block_dv))](acc, m, l, out, splits, dv // align,
                                                                  BLOCK_S=block_s, BLOCK_DV=block_dv, ALIGN=align)
         return out
     return combine_reference(acc, m, l)
+
+
+def _align(*sizes: int) -> int:
+    """8 when every width/stride is a multiple of 8 elements (passed to kernels divided by it, see ALIGN), else 1."""
+    return 8 if all(x % 8 == 0 for x in sizes) else 1
 
 
 def _interpreting() -> bool:
@@ -99,9 +104,9 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
                      ALIGN: tl.constexpr):
     # Widths and row strides arrive divided by ALIGN and are multiplied back here, so the compiler knows they are
-    # multiples of ALIGN (8 elements = 16 bytes): masks and rows then allow 16-byte vector loads. Triton only infers
-    # this for values divisible by 16; per-layer ranks give widths like 168, which ran 3x slower without it (H200,
-    # 2026-11-30, docs/gpu-logs/mla_width_sweep_h200.log).
+    # multiples of ALIGN (8 elements = 16 bytes); Triton only infers this for values divisible by 16. Measured effect
+    # at width 168 on an H200: ~5% (docs/gpu-logs/mla_width_sweep_h200_align_hint.log); the 3x seen at such widths
+    # was the split merge (_combine_kernel), not this kernel.
     DK = DK_A * ALIGN
     DV = DV_A * ALIGN
     s_qh = s_qh_a * ALIGN
@@ -172,11 +177,10 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
     bsz, heads, dk = q.shape
     _, length, dv = v_lat.shape
     assert kv_lat.shape[:2] == (bsz, length) and kv_lat.shape[2] == dk
-    # rows may be padded (a cache allocated with row strides a multiple of 16 elements lets every row start aligned:
-    # per-layer ranks of any width then load with 16-byte vectors); only the last dimension must be contiguous
+    # rows may be padded views (padded_latent_cache): only the last dimension must be contiguous, so none is copied
     q, kv_lat, v_lat = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kv_lat, v_lat))
     block_h, block_n, num_warps = absorbed_launch(heads, dv, block_n, num_warps)
-    align = 8 if all(x % 8 == 0 for x in (dk, dv, q.stride(1), kv_lat.stride(1), v_lat.stride(1))) else 1
+    align = _align(dk, dv, q.stride(1), kv_lat.stride(1), v_lat.stride(1))
     hblocks = triton.cdiv(heads, block_h)
     splits = num_splits or _num_splits(bsz, hblocks, length, block_n)
     split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
@@ -195,8 +199,8 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
 def padded_latent_cache(batch: int, length: int, width: int, dtype: torch.dtype, device: torch.device | str,
                         multiple: int = 16) -> torch.Tensor:
     """An empty [batch, length, width] latent cache whose rows start every ``multiple`` elements (a view of a padded
-    buffer). Per-layer ranks give widths like 168 whose unpadded rows lose Triton's 16-divisible stride
-    specialisation and with it vectorised loads; padding costs at most ``multiple - 1`` elements per row."""
+    buffer, read in place by :func:`mla_decode_absorbed`); padding costs at most ``multiple - 1`` elements per row.
+    Measured on an H200 for per-layer widths (2026-11-30): no speed change against unpadded rows (±1%)."""
     stride = -(-width // multiple) * multiple
     return torch.empty(batch, length, stride, dtype=dtype, device=device)[..., :width]
 

@@ -147,3 +147,15 @@ def test_full_precision_segment_merges_with_int2_history():
     p = torch.softmax(torch.einsum("grd,gwd->grw", qh, fk[1]) * d ** -0.5, -1)
     exact = torch.einsum("grw,gwd->grd", p, fv[1]).reshape(g * rep, d)
     torch.testing.assert_close(out[1], exact, atol=1e-2, rtol=1e-2)
+
+
+def test_unpack_option_is_checked():
+    from kvtool.errors import KvtoolError
+    from kvtool.kernels.int2_kv import _use_asm
+
+    with pytest.raises(KvtoolError, match="unpack must be auto, asm or convert"):
+        _use_asm("fast", torch.device("cpu"))
+    with pytest.raises(KvtoolError, match="needs a CUDA device"):
+        _use_asm("asm", torch.device("cpu"))
+    assert _use_asm("auto", torch.device("cpu")) is False
+    assert _use_asm("convert", torch.device("cpu")) is False
