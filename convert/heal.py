@@ -67,14 +67,26 @@ def fit_layer(layer: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor, 
     return adam_fit(params, loss_at, steps=steps, lr=lr, seed=seed, module=layer)
 
 
+TEACHER_CACHE_BYTES = 2 << 30
+
+
 def distill(student: nn.Module, teacher_logits: Callable[[torch.Tensor], torch.Tensor], windows: list[torch.Tensor],
             params: list[nn.Parameter], *, steps: int, lr: float, seed: int = 0) -> list[float]:
     """End-to-end distillation: Adam on KL(teacher ‖ student) of the next-token distributions, batch ``step % n``."""
 
+    cache: dict[int, torch.Tensor] = {}
+
     def loss_at(step: int) -> torch.Tensor:
-        ids = windows[step % len(windows)]
-        with torch.no_grad():
-            target = torch.log_softmax(teacher_logits(ids).float(), -1)
+        i = step % len(windows)
+        ids = windows[i]
+        target = cache.get(i)
+        if target is None:
+            with torch.no_grad():
+                target = torch.log_softmax(teacher_logits(ids).float(), -1)
+            # the teacher's log-probs of every batch are kept when they fit in TEACHER_CACHE_BYTES (the batches
+            # cycle, so each is computed once instead of once per visit; same numbers either way)
+            if sum(w.numel() for w in windows) * target.shape[-1] * 4 <= TEACHER_CACHE_BYTES:
+                cache[i] = target
         logp = torch.log_softmax(student(input_ids=ids, use_cache=False).logits.float(), -1)
         return torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean") / ids.shape[1]
 

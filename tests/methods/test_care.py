@@ -220,3 +220,18 @@ def test_missing_and_mismatched_statistics(tiny_checkpoint, tmp_path):
     res = run("convert-mla", a, "--stats-dir", tmp_path / "st2", "-o", tmp_path / "o", "--device", "cpu")
     assert res.exit_code == 2 and "different model" in res.output
     assert not (tmp_path / "o").exists()
+
+
+def test_default_rope_width_follows_the_budget():
+    from types import SimpleNamespace
+
+    from kvtool.convert.care import default_rope_dim
+
+    smol = SimpleNamespace(head_dim=64)
+    # SmolLM2: 3 KV heads x 64, GQA cache 384 per layer
+    assert [default_rope_dim(smol, round(r * 384)) for r in (0.75, 0.5, 0.375, 0.25)] == [64, 64, 48, 32]
+    # uniform pairs need rope/2 to divide head_dim/2 = 32: 48 -> 32
+    assert default_rope_dim(smol, 144, "uniform") == 32
+    llama8b = SimpleNamespace(head_dim=128)
+    assert default_rope_dim(llama8b, 1024) == 64  # the FlashMLA layout at ratio 0.5
+    assert default_rope_dim(SimpleNamespace(head_dim=16), 20) == 6  # below 8: even
