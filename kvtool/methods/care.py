@@ -41,7 +41,8 @@ class ConvertMlaOptions(Options):
                                     "deepseek-v3.", choices=("keep", "decoupled"))
     rope_dim: int | None = option(None, "Decoupled: shared rope key width. Default min(64, head_dim) "
                                         "(DeepSeek's and FlashMLA's 64), at most a third of the layer's cache "
-                                        "width, a multiple of 8 (e.g. 32 for SmolLM2 at --kv-ratio 0.25).", positive=True)
+                                        "width, a multiple of 8 (e.g. 32 for SmolLM2 at --kv-ratio 0.25).",
+                                  positive=True)
     rope_select: str | None = option(None, "Decoupled: norm (largest ‖q‖‖k‖ pairs, any set), strided (the best "
                                            "{0, s, 2s, ...} by the same score, what DeepSeek's rotary expresses) or "
                                            "uniform (s = head_dim/rope_dim). Default: norm, or strided for "

@@ -1,9 +1,9 @@
 """End-to-end distillation (``kvtool heal --e2e-steps``): the teacher cache changes no number, and KL falls."""
 
 import torch
+from conftest import tiny_model
 
 from kvtool.convert import heal
-from conftest import tiny_model
 
 
 def _run(monkeypatch, cache_bytes):
