@@ -102,7 +102,7 @@ def combine_reference(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> to
 def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
                      s_qb, s_qh_a, s_kb, s_kn_a, s_vb, s_vn_a, s_ab, s_ah, s_as, s_mb, s_mh,
                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     ALIGN: tl.constexpr):
+                     ALIGN: tl.constexpr, DV_PARTS: tl.constexpr):
     # Widths and row strides arrive divided by ALIGN and are multiplied back here, so the compiler knows they are
     # multiples of ALIGN (8 elements = 16 bytes); Triton only infers this for values divisible by 16. Measured effect
     # at width 168 on an H200: ~5% (docs/gpu-logs/mla_width_sweep_h200_align_hint.log); the 3x seen at such widths
@@ -113,11 +113,12 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
     s_kn = s_kn_a * ALIGN
     s_vn = s_vn_a * ALIGN
     b = tl.program_id(0)
-    hb = tl.program_id(1)
+    hb = tl.program_id(1) // DV_PARTS  # DV_PARTS programs share a head block, each owns a BLOCK_DV slice of the
+    dvp = tl.program_id(1) % DV_PARTS  # output (scores recomputed per slice: the key tiles are read again, from L2)
     sp = tl.program_id(2)
     offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dv = dvp * BLOCK_DV + tl.arange(0, BLOCK_DV)
     hmask = offs_h < H
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
@@ -168,7 +169,8 @@ def absorbed_launch(heads: int, dv: int, block_n: int = 64, num_warps: int | Non
 
 def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tensor, scale: float,
                         num_splits: int | None = None, block_n: int = 64, block_d: int = 64,
-                        num_warps: int | None = None) -> torch.Tensor:
+                        num_warps: int | None = None, num_stages: int | None = None, dv_parts: int = 1,
+                        block_h: int | None = None) -> torch.Tensor:
     """Absorbed MLA decode. q [B, H, DK], kv_lat [B, S, DK], v_lat [B, S, DV] -> out_lat [B, H, DV] (float32).
 
     ``kv_lat``/``v_lat`` may be views of caches whose rows are padded (see :func:`padded_latent_cache`).
@@ -179,20 +181,25 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
     assert kv_lat.shape[:2] == (bsz, length) and kv_lat.shape[2] == dk
     # rows may be padded views (padded_latent_cache): only the last dimension must be contiguous, so none is copied
     q, kv_lat, v_lat = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kv_lat, v_lat))
-    block_h, block_n, num_warps = absorbed_launch(heads, dv, block_n, num_warps)
+    auto_h, block_n, num_warps = absorbed_launch(heads, dv, block_n, num_warps)
+    block_h = block_h or auto_h
     align = _align(dk, dv, q.stride(1), kv_lat.stride(1), v_lat.stride(1))
     hblocks = triton.cdiv(heads, block_h)
-    splits = num_splits or _num_splits(bsz, hblocks, length, block_n)
+    splits = num_splits or _num_splits(bsz, hblocks * dv_parts, length, block_n)
     split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
     splits = triton.cdiv(length, split_len)
     acc = torch.empty(bsz, heads, splits, dv, device=q.device, dtype=torch.float32)
     m = torch.empty(bsz, heads, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    _absorbed_kernel[(bsz, hblocks, splits)](
+    block_dv = _pow2(dv) // dv_parts
+    assert block_dv >= 16 and block_dv * dv_parts == _pow2(dv), "dv_parts must split the padded width in 16+ slices"
+    extra = {"num_stages": num_stages} if num_stages else {}
+    _absorbed_kernel[(bsz, hblocks * dv_parts, splits)](
         q, kv_lat, v_lat, acc, m, l, length, heads, dk // align, dv // align, split_len, scale * LOG2E,
         q.stride(0), q.stride(1) // align, kv_lat.stride(0), kv_lat.stride(1) // align, v_lat.stride(0),
         v_lat.stride(1) // align, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=_pow2(dv), ALIGN=align, num_warps=num_warps)
+        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, ALIGN=align, DV_PARTS=dv_parts,
+        num_warps=num_warps, **extra)
     return _combine(acc, m, l)
 
 

@@ -29,6 +29,18 @@ def test_absorbed_matches_reference(heads, dk, dv, length, splits):
     assert rel(out, mla_decode_absorbed_reference(q, kv, v, 0.2)) < 1e-5
 
 
+def test_output_slices_and_head_blocks_match_reference():
+    # dv_parts programs per head block, each with a slice of the output; block_h below the head count
+    g = torch.Generator().manual_seed(3)
+    q, kv, v = (torch.randn(2, 20, 40, generator=g), torch.randn(2, 70, 40, generator=g),
+                torch.randn(2, 70, 56, generator=g))
+    ref = mla_decode_absorbed_reference(q, kv, v, 0.2)
+    for parts, block_h in ((2, None), (4, 16)):
+        out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=2, block_n=16, block_d=16, dv_parts=parts,
+                                  block_h=block_h)
+        assert rel(out, ref) < 1e-5
+
+
 def test_wide_latent_takes_fewer_heads_per_program():
     # per-layer ranks past 512: 32 heads x 1024 would spill; 16 heads per program, two head blocks
     assert absorbed_launch(32, 480) == (32, 64, 4)
