@@ -48,50 +48,59 @@ def main() -> None:
     ap.add_argument("--batches", default="32,1")
     ap.add_argument("--context", type=int, default=32768)
     args = ap.parse_args()
-    from kvtool.kernels.mla_decode import mla_decode_absorbed, mla_decode_absorbed_reference
-
     dev = "cuda"
     if args.one:
+        from kvtool.kernels.mla_decode import mla_decode_absorbed
+
         qa, kv, vl = tensors(args.ratio, 32, args.context, dev)
         mla_decode_absorbed(qa, kv, vl, 0.08, **VARIANTS[args.one])
         torch.cuda.synchronize()
         return
-    from gpu_common import environment, graph_time_us, sdpa_decode
+    from gpu_common import environment
 
     print(environment(), flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for batch in [int(b) for b in args.batches.split(",")]:
-            g = torch.Generator(device=dev).manual_seed(1)
-            q = torch.randn(batch, H, D, device=dev, dtype=torch.bfloat16, generator=g)
-            k = torch.randn(batch, G, args.context, D, device=dev, dtype=torch.bfloat16, generator=g)
-            v = torch.randn_like(k)
-            t_sdpa = graph_time_us(lambda q=q, k=k, v=v: sdpa_decode(q, k, v))
-            sdpa_gbs = (2 * k.numel() * 2) / t_sdpa / 1e3
-            del k, v
-            qa, kv, vl = tensors(ratio, batch, args.context, dev)
-            lat_bytes = (kv.numel() + vl.numel()) * 2
-            ref = mla_decode_absorbed_reference(qa[:, :, :], kv[:, :2048], vl[:, :2048], 0.08)
-            trial = {}
-            for name, kw in VARIANTS.items():
-                try:
-                    out = mla_decode_absorbed(qa, kv[:, :2048], vl[:, :2048], 0.08, **kw)
-                    err = float((out - ref).norm() / ref.norm())
-                    trial[name] = graph_time_us(lambda kw=kw: mla_decode_absorbed(qa, kv, vl, 0.08, **kw), rep_ms=60)
-                except Exception as exc:  # noqa: BLE001 (a variant that does not compile is reported, not fatal)
-                    print(f"ratio {ratio} batch {batch} {name}: failed: {type(exc).__name__}: {str(exc)[:120]}")
-                    continue
-                print(f"ratio {ratio} batch {batch} {name:14s} {trial[name]:8.1f} us  latent read "
-                      f"{lat_bytes / trial[name] / 1e3:6.0f} GB/s  ({100 * lat_bytes / trial[name] / 1e3 / sdpa_gbs:.0f}% "
-                      f"of SDPA's)  x{t_sdpa / trial[name]:.2f} SDPA  err {err:.1e}", flush=True)
-            best = min(trial, key=trial.get)
-            t_best = graph_time_us(lambda kw=VARIANTS[best]: mla_decode_absorbed(qa, kv, vl, 0.08, **kw))
-            t_def = graph_time_us(lambda: mla_decode_absorbed(qa, kv, vl, 0.08))
-            print(f"== ratio {ratio} batch {batch} ctx {args.context}: SDPA {t_sdpa:.1f} us ({sdpa_gbs:.0f} GB/s); "
-                  f"default {t_def:.1f} us (x{t_sdpa / t_def:.2f}); best {best} {t_best:.1f} us (x{t_sdpa / t_best:.2f},"
-                  f" {100 * lat_bytes / t_best / 1e3 / sdpa_gbs:.0f}% of SDPA's bandwidth)", flush=True)
-            del qa, kv, vl
+            ablate(ratio, batch, args.context, dev)
             torch.cuda.empty_cache()
 
+
+def ablate(ratio: float, batch: int, ctx: int, dev: str) -> None:
+    from gpu_common import graph_time_us, sdpa_decode
+
+    from kvtool.kernels.mla_decode import mla_decode_absorbed, mla_decode_absorbed_reference
+
+    g = torch.Generator(device=dev).manual_seed(1)
+    q = torch.randn(batch, H, D, device=dev, dtype=torch.bfloat16, generator=g)
+    k = torch.randn(batch, G, ctx, D, device=dev, dtype=torch.bfloat16, generator=g)
+    v = torch.randn_like(k)
+    t_sdpa = graph_time_us(lambda k=k, v=v: sdpa_decode(q, k, v))
+    sdpa_gbs = (2 * k.numel() * 2) / t_sdpa / 1e3
+    del k, v
+    qa, kv, vl = tensors(ratio, batch, ctx, dev)
+    lat_bytes = (kv.numel() + vl.numel()) * 2
+
+    def share(us: float) -> str:
+        return f"{lat_bytes / us / 1e3:6.0f} GB/s ({100 * lat_bytes / us / 1e3 / sdpa_gbs:.0f}% of SDPA's)"
+
+    ref = mla_decode_absorbed_reference(qa, kv[:, :2048], vl[:, :2048], 0.08)
+    trial = {}
+    for name, kw in VARIANTS.items():
+        try:
+            out = mla_decode_absorbed(qa, kv[:, :2048], vl[:, :2048], 0.08, **kw)
+            err = float((out - ref).norm() / ref.norm())
+            trial[name] = graph_time_us(lambda kw=kw: mla_decode_absorbed(qa, kv, vl, 0.08, **kw), rep_ms=60)
+        except Exception as exc:  # noqa: BLE001 (a variant that does not compile is reported, not fatal)
+            print(f"ratio {ratio} batch {batch} {name}: failed: {type(exc).__name__}: {str(exc)[:120]}")
+            continue
+        print(f"ratio {ratio} batch {batch} {name:14s} {trial[name]:8.1f} us  latent read {share(trial[name])}  "
+              f"x{t_sdpa / trial[name]:.2f} SDPA  err {err:.1e}", flush=True)
+    best = min(trial, key=trial.get)
+    t_best = graph_time_us(lambda: mla_decode_absorbed(qa, kv, vl, 0.08, **VARIANTS[best]))
+    t_def = graph_time_us(lambda: mla_decode_absorbed(qa, kv, vl, 0.08))
+    print(f"== ratio {ratio} batch {batch} ctx {ctx}: SDPA {t_sdpa:.1f} us ({sdpa_gbs:.0f} GB/s); default "
+          f"{t_def:.1f} us (x{t_sdpa / t_def:.2f}, {share(t_def)}); best {best} {t_best:.1f} us "
+          f"(x{t_sdpa / t_best:.2f}, {share(t_best)})", flush=True)
 
 if __name__ == "__main__":
     main()
