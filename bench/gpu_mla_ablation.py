@@ -26,6 +26,16 @@ VARIANTS = {
     "dv_parts2": {"dv_parts": 2}, "dv_parts2_w8": {"dv_parts": 2, "num_warps": 8},
     "dv_parts4": {"dv_parts": 4},
     "heads16": {"block_h": 16}, "heads16_dv2": {"block_h": 16, "dv_parts": 2},
+    "stages4_n128_w8": {"num_stages": 4, "block_n": 128, "num_warps": 8},
+    "stages4_d128": {"num_stages": 4, "block_d": 128},
+    # the full-tile kernel (whole key row per token tile, the token loop pipelined)
+    "full_n32_w8_s2": {"tile": "full", "block_n": 32, "num_warps": 8, "num_stages": 2},
+    "full_n32_w8_s3": {"tile": "full", "block_n": 32, "num_warps": 8, "num_stages": 3},
+    "full_n32_w4_s2": {"tile": "full", "block_n": 32, "num_warps": 4, "num_stages": 2},
+    "full_n16_w4_s3": {"tile": "full", "block_n": 16, "num_warps": 4, "num_stages": 3},
+    "full_n16_w8_s4": {"tile": "full", "block_n": 16, "num_warps": 8, "num_stages": 4},
+    "full_n64_w8_s1": {"tile": "full", "block_n": 64, "num_warps": 8, "num_stages": 1},
+    "full_n64_w8_s2": {"tile": "full", "block_n": 64, "num_warps": 8, "num_stages": 2},
 }
 
 

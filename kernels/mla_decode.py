@@ -147,6 +147,62 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
     tl.store(L + b * s_mb + offs_h * s_mh + sp, l_i, mask=hmask)
 
 
+@triton.jit
+def _absorbed_full_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
+                          s_qb, s_qh_a, s_kb, s_kn_a, s_vb, s_vn_a, s_ab, s_ah, s_as, s_mb, s_mh,
+                          BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr,
+                          BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGN: tl.constexpr, STAGES: tl.constexpr):
+    # The whole key row per token tile, as two power-of-2 pieces (e.g. 544 = 512 + 32 masked from a 32-wide piece):
+    # no inner loop over key chunks, so the token loop itself is software-pipelined (STAGES tiles of keys and
+    # values in flight), and the query stays in registers across the loop.
+    DK = DK_A * ALIGN
+    DV = DV_A * ALIGN
+    s_qh = s_qh_a * ALIGN
+    s_kn = s_kn_a * ALIGN
+    s_vn = s_vn_a * ALIGN
+    b = tl.program_id(0)
+    hb = tl.program_id(1)
+    sp = tl.program_id(2)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_d1 = tl.arange(0, BLOCK_D1)
+    offs_d2 = BLOCK_D1 + tl.arange(0, BLOCK_D2)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    hmask = offs_h < H
+    q1 = tl.load(Q + b * s_qb + offs_h[:, None] * s_qh + offs_d1[None, :],
+                 mask=hmask[:, None] & (offs_d1[None, :] < DK), other=0.0)
+    q2 = tl.load(Q + b * s_qb + offs_h[:, None] * s_qh + offs_d2[None, :],
+                 mask=hmask[:, None] & (offs_d2[None, :] < DK), other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    start = sp * split_len
+    end = tl.minimum(start + split_len, S)
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        k1 = tl.load(KV + b * s_kb + offs_n[None, :] * s_kn + offs_d1[:, None],
+                     mask=nmask[None, :] & (offs_d1[:, None] < DK), other=0.0)
+        k2 = tl.load(KV + b * s_kb + offs_n[None, :] * s_kn + offs_d2[:, None],
+                     mask=nmask[None, :] & (offs_d2[:, None] < DK), other=0.0)
+        s = tl.dot(q1, k1) + tl.dot(q2, k2)
+        s = tl.where(nmask[None, :], s * scale, float("-inf"))
+        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
+        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_dv[None, :],
+                    mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+    tl.store(ACC + b * s_ab + offs_h[:, None] * s_ah + sp * s_as + offs_dv[None, :], acc,
+             mask=hmask[:, None] & (offs_dv[None, :] < DV))
+    tl.store(M + b * s_mb + offs_h * s_mh + sp, m_i, mask=hmask)
+    tl.store(L + b * s_mb + offs_h * s_mh + sp, l_i, mask=hmask)
+
+
+def key_pieces(dk: int) -> tuple[int, int]:
+    """The full-tile kernel's key row as two power-of-2 pieces: the largest power of 2 ≤ dk, and the power of 2
+    covering the rest (16 at least: the second dot is always issued, fully masked when dk is a power of 2)."""
+    d1 = max(16, 1 << (int(dk).bit_length() - 1))
+    return d1, _pow2(dk - d1) if dk > d1 else 16
+
+
 # fp32 output accumulator elements one program keeps (BLOCK_H x BLOCK_DV): up to 32 heads x 512 (the uniform KV-ratio
 # 0.5 shape; 4 warps and 64-token tiles measured fastest there on an H200, 8 warps 1.4x slower). Wider latents
 # (per-layer ranks past 512) take 16 heads per program, 8 warps and V tiles of at most 64 x 512 elements: with 4 warps
@@ -170,7 +226,7 @@ def absorbed_launch(heads: int, dv: int, block_n: int = 64, num_warps: int | Non
 def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tensor, scale: float,
                         num_splits: int | None = None, block_n: int = 64, block_d: int = 64,
                         num_warps: int | None = None, num_stages: int | None = None, dv_parts: int = 1,
-                        block_h: int | None = None) -> torch.Tensor:
+                        block_h: int | None = None, tile: str = "chunked") -> torch.Tensor:
     """Absorbed MLA decode. q [B, H, DK], kv_lat [B, S, DK], v_lat [B, S, DV] -> out_lat [B, H, DV] (float32).
 
     ``kv_lat``/``v_lat`` may be views of caches whose rows are padded (see :func:`padded_latent_cache`).
@@ -191,6 +247,18 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
     acc = torch.empty(bsz, heads, splits, dv, device=q.device, dtype=torch.float32)
     m = torch.empty(bsz, heads, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
+    if tile == "full":
+        assert dv_parts == 1, "the full-tile kernel keeps the whole output width"
+        d1, d2 = key_pieces(dk)
+        _absorbed_full_kernel[(bsz, hblocks, splits)](
+            q, kv_lat, v_lat, acc, m, l, length, heads, dk // align, dv // align, split_len, scale * LOG2E,
+            q.stride(0), q.stride(1) // align, kv_lat.stride(0), kv_lat.stride(1) // align, v_lat.stride(0),
+            v_lat.stride(1) // align, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
+            BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D1=d1, BLOCK_D2=d2, BLOCK_DV=_pow2(dv), ALIGN=align,
+            STAGES=num_stages or 2, num_warps=num_warps)
+        return _combine(acc, m, l)
+    if tile != "chunked":
+        raise ValueError(f"tile must be 'chunked' or 'full', not {tile!r}")
     block_dv = _pow2(dv) // dv_parts
     assert block_dv >= 16 and block_dv * dv_parts == _pow2(dv), "dv_parts must split the padded width in 16+ slices"
     extra = {"num_stages": num_stages} if num_stages else {}

@@ -41,6 +41,18 @@ def test_output_slices_and_head_blocks_match_reference():
         assert rel(out, ref) < 1e-5
 
 
+@pytest.mark.parametrize("dk", [40, 32, 16])
+def test_full_tile_kernel_matches_reference(dk):
+    from kvtool.kernels.mla_decode import key_pieces
+
+    assert key_pieces(544) == (512, 32) and key_pieces(288) == (256, 32) and key_pieces(512) == (512, 16)
+    g = torch.Generator().manual_seed(dk)
+    q, kv, v = (torch.randn(2, 20, dk, generator=g), torch.randn(2, 70, dk, generator=g),
+                torch.randn(2, 70, 24, generator=g))
+    out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=3, block_n=16, tile="full", num_stages=2)
+    assert rel(out, mla_decode_absorbed_reference(q, kv, v, 0.2)) < 1e-5
+
+
 def test_wide_latent_takes_fewer_heads_per_program():
     # per-layer ranks past 512: 32 heads x 1024 would spill; 16 heads per program, two head blocks
     assert absorbed_launch(32, 480) == (32, 64, 4)
