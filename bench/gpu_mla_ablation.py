@@ -36,6 +36,14 @@ VARIANTS = {
     "full_n16_w8_s4": {"tile": "full", "block_n": 16, "num_warps": 8, "num_stages": 4},
     "full_n64_w8_s1": {"tile": "full", "block_n": 64, "num_warps": 8, "num_stages": 1},
     "full_n64_w8_s2": {"tile": "full", "block_n": 64, "num_warps": 8, "num_stages": 2},
+    "full_n32_w4_s3": {"tile": "full", "block_n": 32, "num_warps": 4, "num_stages": 3},
+    "full_n64_w4_s2": {"tile": "full", "block_n": 64, "num_warps": 4, "num_stages": 2},
+    "full_n64_w8_s3": {"tile": "full", "block_n": 64, "num_warps": 8, "num_stages": 3},
+    "full_n16_w4_s4": {"tile": "full", "block_n": 16, "num_warps": 4, "num_stages": 4},
+    "full_n16_w4_s3_sp132": {"tile": "full", "block_n": 16, "num_warps": 4, "num_stages": 3, "num_splits": 132},
+    "full_n32_w4_s3_sp132": {"tile": "full", "block_n": 32, "num_warps": 4, "num_stages": 3, "num_splits": 132},
+    "full_n32_w4_s2_sp66": {"tile": "full", "block_n": 32, "num_warps": 4, "num_stages": 2, "num_splits": 66},
+    "full_n16_w4_s3_sp528": {"tile": "full", "block_n": 16, "num_warps": 4, "num_stages": 3, "num_splits": 528},
 }
 
 
@@ -57,6 +65,7 @@ def main() -> None:
     ap.add_argument("--ratios", default="0.5,0.25")
     ap.add_argument("--batches", default="32,1")
     ap.add_argument("--context", type=int, default=32768)
+    ap.add_argument("--variants", default="", help="comma list of variant names (default: all)")
     args = ap.parse_args()
     dev = "cuda"
     if args.one:
@@ -71,11 +80,12 @@ def main() -> None:
     print(environment(), flush=True)
     for ratio in [float(r) for r in args.ratios.split(",")]:
         for batch in [int(b) for b in args.batches.split(",")]:
-            ablate(ratio, batch, args.context, dev)
+            names = [v for v in args.variants.split(",") if v] or list(VARIANTS)
+            ablate(ratio, batch, args.context, dev, names)
             torch.cuda.empty_cache()
 
 
-def ablate(ratio: float, batch: int, ctx: int, dev: str) -> None:
+def ablate(ratio: float, batch: int, ctx: int, dev: str, names: list[str]) -> None:
     from gpu_common import graph_time_us, sdpa_decode
 
     from kvtool.kernels.mla_decode import mla_decode_absorbed, mla_decode_absorbed_reference
@@ -95,7 +105,8 @@ def ablate(ratio: float, batch: int, ctx: int, dev: str) -> None:
 
     ref = mla_decode_absorbed_reference(qa, kv[:, :2048], vl[:, :2048], 0.08)
     trial = {}
-    for name, kw in VARIANTS.items():
+    for name in names:
+        kw = VARIANTS[name]
         try:
             out = mla_decode_absorbed(qa, kv[:, :2048], vl[:, :2048], 0.08, **kw)
             err = float((out - ref).norm() / ref.norm())
