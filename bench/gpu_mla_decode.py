@@ -3,9 +3,9 @@
     python bench/gpu_mla_decode.py                 # on a GPU: checks, then times; prints tables
     TRITON_INTERPRET=1 python bench/gpu_mla_decode.py --quick --device cpu   # tiny check on the CPU
 
-Methodology (bench/gpu_common.py): CUDA-graph replays timed with CUDA events, medians; the kernel configuration is
-chosen on its own measurement and timed again for the reported number; bytes = everything read and written (cache,
-queries, split partials, outputs); the bandwidth reference is the read bandwidth of a large device copy measured in
+Methodology (bench/gpu_common.py): CUDA-graph replays timed with CUDA events, medians; the absorbed kernel runs its
+default launch (what the runtime calls; chosen on separate runs of bench/gpu_mla_ablation.py); bytes = everything
+read and written (cache, queries, split partials, outputs); the bandwidth reference is the read bandwidth of a large device copy measured in
 the same run, and SDPA's own achieved bandwidth is reported beside it.
 
 Shapes: 32 query heads, 8 KV heads, head_dim 128 (GQA cache 2*8*128 = 2048 values/token/layer). KV ratio 0.5 ->
@@ -27,6 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from kvtool.kernels.mla_decode import (  # noqa: E402
     _num_splits,
+    absorbed_config,
     mla_decode_absorbed,
     mla_decode_absorbed_reference,
     mla_decode_keep,
@@ -41,12 +42,15 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def absorbed_bytes(b: int, s: int, dk: int, dv: int, block_n: int, elem: int) -> int:
-    """Bytes the absorbed kernel reads and writes: latent cache, queries, split partials (written, re-read), output."""
+def absorbed_bytes(b: int, s: int, dk: int, dv: int, elem: int) -> int:
+    """Bytes the absorbed kernel reads and writes with its default launch: latent cache, queries, split partials
+    (written, re-read), output."""
     def cdiv(x: int, y: int) -> int:
         return (x + y - 1) // y
 
-    splits = _num_splits(b, 1, s, block_n)  # as mla_decode_absorbed chooses them (32 heads: one head block)
+    cfg = absorbed_config(b, H, dk, dv)
+    block_n = cfg["block_n"]
+    splits = _num_splits(b, cdiv(H, cfg["block_h"]), s, block_n, cfg["waves"])  # as mla_decode_absorbed does
     splits = cdiv(s, cdiv(cdiv(s, splits), block_n) * block_n)
     partial = b * H * splits * (dv + 2) * 4
     return b * s * (dk + dv) * elem + b * H * dk * elem + 2 * partial + b * H * dv * 4
@@ -68,7 +72,7 @@ def main() -> None:
     dev = args.device
     if dev != "cuda" or args.quick:
         return quick_check(dev)
-    from gpu_common import environment, graph_time_us, pick, read_bandwidth_gbs, sdpa_decode
+    from gpu_common import environment, graph_time_us, read_bandwidth_gbs, sdpa_decode
 
     print(environment(), flush=True)
     if args.width_sweep:
@@ -96,9 +100,10 @@ def main() -> None:
                 vl = torch.randn(b, s, r_v, device=dev, dtype=dt, generator=g)
                 err_a = rel(mla_decode_absorbed(qa, kv[:, :2048], vl[:, :2048], 0.08),
                             mla_decode_absorbed_reference(qa, kv[:, :2048], vl[:, :2048], 0.08))
-                cfg, t_abs = pick([(32, 4), (64, 4), (64, 8), (128, 8)], lambda c, qa=qa, kv=kv, vl=vl: (
-                    lambda: mla_decode_absorbed(qa, kv, vl, 0.08, block_n=c[0], num_warps=c[1])))
-                abs_bytes = absorbed_bytes(b, s, r_k + ROPE, r_v, cfg[0], 2)
+                # the default launch, what the runtime calls (chosen on separate runs: bench/gpu_mla_ablation.py)
+                cfg = absorbed_config(b, H, r_k + ROPE, r_v)
+                t_abs = graph_time_us(lambda qa=qa, kv=kv, vl=vl: mla_decode_absorbed(qa, kv, vl, 0.08))
+                abs_bytes = absorbed_bytes(b, s, r_k + ROPE, r_v, 2)
                 del kv, vl
                 r_k2, r_v2 = width // 2, width - width // 2
                 ck = torch.randn(b, s, r_k2, device=dev, dtype=dt, generator=g)
@@ -178,22 +183,22 @@ def whole_model_step(dev: str, graph_time_us) -> None:
 
 def width_sweep(dev: str, graph_time_us, widths: list[int] | None = None) -> None:
     """Per-layer cost against latent width: is per-layer-rank time proportional to bytes?"""
-    from kvtool.kernels.mla_decode import absorbed_launch
-
     g = torch.Generator(device=dev).manual_seed(2)
     b, s = 1, 32768
     widths = widths or sorted(set(per_layer_ranks(32, 512 * 32, 0.25) + per_layer_ranks(32, 1024 * 32, 0.5)))
-    print("| width | r_K + rope | r_V | BLOCK_H/BLOCK_N/warps | splits | us | GB/s |\n|---|---|---|---|---|---|---|")
+    print("| width | r_K + rope | r_V | tile/BLOCK_H/BLOCK_N/warps | splits | us | GB/s |\n"
+          "|---|---|---|---|---|---|---|")
     for w in widths:
         r_k = (w - ROPE) // 2
         r_v = w - ROPE - r_k
         qa = torch.randn(b, H, r_k + ROPE, device=dev, dtype=torch.bfloat16, generator=g) / 8
         kv = torch.randn(b, s, r_k + ROPE, device=dev, dtype=torch.bfloat16, generator=g)
         vl = torch.randn(b, s, r_v, device=dev, dtype=torch.bfloat16, generator=g)
-        bh, bn, nw = absorbed_launch(H, r_v)
-        splits = _num_splits(b, -(-H // bh), s, bn)
+        c = absorbed_config(b, H, r_k + ROPE, r_v)
+        splits = _num_splits(b, -(-H // c["block_h"]), s, c["block_n"], c["waves"])
         us = graph_time_us(lambda qa=qa, kv=kv, vl=vl: mla_decode_absorbed(qa, kv, vl, 0.08))
-        print(f"| {w} | {r_k + ROPE} | {r_v} | {bh}/{bn}/{nw} | {splits} | {us:.1f} | {b * s * w * 2 / us / 1e3:.0f} |",
+        launch = f"{c['tile']}/{c['block_h']}/{c['block_n']}/{c['num_warps']}"
+        print(f"| {w} | {r_k + ROPE} | {r_v} | {launch} | {splits} | {us:.1f} | {b * s * w * 2 / us / 1e3:.0f} |",
               flush=True)
 
 

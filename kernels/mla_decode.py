@@ -37,12 +37,12 @@ def _sm_count(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_splits(batch: int, programs: int, length: int, block_n: int) -> int:
-    """Enough context splits to give the GPU ~2 waves of programs, at least one block per split."""
+def _num_splits(batch: int, programs: int, length: int, block_n: int, waves: int = 2) -> int:
+    """Enough context splits to give the GPU ``waves`` waves of programs, at least one block per split."""
     if not torch.cuda.is_available():
         return max(1, min(4, triton.cdiv(length, block_n)))
     sms = _sm_count(torch.cuda.current_device())
-    want = max(1, (2 * sms) // max(1, batch * programs))
+    want = max(1, (waves * sms) // max(1, batch * programs))
     return max(1, min(want, triton.cdiv(length, block_n)))
 
 
@@ -223,50 +223,72 @@ def absorbed_launch(heads: int, dv: int, block_n: int = 64, num_warps: int | Non
     return block_h, block_n, num_warps
 
 
+def absorbed_config(batch: int, heads: int, dk: int, dv: int) -> dict:
+    """The absorbed kernel's default launch (H200 ablation, docs/gpu-logs/mla_ablation*_h200_2026-11-30.log).
+
+    The full-tile kernel wherever its tiles fit: 32-token tiles up to a 512-wide value latent (batch 32 / 32k at 85%
+    of cuDNN SDPA's bandwidth, 1.70x; the chunked kernel: 48%), 16-token tiles up to 1024 (per-layer ranks past
+    512: 1.9x faster than the chunked kernel), 4 warps, 3 stages; one wave of programs at batch 1 (fewer fp32
+    partials to merge: 36.6 vs 43.2 us at 32k), two above. Wider latents: the chunked kernel (:func:`absorbed_launch`).
+    """
+    d1, d2 = key_pieces(dk)
+    if _pow2(dv) <= 1024 and d1 + d2 <= 1024:
+        block_h = min(64, _pow2(heads), max(16, _ACC_BUDGET // _pow2(dv)))
+        return {"tile": "full", "block_h": block_h, "block_n": 32 if _pow2(dv) <= 512 else 16, "num_warps": 4,
+                "num_stages": 3, "waves": 1 if batch * triton.cdiv(heads, block_h) < 8 else 2}
+    block_h, block_n, num_warps = absorbed_launch(heads, dv)
+    return {"tile": "chunked", "block_h": block_h, "block_n": block_n, "num_warps": num_warps, "num_stages": None,
+            "waves": 2}
+
+
 def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tensor, scale: float,
-                        num_splits: int | None = None, block_n: int = 64, block_d: int = 64,
+                        num_splits: int | None = None, block_n: int | None = None, block_d: int = 64,
                         num_warps: int | None = None, num_stages: int | None = None, dv_parts: int = 1,
-                        block_h: int | None = None, tile: str = "chunked") -> torch.Tensor:
+                        block_h: int | None = None, tile: str | None = None) -> torch.Tensor:
     """Absorbed MLA decode. q [B, H, DK], kv_lat [B, S, DK], v_lat [B, S, DV] -> out_lat [B, H, DV] (float32).
 
     ``kv_lat``/``v_lat`` may be views of caches whose rows are padded (see :func:`padded_latent_cache`).
-    Defaults: the configuration the H200 bench picked for every uniform shape (block_n 64, 4 warps), adjusted for
-    latents wider than 512 (:func:`absorbed_launch`)."""
+    Launch options left at None take :func:`absorbed_config`'s defaults. ``tile``: ``full`` (the whole key row per
+    token tile, the token loop pipelined) or ``chunked`` (the key row in ``block_d`` chunks; ``dv_parts`` output
+    slices per head block)."""
     bsz, heads, dk = q.shape
     _, length, dv = v_lat.shape
     assert kv_lat.shape[:2] == (bsz, length) and kv_lat.shape[2] == dk
     # rows may be padded views (padded_latent_cache): only the last dimension must be contiguous, so none is copied
     q, kv_lat, v_lat = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, kv_lat, v_lat))
-    auto_h, block_n, num_warps = absorbed_launch(heads, dv, block_n, num_warps)
+    cfg = absorbed_config(bsz, heads, dk, dv)
+    tile = tile or cfg["tile"]
+    if tile not in ("full", "chunked"):
+        raise ValueError(f"tile must be 'full' or 'chunked', not {tile!r}")
+    if tile == cfg["tile"]:
+        block_n = block_n or cfg["block_n"]
+        num_warps = num_warps or cfg["num_warps"]
+        num_stages = num_stages or cfg["num_stages"]
+    auto_h, block_n, num_warps = absorbed_launch(heads, dv, block_n or 64, num_warps)
     block_h = block_h or auto_h
     align = _align(dk, dv, q.stride(1), kv_lat.stride(1), v_lat.stride(1))
     hblocks = triton.cdiv(heads, block_h)
-    splits = num_splits or _num_splits(bsz, hblocks * dv_parts, length, block_n)
+    splits = num_splits or _num_splits(bsz, hblocks * dv_parts, length, block_n, cfg["waves"])
     split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
     splits = triton.cdiv(length, split_len)
     acc = torch.empty(bsz, heads, splits, dv, device=q.device, dtype=torch.float32)
     m = torch.empty(bsz, heads, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
+    args = (q, kv_lat, v_lat, acc, m, l, length, heads, dk // align, dv // align, split_len, scale * LOG2E,
+            q.stride(0), q.stride(1) // align, kv_lat.stride(0), kv_lat.stride(1) // align, v_lat.stride(0),
+            v_lat.stride(1) // align, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1))
     if tile == "full":
         assert dv_parts == 1, "the full-tile kernel keeps the whole output width"
         d1, d2 = key_pieces(dk)
         _absorbed_full_kernel[(bsz, hblocks, splits)](
-            q, kv_lat, v_lat, acc, m, l, length, heads, dk // align, dv // align, split_len, scale * LOG2E,
-            q.stride(0), q.stride(1) // align, kv_lat.stride(0), kv_lat.stride(1) // align, v_lat.stride(0),
-            v_lat.stride(1) // align, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-            BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D1=d1, BLOCK_D2=d2, BLOCK_DV=_pow2(dv), ALIGN=align,
-            STAGES=num_stages or 2, num_warps=num_warps)
+            *args, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D1=d1, BLOCK_D2=d2, BLOCK_DV=_pow2(dv), ALIGN=align,
+            STAGES=num_stages or 3, num_warps=num_warps)
         return _combine(acc, m, l)
-    if tile != "chunked":
-        raise ValueError(f"tile must be 'chunked' or 'full', not {tile!r}")
     block_dv = _pow2(dv) // dv_parts
     assert block_dv >= 16 and block_dv * dv_parts == _pow2(dv), "dv_parts must split the padded width in 16+ slices"
     extra = {"num_stages": num_stages} if num_stages else {}
     _absorbed_kernel[(bsz, hblocks * dv_parts, splits)](
-        q, kv_lat, v_lat, acc, m, l, length, heads, dk // align, dv // align, split_len, scale * LOG2E,
-        q.stride(0), q.stride(1) // align, kv_lat.stride(0), kv_lat.stride(1) // align, v_lat.stride(0),
-        v_lat.stride(1) // align, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
-        BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, ALIGN=align, DV_PARTS=dv_parts,
+        *args, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, ALIGN=align, DV_PARTS=dv_parts,
         num_warps=num_warps, **extra)
     return _combine(acc, m, l)
 

@@ -20,13 +20,26 @@ def rel(a, b):
 
 
 @pytest.mark.parametrize("heads,dk,dv,length,splits", [(9, 40, 24, 70, None), (4, 16, 16, 5, 1), (20, 72, 33, 130, 3)])
-def test_absorbed_matches_reference(heads, dk, dv, length, splits):
+@pytest.mark.parametrize("tile", ["full", "chunked"])
+def test_absorbed_matches_reference(heads, dk, dv, length, splits, tile):
     g = torch.Generator().manual_seed(heads + length)
     q, kv, v = (torch.randn(2, heads, dk, generator=g), torch.randn(2, length, dk, generator=g),
                 torch.randn(2, length, dv, generator=g))
-    out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=splits, block_n=16, block_d=16)
+    out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=splits, block_n=16, block_d=16, tile=tile)
     assert out.shape == (2, heads, dv)
     assert rel(out, mla_decode_absorbed_reference(q, kv, v, 0.2)) < 1e-5
+
+
+def test_default_launch_is_the_measured_one():
+    from kvtool.kernels.mla_decode import absorbed_config
+
+    # Llama-8B shapes at KV ratio 0.5 / 0.25 (key latent 480+64 / 224+64), batch 32 and 1
+    assert absorbed_config(32, 32, 544, 480) == {"tile": "full", "block_h": 32, "block_n": 32, "num_warps": 4,
+                                                 "num_stages": 3, "waves": 2}
+    assert absorbed_config(1, 32, 288, 224)["waves"] == 1
+    wide = absorbed_config(1, 32, 800, 736)  # per-layer ranks past 512
+    assert (wide["tile"], wide["block_h"], wide["block_n"]) == ("full", 16, 16)
+    assert absorbed_config(1, 32, 2112, 2048)["tile"] == "chunked"
 
 
 def test_output_slices_and_head_blocks_match_reference():
@@ -37,7 +50,7 @@ def test_output_slices_and_head_blocks_match_reference():
     ref = mla_decode_absorbed_reference(q, kv, v, 0.2)
     for parts, block_h in ((2, None), (4, 16)):
         out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=2, block_n=16, block_d=16, dv_parts=parts,
-                                  block_h=block_h)
+                                  block_h=block_h, tile="chunked")
         assert rel(out, ref) < 1e-5
 
 
