@@ -5,8 +5,8 @@
 
 Methodology (bench/gpu_common.py): CUDA-graph replays timed with CUDA events, medians; the absorbed kernel runs its
 default launch (what the runtime calls; chosen on separate runs of bench/gpu_mla_ablation.py); bytes = everything
-read and written (cache, queries, split partials, outputs); the bandwidth reference is the read bandwidth of a large device copy measured in
-the same run, and SDPA's own achieved bandwidth is reported beside it.
+read and written (cache, queries, split partials, outputs); the bandwidth reference is the read bandwidth of a large
+device copy measured in the same run, and SDPA's own achieved bandwidth is reported beside it.
 
 Shapes: 32 query heads, 8 KV heads, head_dim 128 (GQA cache 2*8*128 = 2048 values/token/layer). KV ratio 0.5 ->
 latent 1024 values/token; 0.25 -> 512. Absorbed (decoupled RoPE) cache: [c_K | k_pe] (r_K + 64) and c_V (r_V) with
