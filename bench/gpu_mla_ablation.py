@@ -52,7 +52,7 @@ VARIANTS = {
     "full_h32_n32_w8_s2": {"tile": "full", "block_h": 32, "block_n": 32, "num_warps": 8, "num_stages": 2},
     "full_h32_n16_w4_s3": {"tile": "full", "block_h": 32, "block_n": 16, "num_warps": 4, "num_stages": 3},
     "full_n16_w4_s2": {"tile": "full", "block_n": 16, "num_warps": 4, "num_stages": 2},
-    "full_n16_w4_s3_sp264": {"tile": "full", "block_n": 16, "num_warps": 4, "num_stages": 3, "num_splits": 132},
+    "full_n16_w4_s3_splits132": {"tile": "full", "block_n": 16, "num_warps": 4, "num_stages": 3, "num_splits": 132},
     "full_n16_w4_s3_sp528": {"tile": "full", "block_n": 16, "num_warps": 4, "num_stages": 3, "num_splits": 528},
 }
 
