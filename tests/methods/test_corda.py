@@ -268,3 +268,17 @@ def test_auto_peft_model_and_kvtool_eval_load_the_adapter_with_its_residual_base
         assert res.exit_code == 0, res.output
         scores.append(json.loads(res.output)["perplexity"])
     assert scores[1] == pytest.approx(scores[0], rel=1e-4)
+
+
+def test_probed_inverse_error_and_solves_match_the_explicit_inverse():
+    c = _cov(96, decay=0.08)
+    inv = damped_inverse(c)
+    assert inv.probed and inv.factor is not None and inv.explicit is None  # no n x n inverse formed
+    full = float(torch.linalg.matrix_norm(inv.damped @ torch.linalg.inv(inv.damped) - torch.eye(96,
+                                                                                               dtype=torch.float64)))
+    assert inv.inverse_error < 1e-9 and full < 1e-9  # both far below the tolerance, where the estimate is used
+    rows = torch.randn(5, 96, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    torch.testing.assert_close(inv.solve_rows(rows), rows @ torch.linalg.inv(inv.damped), rtol=1e-10, atol=1e-12)
+    # near the tolerance the full residual decides (PEFT's rule): a tolerance the estimate cannot clear
+    tight = damped_inverse(c, inverse_tol=3 * full)
+    assert not tight.probed and tight.damp == 0.01 and tight.inverse_error < 3 * full
