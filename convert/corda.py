@@ -153,8 +153,11 @@ class Factor:
 
 
 def corda_factor(weight: torch.Tensor, cov: DampedInverse | None, rank: int, mode: str, *,
-                 seed: int = 0, what: str = "linear") -> Factor:
-    """Split ``weight`` (out×in) into residual + ``B·A`` for one mode; float64 throughout (see module docstring)."""
+                 seed: int = 0, what: str = "linear", try_gram: bool = True) -> Factor:
+    """Split ``weight`` (out×in) into residual + ``B·A`` for one mode; float64 throughout (see module docstring).
+
+    ``try_gram=False`` goes straight to the full SVD (see :func:`top_or_bottom_svd`); the report's ``svd`` says
+    which path ran."""
     if mode not in MODES:
         raise KvtoolError(f"unknown mode {mode!r}: use one of {', '.join(MODES)}")
     w = weight.detach().to(torch.float64)
@@ -180,7 +183,8 @@ def corda_factor(weight: torch.Tensor, cov: DampedInverse | None, rank: int, mod
             raise KvtoolError(f"statistics for {what} are {cov.damped.shape[0]}-wide but the linear takes {in_f} "
                               "inputs: recalibrate on this model")
         idx = slice(-rank, None) if mode == "kpa" else slice(0, rank)
-        u_r, s, vh_r = top_or_bottom_svd(w @ cov.damped, idx)
+        u_r, s, vh_r, path = top_or_bottom_svd(w @ cov.damped, idx, try_gram)
+        report["svd"] = path
         right = cov.solve_rows(vh_r)  # only the r rows the adapter uses
         report.update(damp=cov.damp, inverse_error=cov.inverse_error, inverse_error_probed=cov.probed)
         root = s[idx].sqrt()
@@ -194,25 +198,30 @@ def corda_factor(weight: torch.Tensor, cov: DampedInverse | None, rank: int, mod
     return _finish(w, a, b, s, idx, report)
 
 
-def top_or_bottom_svd(m: torch.Tensor, idx: slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def top_or_bottom_svd(m: torch.Tensor, idx: slice, try_gram: bool = True) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor, str]:
     """Singular triplets ``idx`` of ``m`` (descending order, like ``torch.linalg.svd``): (U[:, idx], all singular
-    values, Vᵀ[idx]), from the eigendecomposition of the smaller Gram matrix (``m mᵀ`` or ``mᵀ m``) in float64.
+    values, Vᵀ[idx], ``"gram"`` or ``"full"``), from the eigendecomposition of the smaller Gram matrix (``m mᵀ`` or
+    ``mᵀ m``) in float64.
 
     2-4x faster than a full SVD on these shapes. Squaring costs relative accuracy on singular values far below the
-    largest (about ``eps · σ_max² / σ²``), so when a chosen one is below ``1e-4 · σ_max`` the full SVD is used; the
-    other factor is recovered as ``mᵀu/σ`` or ``m v/σ`` (tests compare against ``torch.linalg.svd``)."""
+    largest (about ``eps · σ_max² / σ²``), so when a chosen one is below ``1e-4 · σ_max`` the full SVD is used (also
+    when ``try_gram`` is False); the other factor is recovered as ``mᵀu/σ`` or ``m v/σ`` (tests compare against
+    ``torch.linalg.svd``)."""
     out_f, in_f = m.shape
-    wide = out_f <= in_f
-    vals, vecs = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
-    vals, vecs = vals.flip(0), vecs.flip(1)  # descending
-    s = vals.clamp_min(0).sqrt()
-    chosen, sv = vecs[:, idx], s[idx]
-    if float(sv.min()) < 1e-4 * float(s[0]):  # squared spread > 1e8: the Gram loses the vectors, use the full SVD
-        u, s_full, vh = torch.linalg.svd(m, full_matrices=False)
-        return u[:, idx], s_full, vh[idx]
-    if wide:
-        return chosen, s, (m.T @ chosen / sv).T
-    return m @ chosen / sv, s, chosen.T
+    if try_gram:
+        wide = out_f <= in_f
+        vals, vecs = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
+        vals, vecs = vals.flip(0), vecs.flip(1)  # descending
+        s = vals.clamp_min(0).sqrt()
+        chosen, sv = vecs[:, idx], s[idx]
+        if float(sv.min()) >= 1e-4 * float(s[0]):
+            if wide:
+                return chosen, s, (m.T @ chosen / sv).T, "gram"
+            return m @ chosen / sv, s, chosen.T, "gram"
+    # squared spread > 1e8: the Gram loses the vectors, use the full SVD
+    u, s_full, vh = torch.linalg.svd(m, full_matrices=False)
+    return u[:, idx], s_full, vh[idx], "full"
 
 
 def _finish(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, idx: slice, report: dict) -> Factor:
@@ -273,6 +282,7 @@ def corda_transform(weights: dict[str, torch.Tensor], covariance: CovarianceFn |
     adapter: dict[str, torch.Tensor] = {}
     residual: dict[str, torch.Tensor] = {}
     modules: dict[str, dict] = {}
+    gram_ok: dict[str, bool] = {}
     for i in chosen:
         inverses: dict[str, DampedInverse] = {}
         for j, t in enumerate(targets):
@@ -288,7 +298,9 @@ def corda_transform(weights: dict[str, torch.Tensor], covariance: CovarianceFn |
                                                     what=f"statistic {stat} of layer {i}")
                 cov = inverses[stat]
             f = corda_factor(w.to(device), cov, rank, mode, seed=seed * 1_000_003 + i * len(ALL_TARGETS) + j,
-                             what=key)
+                             what=key, try_gram=gram_ok.get(t, True))
+            if f.report.get("svd") == "full":  # the spread of this projection's W·C_λ needed the full SVD once:
+                gram_ok[t] = False  # later layers' same projection go straight to it (KPA: 74% of modules on SmolLM2)
             adapter[f"base_model.model.{key}.lora_A.weight"] = f.lora_a.to("cpu", adapter_dtype).contiguous()
             adapter[f"base_model.model.{key}.lora_B.weight"] = f.lora_b.to("cpu", adapter_dtype).contiguous()
             if in_place:

@@ -60,7 +60,8 @@ def test_gram_eigen_factor_equals_the_full_svd(shape):
     m = w @ damped_inverse(_cov(in_f, decay=0.4)).damped  # singular values spread over ~1e3
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     for idx in (slice(-4, None), slice(0, 4)):
-        u_r, s_all, vh_r = top_or_bottom_svd(m, idx)
+        u_r, s_all, vh_r, path = top_or_bottom_svd(m, idx)
+        assert path == "gram"
         assert torch.allclose(s_all, s, rtol=1e-9)
         want = u[:, idx] @ torch.diag(s[idx]) @ vh[idx]
         got = u_r @ torch.diag(s_all[idx]) @ vh_r
@@ -70,7 +71,8 @@ def test_gram_eigen_factor_equals_the_full_svd(shape):
     u2, _, vh2 = torch.linalg.svd(torch.randn(out_f, in_f, generator=g, dtype=torch.float64), full_matrices=False)
     spread = torch.logspace(0, -8, min(shape), dtype=torch.float64)
     hard = u2 @ torch.diag(spread) @ vh2
-    u_r, s_all, vh_r = top_or_bottom_svd(hard, slice(-4, None))
+    u_r, s_all, vh_r, path = top_or_bottom_svd(hard, slice(-4, None))
+    assert path == "full"
     want = u2[:, -4:] @ torch.diag(spread[-4:]) @ vh2[-4:]
     assert float((u_r @ torch.diag(s_all[-4:]) @ vh_r - want).norm() / want.norm()) < 1e-6
 
