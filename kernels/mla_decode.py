@@ -99,6 +99,31 @@ def combine_reference(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> to
 # ------------------------------------------------------------------------------------------------ absorbed
 
 @triton.jit
+def _aligned(DK_A, DV_A, s_qh_a, s_kn_a, s_vn_a, ALIGN: tl.constexpr):
+    """Widths and row strides passed divided by ALIGN, multiplied back (see the absorbed kernels)."""
+    return DK_A * ALIGN, DV_A * ALIGN, s_qh_a * ALIGN, s_kn_a * ALIGN, s_vn_a * ALIGN
+
+
+@triton.jit
+def _absorbed_value_step(V, b, s_vb, s_vn, offs_n, nmask, offs_dv, DV, s, scale, m_i, l_i, acc):
+    """One token tile after its scores ``s``: online softmax, then the value latent tile into the accumulator."""
+    s = tl.where(nmask[None, :], s * scale, float("-inf"))
+    p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
+    v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_dv[None, :],
+                mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
+    return acc * alpha[:, None] + tl.dot(p.to(v.dtype), v), m_i, l_i
+
+
+@triton.jit
+def _absorbed_store(ACC, M, L, acc, m_i, l_i, b, sp, offs_h, offs_dv, hmask, DV, s_ab, s_ah, s_as, s_mb, s_mh):
+    """A split's partial output, running max and sum (merged by :func:`_combine`)."""
+    tl.store(ACC + b * s_ab + offs_h[:, None] * s_ah + sp * s_as + offs_dv[None, :], acc,
+             mask=hmask[:, None] & (offs_dv[None, :] < DV))
+    tl.store(M + b * s_mb + offs_h * s_mh + sp, m_i, mask=hmask)
+    tl.store(L + b * s_mb + offs_h * s_mh + sp, l_i, mask=hmask)
+
+
+@triton.jit
 def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
                      s_qb, s_qh_a, s_kb, s_kn_a, s_vb, s_vn_a, s_ab, s_ah, s_as, s_mb, s_mh,
                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -107,11 +132,7 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
     # multiples of ALIGN (8 elements = 16 bytes); Triton only infers this for values divisible by 16. Measured effect
     # at width 168 on an H200: ~5% (docs/gpu-logs/mla_width_sweep_h200_align_hint.log); the 3x seen at such widths
     # was the split merge (_combine_kernel), not this kernel.
-    DK = DK_A * ALIGN
-    DV = DV_A * ALIGN
-    s_qh = s_qh_a * ALIGN
-    s_kn = s_kn_a * ALIGN
-    s_vn = s_vn_a * ALIGN
+    DK, DV, s_qh, s_kn, s_vn = _aligned(DK_A, DV_A, s_qh_a, s_kn_a, s_vn_a, ALIGN)
     b = tl.program_id(0)
     hb = tl.program_id(1) // DV_PARTS  # DV_PARTS programs share a head block, each owns a BLOCK_DV slice of the
     dvp = tl.program_id(1) % DV_PARTS  # output (scores recomputed per slice: the key tiles are read again, from L2)
@@ -136,15 +157,8 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
             k = tl.load(KV + b * s_kb + offs_n[None, :] * s_kn + d0 + offs_d[:, None],
                         mask=nmask[None, :] & dmask[:, None], other=0.0)
             s += tl.dot(q, k)
-        s = tl.where(nmask[None, :], s * scale, float("-inf"))
-        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
-        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_dv[None, :],
-                    mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    tl.store(ACC + b * s_ab + offs_h[:, None] * s_ah + sp * s_as + offs_dv[None, :], acc,
-             mask=hmask[:, None] & (offs_dv[None, :] < DV))
-    tl.store(M + b * s_mb + offs_h * s_mh + sp, m_i, mask=hmask)
-    tl.store(L + b * s_mb + offs_h * s_mh + sp, l_i, mask=hmask)
+        acc, m_i, l_i = _absorbed_value_step(V, b, s_vb, s_vn, offs_n, nmask, offs_dv, DV, s, scale, m_i, l_i, acc)
+    _absorbed_store(ACC, M, L, acc, m_i, l_i, b, sp, offs_h, offs_dv, hmask, DV, s_ab, s_ah, s_as, s_mb, s_mh)
 
 
 @triton.jit
@@ -155,11 +169,7 @@ def _absorbed_full_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scal
     # The whole key row per token tile, as two power-of-2 pieces (e.g. 544 = 512 + 32 masked from a 32-wide piece):
     # no inner loop over key chunks, so the token loop itself is software-pipelined (STAGES tiles of keys and
     # values in flight), and the query stays in registers across the loop.
-    DK = DK_A * ALIGN
-    DV = DV_A * ALIGN
-    s_qh = s_qh_a * ALIGN
-    s_kn = s_kn_a * ALIGN
-    s_vn = s_vn_a * ALIGN
+    DK, DV, s_qh, s_kn, s_vn = _aligned(DK_A, DV_A, s_qh_a, s_kn_a, s_vn_a, ALIGN)
     b = tl.program_id(0)
     hb = tl.program_id(1)
     sp = tl.program_id(2)
@@ -185,15 +195,8 @@ def _absorbed_full_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scal
         k2 = tl.load(KV + b * s_kb + offs_n[None, :] * s_kn + offs_d2[:, None],
                      mask=nmask[None, :] & (offs_d2[:, None] < DK), other=0.0)
         s = tl.dot(q1, k1) + tl.dot(q2, k2)
-        s = tl.where(nmask[None, :], s * scale, float("-inf"))
-        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
-        v = tl.load(V + b * s_vb + offs_n[:, None] * s_vn + offs_dv[None, :],
-                    mask=nmask[:, None] & (offs_dv[None, :] < DV), other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-    tl.store(ACC + b * s_ab + offs_h[:, None] * s_ah + sp * s_as + offs_dv[None, :], acc,
-             mask=hmask[:, None] & (offs_dv[None, :] < DV))
-    tl.store(M + b * s_mb + offs_h * s_mh + sp, m_i, mask=hmask)
-    tl.store(L + b * s_mb + offs_h * s_mh + sp, l_i, mask=hmask)
+        acc, m_i, l_i = _absorbed_value_step(V, b, s_vb, s_vn, offs_n, nmask, offs_dv, DV, s, scale, m_i, l_i, acc)
+    _absorbed_store(ACC, M, L, acc, m_i, l_i, b, sp, offs_h, offs_dv, hmask, DV, s_ab, s_ah, s_as, s_mb, s_mh)
 
 
 def key_pieces(dk: int) -> tuple[int, int]:
