@@ -7,8 +7,8 @@ For a linear ``W`` (out×in) whose input ``x`` has second moment ``C = E[x xᵀ]
    far below it, see :func:`damped_inverse`). If ``λ`` would exceed
    ``max_damp`` the covariance is singular beyond what damping may fix and :class:`KvtoolError` is raised.
 2. **SVD** of ``W·C_λ = U Σ Vᵀ`` in float64, so ``W = U Σ (Vᵀ C_λ⁻¹)`` exactly. Only the ``r`` triplets the adapter
-   uses are formed, from the eigendecomposition of the smaller Gram side (:func:`top_or_bottom_svd`), and only their
-   ``r`` rows of ``Vᵀ C_λ⁻¹``, solved against the Cholesky factor of ``C_λ`` (no n×n inverse).
+   uses are formed (:func:`top_or_bottom_svd`: from the smaller Gram side, or for KPA's smallest ones from
+   ``(mᵀm)⁻¹`` with a residual check, else the full SVD), and only their ``r`` rows of ``Vᵀ C_λ⁻¹``, solved against the Cholesky factor of ``C_λ`` (no n×n inverse).
 3. **Adapter** from ``r`` components: the smallest (``kpa``, knowledge-preserved: the directions the
    calibration context uses least go to the trainable adapter) or the largest (``ipa``, instruction-previewed).
    ``B = U_r √Σ_r`` (out×r), ``A = √Σ_r (Vᵀ C_λ⁻¹)_r`` (r×in), and the frozen residual is ``W − B·A``, so the
@@ -176,39 +176,63 @@ def corda_factor(weight: torch.Tensor, cov: DampedInverse | None, rank: int, mod
     if mode == "pissa":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         right = vh
-    else:
+    else:  # kpa / ipa
         if cov is None:
             raise KvtoolError(f"mode {mode} needs input statistics for {what}: pass --stats or let kvtool collect them")
         if cov.damped.shape[0] != in_f:
             raise KvtoolError(f"statistics for {what} are {cov.damped.shape[0]}-wide but the linear takes {in_f} "
                               "inputs: recalibrate on this model")
         idx = slice(-rank, None) if mode == "kpa" else slice(0, rank)
-        u_r, s, vh_r, path = top_or_bottom_svd(w @ cov.damped, idx, try_gram)
-        report["svd"] = path
-        right = cov.solve_rows(vh_r)  # only the r rows the adapter uses
+        t = top_or_bottom_svd(w @ cov.damped, idx, try_gram)
+        report["svd"] = t.path
+        if t.path == "inverse":
+            report["svd_residual"] = t.residual
+        right = cov.solve_rows(t.vh)  # only the r rows the adapter uses
         report.update(damp=cov.damp, inverse_error=cov.inverse_error, inverse_error_probed=cov.probed)
-        root = s[idx].sqrt()
-        b = u_r * root
-        a = root[:, None] * right
-        return _finish(w, a, b, s, idx, report)
-    idx = slice(-rank, None) if mode == "kpa" else slice(0, rank)
-    root = s[idx].sqrt()
-    b = u[:, idx] * root
-    a = root[:, None] * right[idx]
-    return _finish(w, a, b, s, idx, report)
+        root = t.s.sqrt()
+        return _finish(w, root[:, None] * right, t.u * root, t, report)
+    t = Triplets(u[:, :rank], s[:rank], vh[:rank], float(s.square().sum()), float(s[0]), "full")
+    root = t.s.sqrt()
+    return _finish(w, root[:, None] * right[:rank], t.u * root, t, report)
 
 
-def top_or_bottom_svd(m: torch.Tensor, idx: slice, try_gram: bool = True) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                     torch.Tensor, str]:
-    """Singular triplets ``idx`` of ``m`` (descending order, like ``torch.linalg.svd``): (U[:, idx], all singular
-    values, Vᵀ[idx], ``"gram"`` or ``"full"``), from the eigendecomposition of the smaller Gram matrix (``m mᵀ`` or
-    ``mᵀ m``) in float64.
+INVERSE_PATH_TOL = 1e-7  # accept the inverse path's triplets when ‖mᵀu − vσ‖_F ≤ this · ‖m‖_F (else the full SVD)
+INVERSE_PATH_OVERSAMPLE = 16  # extra eigenvectors of (mᵀm)⁻¹ refined with the r chosen ones (Rayleigh–Ritz)
 
-    2-4x faster than a full SVD on these shapes. Squaring costs relative accuracy on singular values far below the
-    largest (about ``eps · σ_max² / σ²``), so when a chosen one is below ``1e-4 · σ_max`` the full SVD is used (also
-    when ``try_gram`` is False); the other factor is recovered as ``mᵀu/σ`` or ``m v/σ`` (tests compare against
-    ``torch.linalg.svd``)."""
+
+@dataclass
+class Triplets:
+    """``r`` singular triplets of ``m``: ``u`` (rows×r), ``s`` (r, descending), ``vh`` (r×cols); ``energy`` = ``‖m‖_F²``
+    (the sum of all σ²), ``sigma_max``, and the ``path`` that computed them (``gram``, ``inverse`` or ``full``)."""
+
+    u: torch.Tensor
+    s: torch.Tensor
+    vh: torch.Tensor
+    energy: float
+    sigma_max: float
+    path: str
+    residual: float = 0.0  # ‖mᵀu − vσ‖_F / ‖m‖_F of the inverse path (0 for the others: exact by construction)
+
+
+def top_or_bottom_svd(m: torch.Tensor, idx: slice, try_gram: bool = True) -> Triplets:
+    """Singular triplets ``idx`` of ``m`` (descending order, like ``torch.linalg.svd``), in float64.
+
+    Three paths, cheapest first:
+
+    * ``gram``: eigendecomposition of the smaller Gram matrix (``m mᵀ`` or ``mᵀ m``), the other factor recovered as
+      ``mᵀu/σ`` or ``m v/σ``. Squaring costs relative accuracy on singular values far below the largest (about
+      ``eps · σ_max² / σ²``), so it is used only when every chosen one is at least ``1e-4 · σ_max`` (and
+      ``try_gram``).
+    * ``inverse`` (the smallest triplets only, as KPA takes): ``R`` from a QR of ``m`` (tall side), the
+      eigendecomposition of ``(mᵀm)⁻¹ = R⁻¹R⁻ᵀ`` (its largest eigenvalues are the smallest σ's, computed to
+      accuracy relative to themselves), ``r + 16`` of its eigenvectors refined by one inverse iteration, then
+      Rayleigh–Ritz on ``m``. Accepted when the residual ``‖mᵀu − vσ‖_F`` is below ``1e-7 · ‖m‖_F``; on the embedded
+      model's 210 KPA modules it is ≤ 7.4e-9 and the adapters agree with the full SVD's to ≤ 1.2e-9 relative, below
+      the float32 rounding of the written adapter (6e-8). About 1.6x faster than the full SVD.
+    * ``full``: ``torch.linalg.svd``.
+    """
     out_f, in_f = m.shape
+    fro2 = float(m.square().sum())
     if try_gram:
         wide = out_f <= in_f
         vals, vecs = torch.linalg.eigh(m @ m.T if wide else m.T @ m)
@@ -217,18 +241,60 @@ def top_or_bottom_svd(m: torch.Tensor, idx: slice, try_gram: bool = True) -> tup
         chosen, sv = vecs[:, idx], s[idx]
         if float(sv.min()) >= 1e-4 * float(s[0]):
             if wide:
-                return chosen, s, (m.T @ chosen / sv).T, "gram"
-            return m @ chosen / sv, s, chosen.T, "gram"
-    # squared spread > 1e8: the Gram loses the vectors, use the full SVD
+                return Triplets(chosen, sv, (m.T @ chosen / sv).T, fro2, float(s[0]), "gram")
+            return Triplets(m @ chosen / sv, sv, chosen.T, fro2, float(s[0]), "gram")
+    n = min(out_f, in_f)
+    r = len(range(n)[idx])
+    if idx.stop is None and idx.start is not None and idx.start < 0 and r + INVERSE_PATH_OVERSAMPLE < n:
+        found = _bottom_by_inverse(m, r, fro2)
+        if found is not None:
+            return found
+    # squared spread > 1e8 and the inverse path not applicable or not accurate enough: the full SVD
     u, s_full, vh = torch.linalg.svd(m, full_matrices=False)
-    return u[:, idx], s_full, vh[idx], "full"
+    return Triplets(u[:, idx], s_full[idx], vh[idx], fro2, float(s_full[0]), "full")
 
 
-def _finish(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, idx: slice, report: dict) -> Factor:
+def _bottom_by_inverse(m: torch.Tensor, r: int, fro2: float) -> Triplets | None:
+    """The ``r`` smallest singular triplets of ``m`` from ``(mᵀm)⁻¹`` (see :func:`top_or_bottom_svd`); None when
+    ``m`` is (numerically) rank-deficient or the residual check fails."""
+    wide = m.shape[0] < m.shape[1]
+    a = m.T if wide else m  # tall: rows ≥ columns = n
+    rr = torch.linalg.qr(a, mode="r").R
+    if not bool((torch.diagonal(rr).abs() > 0).all()):
+        return None
+    g = torch.cholesky_inverse(rr.T)  # (RᵀR)⁻¹ = (aᵀa)⁻¹, from the triangular factor
+    if not bool(torch.isfinite(g).all()):
+        return None
+    _, vecs = torch.linalg.eigh(g)  # ascending: the largest (= the smallest σ's) last
+    basis = vecs[:, -(r + INVERSE_PATH_OVERSAMPLE):]
+    # one inverse iteration: damps what rounding in forming (aᵀa)⁻¹ mixed in from the large-σ directions
+    basis = torch.linalg.solve_triangular(rr, torch.linalg.solve_triangular(rr.T, basis, upper=False), upper=True)
+    basis = torch.linalg.qr(basis).Q
+    ub, s, vbh = torch.linalg.svd(a @ basis, full_matrices=False)  # Rayleigh–Ritz, descending
+    u, s, v = ub[:, -r:], s[-r:], basis @ vbh[-r:].T
+    residual = float(torch.linalg.matrix_norm(a.T @ u - v * s)) / math.sqrt(fro2)
+    if not residual <= INVERSE_PATH_TOL:
+        return None
+    sigma_max = _largest_singular_value(rr)
+    if wide:  # a = mᵀ: swap the roles of u and v
+        return Triplets(v, s, u.T, fro2, sigma_max, "inverse", residual)
+    return Triplets(u, s, v.T, fro2, sigma_max, "inverse", residual)
+
+
+def _largest_singular_value(rr: torch.Tensor, steps: int = 30) -> float:
+    """σ_max of a triangular ``R`` by power iteration on ``RᵀR`` (a report figure; a lower bound, typically to 1e-6)."""
+    x = torch.ones(rr.shape[0], dtype=rr.dtype, device=rr.device)
+    x = x / x.norm()
+    for _ in range(steps):
+        y = rr.T @ (rr @ x)
+        x = y / y.norm()
+    return float((rr @ x).norm())
+
+
+def _finish(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: Triplets, report: dict) -> Factor:
     residual = w - b @ a
-    energy = s.square()
-    report.update(energy_kept=float(energy[idx].sum() / energy.sum()),
-                  sigma_first=float(s[idx][0]), sigma_last=float(s[idx][-1]), sigma_max=float(s[0]),
+    report.update(energy_kept=float(t.s.square().sum()) / t.energy,
+                  sigma_first=float(t.s[0]), sigma_last=float(t.s[-1]), sigma_max=t.sigma_max,
                   reconstruction_error=float(torch.linalg.matrix_norm(residual + b @ a - w)
                                              / torch.linalg.matrix_norm(w)),
                   residual_norm_ratio=float(torch.linalg.matrix_norm(residual) / torch.linalg.matrix_norm(w)))
@@ -299,8 +365,8 @@ def corda_transform(weights: dict[str, torch.Tensor], covariance: CovarianceFn |
                 cov = inverses[stat]
             f = corda_factor(w.to(device), cov, rank, mode, seed=seed * 1_000_003 + i * len(ALL_TARGETS) + j,
                              what=key, try_gram=gram_ok.get(t, True))
-            if f.report.get("svd") == "full":  # the spread of this projection's W·C_λ needed the full SVD once:
-                gram_ok[t] = False  # later layers' same projection go straight to it (KPA: 74% of modules on SmolLM2)
+            if f.report.get("svd") in ("inverse", "full"):  # this projection's W·C_λ spread past the Gram once:
+                gram_ok[t] = False  # later layers' same projection skip the Gram attempt (KPA: 74% of modules)
             adapter[f"base_model.model.{key}.lora_A.weight"] = f.lora_a.to("cpu", adapter_dtype).contiguous()
             adapter[f"base_model.model.{key}.lora_B.weight"] = f.lora_b.to("cpu", adapter_dtype).contiguous()
             if in_place:

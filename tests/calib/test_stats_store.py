@@ -101,3 +101,15 @@ def test_non_finite_statistics_are_refused_on_load(tmp_path):
     store.save(tmp_path)
     with pytest.raises(KvtoolError, match="non-finite values"):
         StatsStore.load(tmp_path)
+
+
+@pytest.mark.parametrize("d", [100, 384, 577])
+def test_blocked_gram_equals_one_product_and_is_symmetric(d):
+    """gram_f64 multiplies only the blocks on and above the diagonal: exactly symmetric, equal to xᵀx to rounding."""
+    from kvtool.calib.stats import gram_f64
+
+    x = torch.randn(300, d, generator=torch.Generator().manual_seed(d), dtype=torch.float64)
+    got = gram_f64(x)
+    want = x.T @ x
+    assert torch.equal(got, got.T)
+    assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())

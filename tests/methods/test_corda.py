@@ -60,21 +60,44 @@ def test_gram_eigen_factor_equals_the_full_svd(shape):
     m = w @ damped_inverse(_cov(in_f, decay=0.4)).damped  # singular values spread over ~1e3
     u, s, vh = torch.linalg.svd(m, full_matrices=False)
     for idx in (slice(-4, None), slice(0, 4)):
-        u_r, s_all, vh_r, path = top_or_bottom_svd(m, idx)
-        assert path == "gram"
-        assert torch.allclose(s_all, s, rtol=1e-9)
+        t = top_or_bottom_svd(m, idx)
+        assert t.path == "gram"
+        assert torch.allclose(t.s, s[idx], rtol=1e-9)
+        assert t.sigma_max == pytest.approx(float(s[0]), rel=1e-9)
+        assert t.energy == pytest.approx(float(s.square().sum()), rel=1e-12)
         want = u[:, idx] @ torch.diag(s[idx]) @ vh[idx]
-        got = u_r @ torch.diag(s_all[idx]) @ vh_r
+        got = t.u @ torch.diag(t.s) @ t.vh
         assert float((got - want).norm() / want.norm()) < 1e-9
-        assert torch.allclose(vh_r @ vh_r.T, torch.eye(4, dtype=torch.float64), atol=1e-9)
-    # a spread beyond what the Gram keeps (smallest singular values ~1e-8 of the largest) takes the full SVD
+        assert torch.allclose(t.vh @ t.vh.T, torch.eye(4, dtype=torch.float64), atol=1e-9)
+
+
+@pytest.mark.parametrize("shape", [(96, 40), (40, 96)])
+def test_wide_spread_takes_the_inverse_path_and_matches_the_full_svd(shape):
+    """Smallest singular values ~1e-8 of the largest (beyond what the Gram keeps): KPA's triplets come from
+    (mᵀm)⁻¹ with Rayleigh–Ritz and match the full SVD; the largest ones (IPA) and a rank-deficient m take the full
+    SVD."""
+    from kvtool.convert.corda import INVERSE_PATH_TOL, top_or_bottom_svd
+
+    out_f, in_f = shape
+    g = torch.Generator().manual_seed(5)
     u2, _, vh2 = torch.linalg.svd(torch.randn(out_f, in_f, generator=g, dtype=torch.float64), full_matrices=False)
     spread = torch.logspace(0, -8, min(shape), dtype=torch.float64)
     hard = u2 @ torch.diag(spread) @ vh2
-    u_r, s_all, vh_r, path = top_or_bottom_svd(hard, slice(-4, None))
-    assert path == "full"
+    t = top_or_bottom_svd(hard, slice(-4, None))
+    assert t.path == "inverse" and t.residual <= INVERSE_PATH_TOL
     want = u2[:, -4:] @ torch.diag(spread[-4:]) @ vh2[-4:]
-    assert float((u_r @ torch.diag(s_all[-4:]) @ vh_r - want).norm() / want.norm()) < 1e-6
+    assert float((t.u @ torch.diag(t.s) @ t.vh - want).norm() / want.norm()) < 1e-6
+    assert torch.allclose(t.s, spread[-4:], rtol=1e-6)
+    assert t.sigma_max == pytest.approx(1.0, rel=1e-6)
+    assert (t.u.shape, t.vh.shape) == ((out_f, 4), (4, in_f))
+    assert top_or_bottom_svd(hard, slice(-4, None), try_gram=False).path == "inverse"
+    assert top_or_bottom_svd(hard, slice(0, 4)).path == "gram"  # the largest: the Gram keeps them
+    deficient = hard.clone()  # a zero column of the tall side: R has an exact zero pivot
+    if out_f > in_f:
+        deficient[:, 0] = 0
+    else:
+        deficient[0] = 0
+    assert top_or_bottom_svd(deficient, slice(-4, None)).path == "full"
 
 
 def test_pissa_and_lora_baselines():
