@@ -8,7 +8,8 @@ For a linear ``W`` (out×in) whose input ``x`` has second moment ``C = E[x xᵀ]
    ``max_damp`` the covariance is singular beyond what damping may fix and :class:`KvtoolError` is raised.
 2. **SVD** of ``W·C_λ = U Σ Vᵀ`` in float64, so ``W = U Σ (Vᵀ C_λ⁻¹)`` exactly. Only the ``r`` triplets the adapter
    uses are formed (:func:`top_or_bottom_svd`: from the smaller Gram side, or for KPA's smallest ones from
-   ``(mᵀm)⁻¹`` with a residual check, else the full SVD), and only their ``r`` rows of ``Vᵀ C_λ⁻¹``, solved against the Cholesky factor of ``C_λ`` (no n×n inverse).
+   ``(mᵀm)⁻¹`` with a residual check, else the full SVD), and only their ``r`` rows of ``Vᵀ C_λ⁻¹``, solved
+   against the Cholesky factor of ``C_λ`` (no n×n inverse).
 3. **Adapter** from ``r`` components: the smallest (``kpa``, knowledge-preserved: the directions the
    calibration context uses least go to the trainable adapter) or the largest (``ipa``, instruction-previewed).
    ``B = U_r √Σ_r`` (out×r), ``A = √Σ_r (Vᵀ C_λ⁻¹)_r`` (r×in), and the frozen residual is ``W − B·A``, so the
