@@ -79,7 +79,7 @@ class Bench:
     def convert(self, opts: ConvertMlaOptions):
         care = opts.care_options()
         t0 = time.time()
-        if care.rank_alloc == "sensitivity" and self.sensitivity is None:
+        if care.rank_alloc in ("sensitivity", "sensitivity-split") and self.sensitivity is None:
             t1 = time.time()
             self.sensitivity = kv_sensitivity(self.loaded, self.windows)
             print(f"sensitivity pass {time.time() - t1:.0f}s", flush=True)

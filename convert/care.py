@@ -20,6 +20,9 @@ Rank allocation under a fixed budget (the per-layer KV cache width R = r_K + r_V
                  where α_b is the measured calibration-loss cost per unit of residual energy of block b
                  (:func:`kvtool.calib.sensitivity.kv_sensitivity`): minimizes the predicted loss increase
                  Σ_b α_b·Σ_{m>r_b} σ²_{b,m}. Layers keep their own r_K + r_V (per-layer widths may differ).
+    ``sensitivity-split``: the same greedy, but within each layer only: every layer keeps the uniform width
+                 r_K + r_V and only its split between K and V follows α·σ² (one kv_lora_rank for all layers, which
+                 is what ``--format deepseek-v3`` can express).
 
 KV-parity mapping: the cache holds c = [x·downᵀ_K | x·downᵀ_V] (width r_K + r_V per token per layer, the GQA
 cache being 2·g·d); the up-projections are block-diagonal per KV group (K reads c_K only, V reads c_V only)
@@ -52,7 +55,9 @@ from kvtool.models import ArchSpec
 
 REQUIRED_STATS = ("attn_in",)
 METHODS = ("care", "svd")
-ALLOCATIONS = ("uniform", "care", "energy", "sensitivity")
+ALLOCATIONS = ("uniform", "care", "energy", "sensitivity", "sensitivity-split")
+SENSITIVITY_ALLOCATIONS = ("sensitivity", "sensitivity-split")  # need the measured K/V sensitivities
+EQUAL_WIDTH_ALLOCATIONS = ("uniform", "sensitivity-split")  # every layer keeps the same r_K + r_V
 ROPE_MODES = ("keep", "decoupled")
 ROPE_SELECTS = ("norm", "strided", "uniform")
 
@@ -406,14 +411,22 @@ def convert_layers(weights: dict[str, torch.Tensor], stats: Any, spec: ArchSpec,
             blocks[name].append({"w": w.cpu(), "left": left.cpu(), "vh": vh.cpu(), "energy": energy.cpu()})
     ranks: dict[str, list[int]] = {"k": [], "v": []}
     bounds = allocation_bounds(spec, opts)
-    if opts.rank_alloc == "sensitivity" and all(lo < hi for _, lo, hi in bounds.values()):
+    if opts.rank_alloc in SENSITIVITY_ALLOCATIONS and all(lo < hi for _, lo, hi in bounds.values()):
         if sensitivity is None:
-            raise KvtoolError("--rank-alloc sensitivity needs the measured K/V sensitivities")
-        energies = [b["energy"] * sensitivity[name][i] for name in ("k", "v") for i, b in enumerate(blocks[name])]
-        caps = [bounds[name][2] for name in ("k", "v") for _ in range(n)]
-        joint = allocate_ranks(energies, n * (bounds["k"][0] + bounds["v"][0]),
-                               min(bounds["k"][1], bounds["v"][1]), caps, "sensitivity")
-        ranks = {"k": joint[:n], "v": joint[n:]}
+            raise KvtoolError(f"--rank-alloc {opts.rank_alloc} needs the measured K/V sensitivities")
+        floor = min(bounds["k"][1], bounds["v"][1])
+        width = bounds["k"][0] + bounds["v"][0]
+        if opts.rank_alloc == "sensitivity":  # one pool over K and V of all layers
+            energies = [b["energy"] * sensitivity[name][i] for name in ("k", "v") for i, b in enumerate(blocks[name])]
+            caps = [bounds[name][2] for name in ("k", "v") for _ in range(n)]
+            joint = allocate_ranks(energies, n * width, floor, caps, "sensitivity")
+            ranks = {"k": joint[:n], "v": joint[n:]}
+        else:  # sensitivity-split: one pool per layer (its K and V), every layer the same width
+            for i in range(n):
+                r_k, r_v = allocate_ranks([blocks[name][i]["energy"] * sensitivity[name][i] for name in ("k", "v")],
+                                          width, floor, [bounds["k"][2], bounds["v"][2]], "sensitivity")
+                ranks["k"].append(r_k)
+                ranks["v"].append(r_v)
         bounds = {}
     for name, (uniform, lo, hi) in bounds.items():
         if opts.rank_alloc == "uniform" or lo == hi:

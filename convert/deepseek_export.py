@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kvtool.convert.care import MlaLayer
+from kvtool.convert.care import EQUAL_WIDTH_ALLOCATIONS, MlaLayer
 from kvtool.errors import KvtoolError
 from kvtool.models import ArchSpec
 
@@ -38,10 +38,15 @@ def _interleave(rows: torch.Tensor) -> torch.Tensor:
     return torch.stack([rows[:p], rows[p:]], dim=1).reshape(rows.shape)
 
 
-def check_exportable(spec: ArchSpec | None, rope: str, rope_select: str) -> None:
+def check_exportable(spec: ArchSpec | None, rope: str, rope_select: str, rank_alloc: str = "uniform") -> None:
     """DeepSeek-V3 layout needs decoupled RoPE on pairs its rotary can express (an arithmetic progression
-    {0, s, 2s, ...}: ``strided`` or ``uniform``), no attention biases, no QK-norm, default RoPE (the architecture
-    checks are skipped when ``spec`` is None)."""
+    {0, s, 2s, ...}: ``strided`` or ``uniform``), one latent width for every layer (``uniform`` or
+    ``sensitivity-split`` allocation), no attention biases, no QK-norm, default RoPE (the architecture checks are
+    skipped when ``spec`` is None)."""
+    if rank_alloc not in EQUAL_WIDTH_ALLOCATIONS:
+        raise KvtoolError(f"--format deepseek-v3 has one kv_lora_rank for all layers, but --rank-alloc {rank_alloc} "
+                          "gives layers different widths (the export would pad them, caching more than the budget): "
+                          "use --rank-alloc uniform or sensitivity-split")
     if rope != "decoupled":
         raise KvtoolError("--format deepseek-v3 needs --rope decoupled (DeepSeek has no reconstruct-then-RoPE "
                           "path): add --rope decoupled or use --format kvtool")

@@ -24,11 +24,12 @@ class ConvertMlaOptions(Options):
 
     method: str = option("care", "care (activation-aware) or svd (weight-only baseline).", choices=("care", "svd"))
     rank_alloc: str | None = option(None, "uniform, care (CARE Eq. 1: water-filling on σ²/tail), energy (min. "
-                                          "total residual) or sensitivity (min. predicted calibration-loss "
+                                          "total residual), sensitivity (min. predicted calibration-loss "
                                           "increase, K and V of all layers in one pool; one extra forward+backward "
-                                          "pass). Default: sensitivity, or uniform for --format deepseek-v3 (one "
-                                          "kv_lora_rank for all layers).",
-                                    choices=("uniform", "care", "energy", "sensitivity"))
+                                          "pass) or sensitivity-split (the same rule within each layer: equal "
+                                          "widths, only the K/V split moves). Default: sensitivity, or "
+                                          "uniform for --format deepseek-v3 (one kv_lora_rank for all layers).",
+                                    choices=("uniform", "care", "energy", "sensitivity", "sensitivity-split"))
     kv_rank: int | None = option(None, "Cache width per layer (r_K + r_V [+ rope dims]); overrides --kv-ratio.",
                                  positive=True)
     kv_ratio: float = option(0.5, "Cache width as a fraction of the GQA cache 2*g*d (e.g. 0.5).", positive=True,
@@ -105,13 +106,13 @@ class ConvertMla(Method):
 
         r = opts.resolved()
         if r.format == "deepseek-v3":
-            check_exportable(spec, r.rope, r.rope_select)
+            check_exportable(spec, r.rope, r.rope_select, r.rank_alloc)
         if spec is not None:
             check_options(spec, opts.care_options())
 
     def run(self, loaded: Any, store: Any, out: Path, opts: ConvertMlaOptions, ctx: RunContext) -> dict[str, Any]:
         from kvtool.checkpoint import atomic_dir, provenance, save_model_checkpoint
-        from kvtool.convert.care import convert_layers, mla_state_dict
+        from kvtool.convert.care import SENSITIVITY_ALLOCATIONS, convert_layers, mla_state_dict
         from kvtool.convert.deepseek_export import add_ballast, deepseek_v3_checkpoint, latent_norm_weights
         from kvtool.runtime.mla import mla_config
 
@@ -123,7 +124,7 @@ class ConvertMla(Method):
         dtype_name = str(torch_dtype).replace("torch.", "")
         weights = {k: v.detach() for k, v in loaded.model.state_dict().items()}
         sensitivity = None
-        if care.rank_alloc == "sensitivity":
+        if care.rank_alloc in SENSITIVITY_ALLOCATIONS:
             from kvtool.calib.sensitivity import kv_sensitivity
             from kvtool.data import calibration_windows
 

@@ -54,3 +54,29 @@ def test_sensitivity_allocation_pools_k_and_v_and_keeps_the_budget():
     assert max(rk + rv) <= 32
     with pytest.raises(KvtoolError, match="sensitivities"):
         convert_layers(model.state_dict(), store, loaded.spec, opts)
+
+
+def test_sensitivity_split_keeps_every_layer_at_the_uniform_width():
+    """sensitivity-split moves rank between K and V inside each layer only: equal widths (one kv_lora_rank)."""
+    model = tiny_model("llama", num_hidden_layers=3)
+    loaded = wrap_model(model)
+    store = collect_statistics(loaded, torch.randint(0, 300, (6, 40), generator=torch.Generator().manual_seed(1)),
+                               "attn_in")
+    opts = CareOptions(rank_alloc="sensitivity-split", kv_ratio=0.5)
+    sens = {"k": [1.0, 1.0, 1e-6], "v": [1.0, 1e-6, 1.0]}  # layer 1's V and layer 2's K hardly matter
+    _, report = convert_layers(model.state_dict(), store, loaded.spec, opts, sensitivity=sens)
+    rk = [r["r_k"] for r in report["layers"]]
+    rv = [r["r_v"] for r in report["layers"]]
+    assert [k + v for k, v in zip(rk, rv, strict=True)] == [32, 32, 32]
+    assert rv[1] == 8 and rk[1] == 24  # V at the floor (half the uniform 16), K takes the rest
+    assert rk[2] == 8 and rv[2] == 24
+    with pytest.raises(KvtoolError, match="sensitivities"):
+        convert_layers(model.state_dict(), store, loaded.spec, opts)
+
+
+def test_deepseek_export_refuses_allocations_with_unequal_widths():
+    from kvtool.convert.deepseek_export import check_exportable
+
+    check_exportable(None, "decoupled", "strided", "sensitivity-split")
+    with pytest.raises(KvtoolError, match="one kv_lora_rank"):
+        check_exportable(None, "decoupled", "strided", "sensitivity")
