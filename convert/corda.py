@@ -176,7 +176,8 @@ def corda_factor(weight: torch.Tensor, cov: DampedInverse | None, rank: int, mod
         return Factor(a, b, w.clone(), report)
     if mode == "pissa":
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
-        right = vh
+        t = Triplets(u[:, :rank], s[:rank], vh[:rank], float(s.square().sum()), float(s[0]), "full")
+        right = t.vh
     else:  # kpa / ipa
         if cov is None:
             raise KvtoolError(f"mode {mode} needs input statistics for {what}: pass --stats or let kvtool collect them")
@@ -190,11 +191,8 @@ def corda_factor(weight: torch.Tensor, cov: DampedInverse | None, rank: int, mod
             report["svd_residual"] = t.residual
         right = cov.solve_rows(t.vh)  # only the r rows the adapter uses
         report.update(damp=cov.damp, inverse_error=cov.inverse_error, inverse_error_probed=cov.probed)
-        root = t.s.sqrt()
-        return _finish(w, root[:, None] * right, t.u * root, t, report)
-    t = Triplets(u[:, :rank], s[:rank], vh[:rank], float(s.square().sum()), float(s[0]), "full")
     root = t.s.sqrt()
-    return _finish(w, root[:, None] * right[:rank], t.u * root, t, report)
+    return _finish(w, root[:, None] * right, t.u * root, t, report)
 
 
 INVERSE_PATH_TOL = 1e-7  # accept the inverse path's triplets when ‖mᵀu − vσ‖_F ≤ this · ‖m‖_F (else the full SVD)

@@ -188,6 +188,7 @@ print(type(ds).__name__, exact, approx)
     (["--rope-select", "norm", "--format", "deepseek-v3"], "--rope-select strided or uniform"),
     (["--rope-fold", "0"], "--rope-fold"),
     (["--rope", "keep", "--format", "deepseek-v3"], "needs --rope decoupled"),
+    (["--rank-alloc", "sensitivity", "--format", "deepseek-v3"], "one kv_lora_rank for all layers"),
     (["--method", "pca"], "--method 'pca' is not one of: care, svd"),
     (["--kv-ratio", "nan"], "--kv-ratio must be a finite number"),
 ])
