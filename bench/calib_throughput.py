@@ -68,6 +68,11 @@ def run_one(args) -> dict:
     if args.mode == "kvtool":
         from kvtool.calib import collect_statistics
 
+        if args.wide_block is not None:  # ablation only: 0 = one whole product per batch for every statistic
+            import kvtool.calib.stats as stats_module
+
+            stats_module.WIDE_GRAM_BLOCK = args.wide_block or 1 << 30
+
         collect_statistics(loaded, windows, args.stats, device=dev, batch_size=args.batch_size, offload=args.offload,
                            exact=args.exact)
     elif args.mode == "forward":
@@ -90,6 +95,8 @@ def run_one(args) -> dict:
         torch.cuda.synchronize()
     secs = time.perf_counter() - t0
     mode = args.mode + ("-exact" if args.mode == "kvtool" and args.exact else "")
+    if args.mode == "kvtool" and args.wide_block is not None:
+        mode += f"-wide-block-{args.wide_block}"
     out = {"mode": mode, "seconds": secs, "tokens": int(windows.numel()), "tokens_per_s": windows.numel() / secs,
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if dev.type == "cuda":
@@ -107,6 +114,8 @@ def main() -> None:
     ap.add_argument("--offload", action="store_true")
     ap.add_argument("--exact", action="store_true", help="float64 Gram products (kvtool calibrate --exact)")
     ap.add_argument("--synthetic-8b", action="store_true")
+    ap.add_argument("--wide-block", type=int, default=None, help="ablation: StatsStore's column block for wide "
+                    "statistics on the tensor-core path (0: whole products; default: kvtool's)")
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--stats", default=STATS, help="kvtool statistics (default: inputs of all seven linears)")
     args = ap.parse_args()

@@ -113,3 +113,47 @@ def test_blocked_gram_equals_one_product_and_is_symmetric(d):
     want = x.T @ x
     assert torch.equal(got, got.T)
     assert float((got - want).abs().max()) <= 1e-12 * float(want.abs().max())
+
+
+@pytest.mark.parametrize("d,block", [(96, 32), (100, 48)])
+def test_wide_statistics_accumulate_upper_blocks_then_mirror(d, block):
+    """The tensor-core path for wide statistics (down_in) adds only the blocks on and above the diagonal across
+    batches and mirrors them when read: exactly symmetric, equal to the sum of full float32-product Grams to
+    float32 rounding, counts summed; an ordinary-width statistic in the same store takes the full product."""
+    from kvtool.calib.stats import gram_fp32
+
+    g = torch.Generator().manual_seed(d)
+    batches = [torch.randn(64, d, generator=g).to(torch.bfloat16) for _ in range(3)]
+    store = StatsStore(exact=False)
+    store.wide_block = block
+    for x in batches:
+        store.add(0, "down_in", x)
+        store.add(0, "attn_in", x[:, : block])  # narrower than two blocks: full product
+    raw = store.sums[(0, "down_in")]
+    assert float(raw[block:, :block].abs().max()) == 0  # below the diagonal blocks: nothing multiplied
+    want = sum(gram_fp32(x).double() for x in batches)
+    got = store.sum(0, "down_in")
+    assert torch.equal(got, got.T)
+    assert float((got - want).abs().max()) <= 1e-6 * float(want.abs().max())
+    assert float(got[block:, :block].abs().max()) > 0  # ... until the mirror filled it
+    assert store.count(0, "down_in") == 3 * 64
+    narrow = store.sum(0, "attn_in")
+    torch.testing.assert_close(narrow, sum(gram_fp32(x[:, :block]).double() for x in batches))
+
+
+def test_wide_statistics_mirror_before_merge_and_save(tmp_path):
+    """A store still holding upper blocks is completed before it is merged into another or saved."""
+    x = torch.randn(32, 40, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    a, b = StatsStore(exact=False), StatsStore(exact=False)
+    a.wide_block = b.wide_block = 16
+    a.add(0, "down_in", x)
+    b.add(0, "down_in", x)
+    merged = StatsStore().merge(a).merge(b)
+    got = merged.sum(0, "down_in")
+    assert torch.equal(got, got.T)
+    torch.testing.assert_close(got, 2 * a.sum(0, "down_in"))
+    a.meta = {"model": {"hash": "sha256:x"}}
+    a.add(1, "down_in", x)
+    a.save(tmp_path)
+    loaded = StatsStore.load(tmp_path).sum(1, "down_in")
+    assert torch.equal(loaded, loaded.T)
