@@ -51,8 +51,12 @@ def main() -> None:
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t = time.perf_counter()
         collect_statistics(loaded, windows, stats, device="cuda", batch_size=8)
         torch.cuda.synchronize()
+        wall = time.perf_counter() - t
+    busy = sum(e.self_device_time_total for e in prof.key_averages()) / 1e6
+    print(f"profiled call: wall {wall:.3f} s, GPU kernel+copy time {busy:.3f} s ({busy / wall:.0%} of wall)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
 
