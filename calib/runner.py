@@ -110,8 +110,13 @@ def run_layers(loaded: LoadedModel, windows: torch.Tensor, visitors: list[LayerV
                     for v in visitors:
                         v.batch(i, layer, x, out, kw)
                     hidden[b] = out.to(keep)
+                if i + 1 < count:
+                    streamer.prefetch(i + 1)  # its copy overlaps this layer's queued work
                 for v in visitors:
                     v.layer_end(i, layer)
+            except BaseException:
+                streamer.close()
+                raise
             finally:
                 streamer.release(i)
             bar.advance(task)

@@ -437,7 +437,9 @@ class LayerStreamer:
     """Puts one decoder layer at a time on the compute device and takes it off again.
 
     For a lazily loaded model (``load_model(..., lazy=True)``) layers are read from disk and freed after
-    use; otherwise they are moved between the model's home device and the compute device.
+    use; otherwise each layer's tensors are copied to the compute device and, on release, the layer points at its
+    home tensors again (the pass is read-only: no copy back). On a GPU the next layer's copy is made on a side
+    stream while the current layer computes (:meth:`prefetch`).
     """
 
     def __init__(self, loaded: LoadedModel, device: str | torch.device):
@@ -446,19 +448,63 @@ class LayerStreamer:
         self.layers = loaded.spec.layers(loaded.model)
         self.source: SafetensorsSource | None = getattr(loaded.model, "_kvtool_weights", None)
         self.dtype = next(iter(loaded.model.model.embed_tokens.parameters())).dtype
+        self._homes: dict[int, list[tuple[nn.Module, str, bool, torch.Tensor]]] = {}  # the home tensors
+        self._ready: dict[int, Any] = {}  # layer -> CUDA event after its prefetch copy
+        self._copy_stream: Any = None
+
+    def _copy_in(self, i: int, stream: Any = None) -> None:
+        """Point layer ``i``'s tensors at copies on the compute device, remembering the home tensors."""
+        saved = []
+        for module in self.layers[i].modules():
+            for is_param, table in ((True, module._parameters), (False, module._buffers)):
+                for name, t in table.items():
+                    if t is None or t.device == self.device:
+                        continue
+                    moved = t.detach().to(self.device, non_blocking=stream is not None)
+                    saved.append((module, name, is_param, t))
+                    table[name] = nn.Parameter(moved, requires_grad=t.requires_grad) if is_param else moved
+        self._homes[i] = saved
+        if stream is not None:
+            done = torch.cuda.Event()
+            done.record(stream)
+            self._ready[i] = done
 
     def acquire(self, i: int) -> nn.Module:
         layer = self.layers[i]
         if self.source is not None:
             _materialize(layer, f"model.layers.{i}.", self.source, self.device, self.dtype)
-        else:
-            self._home = next(layer.parameters()).device
-            layer.to(self.device)
+            return layer
+        if i in self._ready:  # prefetched: order the compute stream after the copy; keep its memory for it
+            current = torch.cuda.current_stream(self.device)
+            current.wait_event(self._ready.pop(i))
+            for module, name, is_param, _ in self._homes[i]:
+                (module._parameters if is_param else module._buffers)[name].record_stream(current)
+        elif i not in self._homes:
+            self._copy_in(i)
         return layer
+
+    def prefetch(self, i: int) -> None:
+        """Start copying layer ``i`` to the GPU on a side stream (a no-op for lazy models, CPU compute or a layer
+        already there); call it after the current layer's work is queued, so the copy overlaps it."""
+        if self.source is not None or self.device.type != "cuda" or i in self._homes or i >= len(self.layers):
+            return
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(device=self.device)
+        with torch.cuda.stream(self._copy_stream):
+            self._copy_in(i, self._copy_stream)
 
     def release(self, i: int) -> None:
         layer = self.layers[i]
         if self.source is not None:
             layer.to("meta")
-        else:
-            layer.to(self._home)
+            return
+        for module, name, is_param, home in self._homes.pop(i, []):
+            (module._parameters if is_param else module._buffers)[name] = home
+        self._ready.pop(i, None)
+
+    def close(self) -> None:
+        """Give back a prefetched layer that was never acquired (its tensors point home again)."""
+        for i in list(self._homes):
+            if self._ready.get(i) is not None:
+                self._ready[i].synchronize()
+            self.release(i)

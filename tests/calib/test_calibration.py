@@ -145,3 +145,29 @@ def test_tensor_core_grams_stay_within_their_bound_of_the_exact_float64_path():
         rel = float((fast.sums[key] - ref).norm() / ref.norm())
         assert rel < bound, (key, rel, bound)
         assert rel > 0 or key[1] == "o_in"  # really a different (float32) path, not the float64 one
+
+
+def test_layer_streamer_points_layers_home_again_without_copies():
+    """A layer taken to the compute device points at its own home tensors again on release (the pass is
+    read-only: no copy back), parameters and buffers alike; close() gives back a layer that was never acquired.
+    (The compute device here is ``meta``: the swap logic is the same as for a GPU.)"""
+    from conftest import tiny_model
+
+    from kvtool.models import LayerStreamer, wrap_model
+
+    loaded = wrap_model(tiny_model("llama", seed=4))
+    layer = loaded.spec.layers(loaded.model)[1]
+    before = {n: t for n, t in list(layer.named_parameters()) + list(layer.named_buffers())}
+    ptrs = {n: t.data_ptr() for n, t in before.items()}
+    streamer = LayerStreamer(loaded, "cpu")
+    streamer.device = torch.device("meta")
+    moved = streamer.acquire(1)
+    assert all(p.is_meta for p in moved.parameters())
+    streamer.release(1)
+    after = dict(list(layer.named_parameters()) + list(layer.named_buffers()))
+    assert {n: t.data_ptr() for n, t in after.items()} == ptrs
+    assert all(after[n] is before[n] for n, _ in layer.named_parameters())  # the same Parameter objects
+    streamer._copy_in(0)  # as a prefetch would
+    assert loaded.spec.layers(loaded.model)[0].self_attn.q_proj.weight.is_meta
+    streamer.close()
+    assert not loaded.spec.layers(loaded.model)[0].self_attn.q_proj.weight.is_meta
