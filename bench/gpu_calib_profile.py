@@ -59,6 +59,19 @@ def main() -> None:
     print(f"profiled call: wall {wall:.3f} s, GPU kernel+copy time {busy:.3f} s ({busy / wall:.0%} of wall)")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=14, max_name_column_width=60))
+    # the same layer-by-layer pass with no statistics: what the statistics add, kernel by kernel
+    from kvtool.calib.runner import run_layers
+
+    with profile(activities=[ProfilerActivity.CUDA]) as bare:
+        run_layers(loaded, windows, [], device="cuda", batch_size=8)
+        torch.cuda.synchronize()
+    base = {e.key: e.self_device_time_total for e in bare.key_averages()}
+    calls = {e.key: e.count for e in bare.key_averages()}
+    diff = sorted(((e.self_device_time_total - base.get(e.key, 0), e.key, e.count - calls.get(e.key, 0))
+                   for e in prof.key_averages() if e.self_device_time_total), reverse=True)
+    print(f"bare layer pass GPU time {sum(base.values()) / 1e6:.3f} s; statistics add, by kernel (ms, extra calls):")
+    for extra, key, n in diff[:16]:
+        print(f"  {extra / 1e3:9.1f}  {n:6d}  {key[:110]}")
 
 
 if __name__ == "__main__":
