@@ -72,6 +72,10 @@ def run_one(args) -> dict:
             import kvtool.calib.stats as stats_module
 
             stats_module.WIDE_GRAM_BLOCK = args.wide_block or 1 << 30
+        if args.no_layer_offload:  # ablation only: every sum stays on the GPU (what moving them to the host costs)
+            from kvtool.calib.stats import StatsStore
+
+            StatsStore.offload = lambda self, layer=None: None
 
         collect_statistics(loaded, windows, args.stats, device=dev, batch_size=args.batch_size, offload=args.offload,
                            exact=args.exact)
@@ -97,6 +101,8 @@ def run_one(args) -> dict:
     mode = args.mode + ("-exact" if args.mode == "kvtool" and args.exact else "")
     if args.mode == "kvtool" and args.wide_block is not None:
         mode += f"-wide-block-{args.wide_block}"
+    if args.mode == "kvtool" and args.no_layer_offload:
+        mode += "-no-layer-offload"
     out = {"mode": mode, "seconds": secs, "tokens": int(windows.numel()), "tokens_per_s": windows.numel() / secs,
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if dev.type == "cuda":
@@ -114,6 +120,7 @@ def main() -> None:
     ap.add_argument("--offload", action="store_true")
     ap.add_argument("--exact", action="store_true", help="float64 Gram products (kvtool calibrate --exact)")
     ap.add_argument("--synthetic-8b", action="store_true")
+    ap.add_argument("--no-layer-offload", action="store_true", help="ablation: keep every sum on the GPU")
     ap.add_argument("--wide-block", type=int, default=None, help="ablation: StatsStore's column block for wide "
                     "statistics on the tensor-core path (0: whole products; default: kvtool's)")
     ap.add_argument("--layers", type=int, default=32)
