@@ -157,3 +157,23 @@ def test_wide_statistics_mirror_before_merge_and_save(tmp_path):
     a.save(tmp_path)
     loaded = StatsStore.load(tmp_path).sum(1, "down_in")
     assert torch.equal(loaded, loaded.T)
+
+
+def test_host_empty_large_buffers_are_ordinary_tensors(tmp_path):
+    """Large host sums (huge-page backed where the kernel allows) behave as ordinary tensors: writable, saved,
+    freed with the tensor."""
+    import gc
+
+    from kvtool.calib.stats import host_empty
+
+    small = host_empty((4, 4), torch.float64)
+    big = host_empty((2048, 2048 + 1), torch.float64)  # 33.6 MB: the mapped path
+    assert small.shape == (4, 4) and big.shape == (2048, 2049) and big.dtype == torch.float64
+    big.copy_(torch.arange(big.numel(), dtype=torch.float64).view(big.shape))
+    assert float(big[-1, -1]) == big.numel() - 1
+    store = StatsStore({"model": {"hash": "sha256:x"}})
+    store.sums[(0, "down_in")], store.counts[(0, "down_in")] = big, 1
+    store.save(tmp_path)
+    assert torch.equal(StatsStore.load(tmp_path).sum(0, "down_in"), big)
+    del big, store
+    gc.collect()
