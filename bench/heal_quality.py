@@ -35,6 +35,8 @@ def main() -> None:
     ap.add_argument("--fit", default=None, help="kvtool heal --fit (default: heal's)")
     ap.add_argument("--rank-alloc", default=None, help="convert-mla --rank-alloc (default: convert-mla's)")
     ap.add_argument("--rope-dim", type=int, default=None, help="convert-mla --rope-dim (default: convert-mla's)")
+    ap.add_argument("--heal-samples", type=int, default=None, help="kvtool heal --samples: calibration windows of "
+                    "the layer-wise fit and the e2e stage (default: heal's 16)")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -60,7 +62,7 @@ def main() -> None:
     stats_dir = Path(tempfile.mkdtemp(prefix="heal-bench-stats-")) / "stats"
     stats_dir.mkdir(parents=True)
     store.save(stats_dir)
-    heal_data = DataOptions(samples=16, seq_len=256, batch_size=4)  # kvtool heal's defaults
+    heal_data = DataOptions(samples=args.heal_samples or 16, seq_len=256, batch_size=4)  # kvtool heal's defaults
     steps = args.steps or HealOptions().steps
     tmp = Path(tempfile.mkdtemp(prefix="heal-bench-"))
     for ratio in [float(r) for r in args.ratios.split(",")]:
@@ -89,7 +91,7 @@ def main() -> None:
                    "before_x": before / result["original"], "after_x": after / result["original"],
                    "heal_seconds": round(seconds, 1), "heal_tokens": report["tokens"], "steps_per_layer": steps,
                    "fit": report.get("healing", report).get("fit"), "rank_alloc": args.rank_alloc or "default",
-                   "rope_dim": args.rope_dim or "default"}
+                   "rope_dim": args.rope_dim or "default", "heal_samples": heal_data.samples}
             if args.e2e_steps:
                 from kvtool.convert.heal import distill
                 from kvtool.data import calibration_windows
