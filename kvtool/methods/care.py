@@ -28,7 +28,8 @@ class ConvertMlaOptions(Options):
                                           "increase, K and V of all layers in one pool; one extra forward+backward "
                                           "pass) or sensitivity-split (the same rule within each layer: equal "
                                           "widths, only the K/V split moves). Default: sensitivity, or "
-                                          "uniform for --format deepseek-v3 (one kv_lora_rank for all layers).",
+                                          "sensitivity-split for --format deepseek-v3 (one kv_lora_rank for all "
+                                          "layers).",
                                     choices=("uniform", "care", "energy", "sensitivity", "sensitivity-split"))
     kv_rank: int | None = option(None, "Cache width per layer (r_K + r_V [+ rope dims]); overrides --kv-ratio.",
                                  positive=True)
@@ -63,10 +64,11 @@ class ConvertMlaOptions(Options):
                                 "off.", low=0)
 
     def resolved(self) -> ConvertMlaOptions:
-        """Defaults that depend on the format filled in (DeepSeek needs decoupled RoPE on uniform pairs)."""
+        """Defaults that depend on the format filled in (DeepSeek: decoupled RoPE on strided pairs, one width for all
+        layers)."""
         ds = self.format == "deepseek-v3"
         return dataclasses.replace(self, rope=self.rope or ("decoupled" if ds else "keep"),
-                                   rank_alloc=self.rank_alloc or ("uniform" if ds else "sensitivity"),
+                                   rank_alloc=self.rank_alloc or ("sensitivity-split" if ds else "sensitivity"),
                                    rope_select=self.rope_select or ("strided" if ds else "norm"),
                                    rope_fold=self.rope_fold or 0)
 

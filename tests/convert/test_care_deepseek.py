@@ -75,7 +75,7 @@ def test_engine_shaped_export_matches_kvtool_format_and_vllm_loader(tiny_checkpo
     res = run("convert-mla", model_dir, "-o", tmp_path / "ds", "--format", "deepseek-v3", *common)
     assert res.exit_code == 0, res.output
     res = run("convert-mla", model_dir, "-o", tmp_path / "kv", "--rope", "decoupled", "--rope-select", "strided",
-              "--rank-alloc", "uniform", *common)
+              "--rank-alloc", "sensitivity-split", *common)  # the export's default allocation
     assert res.exit_code == 0, res.output
     cfg = json.loads((tmp_path / "ds" / "config.json").read_text())
     with safe_open(str(tmp_path / "ds" / "model.safetensors"), "pt") as f:
