@@ -77,8 +77,16 @@ def run_one(args) -> dict:
 
             StatsStore.offload = lambda self, layer=None: None
 
-        collect_statistics(loaded, windows, args.stats, device=dev, batch_size=args.batch_size, offload=args.offload,
-                           exact=args.exact)
+        import tempfile
+
+        # what `kvtool calibrate` does: each layer's sums go into the statistics file as the layer completes
+        # (--in-memory: keep them all until the end, the library default)
+        folder = None if args.in_memory else tempfile.mkdtemp(prefix="kvtool-calib-bench-")
+        store = collect_statistics(loaded, windows, args.stats, device=dev, batch_size=args.batch_size,
+                                   offload=args.offload, exact=args.exact, write_to=folder)
+        if folder is not None:
+            store.meta = {"model": {"hash": "bench"}}
+            store.save(folder)
     elif args.mode == "forward":
         with torch.no_grad():
             for i in range(0, windows.shape[0], args.batch_size):
@@ -103,6 +111,8 @@ def run_one(args) -> dict:
         mode += f"-wide-block-{args.wide_block}"
     if args.mode == "kvtool" and args.no_layer_offload:
         mode += "-no-layer-offload"
+    if args.mode == "kvtool" and args.in_memory:
+        mode += "-in-memory"
     out = {"mode": mode, "seconds": secs, "tokens": int(windows.numel()), "tokens_per_s": windows.numel() / secs,
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if dev.type == "cuda":
@@ -121,6 +131,8 @@ def main() -> None:
     ap.add_argument("--exact", action="store_true", help="float64 Gram products (kvtool calibrate --exact)")
     ap.add_argument("--synthetic-8b", action="store_true")
     ap.add_argument("--no-layer-offload", action="store_true", help="ablation: keep every sum on the GPU")
+    ap.add_argument("--in-memory", action="store_true", help="kvtool: keep all sums in memory (collect_statistics' "
+                    "default) instead of writing each layer's into a statistics file as `kvtool calibrate` does")
     ap.add_argument("--wide-block", type=int, default=None, help="ablation: StatsStore's column block for wide "
                     "statistics on the tensor-core path (0: whole products; default: kvtool's)")
     ap.add_argument("--layers", type=int, default=32)

@@ -19,6 +19,7 @@ from torch import nn
 from kvtool.calib.runner import LayerVisitor, batches, run_layers
 from kvtool.calib.stats import StatsStore, gram_fp32, parse_stats
 from kvtool.data import TextSource, calibration_windows
+from kvtool.errors import KvtoolError
 from kvtool.models import ArchSpec, LoadedModel
 from kvtool.runtime.rope import apply_rope
 
@@ -97,8 +98,8 @@ class StatsVisitor(LayerVisitor):
 def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[str, ...] | str | None = None, *,
                        device: str | torch.device = "cpu", batch_size: int = 8, offload: bool = False,
                        layers: list[int] | None = None, progress: bool = False,
-                       distributed: bool = True, visitors: list[LayerVisitor] = (), exact: bool = False
-                       ) -> StatsStore:
+                       distributed: bool = True, visitors: list[LayerVisitor] = (), exact: bool = False,
+                       write_to: str | Path | None = None) -> StatsStore:
     """Collect second-moment statistics layer by layer.
 
     Args:
@@ -116,6 +117,8 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
             relative difference <~ sqrt(rows per batch) * 2^-24, far below what the transforms resolve).
         distributed: when torch.distributed is initialized, take this rank's share of the windows and
             all-reduce the sums at the end.
+        write_to: a folder: each layer's sums go into its statistics file as the layer completes and leave memory
+            (finish with ``store.save(write_to)``); single process only.
     """
     import torch.distributed as dist
 
@@ -127,6 +130,11 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
     store.reduce_each_layer = bool(distributed and dist.is_available() and dist.is_initialized()
                                    and dist.get_world_size() > 1 and dist.get_backend() == "nccl")
     wanted = set(range(spec.num_layers)) if layers is None else set(layers)
+    if write_to is not None:
+        if store.reduce_each_layer or (distributed and dist.is_available() and dist.is_initialized()
+                                       and dist.get_world_size() > 1):
+            raise KvtoolError("internal error: statistics cannot be written layer by layer under torch.distributed")
+        store.write_to(write_to, capacity=len(wanted) * len(stats))
     visitor = StatsVisitor(spec, stats, store, wanted)
     try:
         count = spec.num_layers if visitors else (max(wanted) + 1 if wanted else 0)
@@ -175,9 +183,10 @@ def calibrate(loaded: LoadedModel, source: TextSource, stats: tuple[str, ...] | 
               samples: int = 32, seq_len: int = 512, seed: int = 0, device: str | torch.device = "cpu",
               batch_size: int = 8, offload: bool = False, progress: bool = False,
               visitors: list[LayerVisitor] = (), windows: torch.Tensor | None = None,
-              exact: bool = False) -> StatsStore:
+              exact: bool = False, write_to: str | Path | None = None) -> StatsStore:
     """Choose calibration windows of ``source``, collect ``stats`` on them (``visitors`` ride the same pass), and
-    stamp the store's metadata (the one place statistics metadata is written: model, spec, dataset, tokens)."""
+    stamp the store's metadata (the one place statistics metadata is written: model, spec, dataset, tokens).
+    ``write_to``: see :func:`collect_statistics`."""
     import torch.distributed as dist
 
     from kvtool import __version__
@@ -185,7 +194,7 @@ def calibrate(loaded: LoadedModel, source: TextSource, stats: tuple[str, ...] | 
     if windows is None:
         windows = calibration_windows(loaded.tokenizer, source, samples, seq_len, seed, loaded.spec.max_positions)
     store = collect_statistics(loaded, windows, stats, device=device, batch_size=batch_size, offload=offload,
-                               progress=progress, visitors=visitors, exact=exact)
+                               progress=progress, visitors=visitors, exact=exact, write_to=write_to)
     store.meta = {
         "kvtool_version": __version__,
         "model": loaded.identity(),

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,21 @@ def gram_fp32_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.float().T @ b.float()
 
 
+F64_ROW_CHUNK = 1024  # rows converted to float64 at a time by add_upper_f64 (bounds its temporary)
+
+
+def add_upper_f64(total: torch.Tensor, x: torch.Tensor, block: int) -> None:
+    """Add the column blocks on and above the diagonal of ``xᵀx`` into the float64 ``total`` in place, products and
+    accumulation in float64 (``addmm_`` into the sum: no temporary of the product), rows converted to float64
+    ``F64_ROW_CHUNK`` at a time; blocks below the diagonal are left as they are (:func:`mirror_upper`)."""
+    d = x.shape[1]
+    for r in range(0, x.shape[0], F64_ROW_CHUNK):
+        chunk = x[r:r + F64_ROW_CHUNK].to(torch.float64)
+        for start in range(0, d, block):
+            stop = min(start + block, d)
+            total[start:stop, start:].addmm_(chunk[:, start:stop].T, chunk[:, start:])
+
+
 def mirror_upper(total: torch.Tensor, block: int) -> None:
     """Copy the blocks above the diagonal of ``total`` onto those below (in place), block row by block row."""
     d = total.shape[0]
@@ -145,6 +161,55 @@ def host_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     buffer = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     buffer.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(buffer, dtype=dtype).view(shape)  # the tensor keeps the mapping alive
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read 64 MiB at a time (statistics files reach tens of GB)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 26):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class SumsFile:
+    """A ``stats.safetensors`` written while calibration runs: each completed sum is appended (then the caller frees
+    it), so host memory holds one layer's sums, not all of them. Space for the header is reserved up front for
+    ``capacity`` tensors (JSON padded with spaces, which safetensors readers accept); tensors lie in the order they
+    were written, which is the order layers complete (deterministic)."""
+
+    ENTRY_BYTES = 160  # reserved header bytes per tensor ('"layers.127.down_in":{"dtype":"F64",...}' is ~110)
+
+    def __init__(self, path: str | Path, capacity: int):
+        self.path = Path(path)
+        self.header_bytes = -(-(self.ENTRY_BYTES * capacity + 256) // 8) * 8  # data then starts 8-byte aligned
+        self.entries: dict[str, dict[str, Any]] = {}
+        self.offset = 0
+        self.file = open(self.path, "wb")  # noqa: SIM115 (closed by close())
+        self.file.seek(8 + self.header_bytes)
+        import threading
+
+        self.lock = threading.Lock()
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach().to("cpu", torch.float64).contiguous()
+        nbytes = t.numel() * 8
+        with self.lock:
+            if len(self.entries) * self.ENTRY_BYTES + 256 > self.header_bytes or name in self.entries:
+                raise KvtoolError(f"internal error: statistics file has no room for {name}")
+            self.file.write(memoryview(t.numpy()).cast("B"))
+            self.entries[name] = {"dtype": "F64", "shape": list(t.shape),
+                                  "data_offsets": [self.offset, self.offset + nbytes]}
+            self.offset += nbytes
+
+    def close(self) -> None:
+        """Write the header (metadata as :meth:`StatsStore.save` writes it) and close the file."""
+        header = json.dumps({"__metadata__": {"format": "pt"}, **self.entries}, separators=(",", ":")).encode()
+        if len(header) > self.header_bytes:
+            raise KvtoolError("internal error: the statistics header outgrew its reserved space")
+        self.file.seek(0)
+        self.file.write(struct.pack("<Q", self.header_bytes) + header + b" " * (self.header_bytes - len(header)))
+        self.file.close()
 
 
 class StatsStore:
@@ -172,7 +237,10 @@ class StatsStore:
         # wide statistics on the tensor-core path accumulate only the blocks on and above the diagonal until the
         # layer offloads (or the sums are read); then the rest is mirrored
         self.wide_block = WIDE_GRAM_BLOCK
-        self._upper: set[tuple[int, str]] = set()
+        self._upper: dict[tuple[int, str], int] = {}  # key -> column block
+        # write_to(): completed layers' sums go to a statistics file and leave memory (counts stay)
+        self.sink: SumsFile | None = None
+        self._written: set[tuple[int, str]] = set()
         self._copy_stream: Any = None
 
     # ------------------------------------------------------------------ accumulation
@@ -198,16 +266,18 @@ class StatsStore:
         """Add rows of ``x`` (..., n): accumulates ``xᵀx`` in float64 (see ``exact``)."""
         x = x.reshape(-1, x.shape[-1])
         key = (layer, name)
-        if (not self.exact and x.dtype in (torch.bfloat16, torch.float16) and x.shape[1] >= 2 * self.wide_block
-                and (key not in self.sums or key in self._upper)):
+        tensor_cores = not self.exact and x.dtype in (torch.bfloat16, torch.float16)
+        block = self.wide_block if tensor_cores else GRAM_BLOCK
+        if x.shape[1] >= 2 * block and (key not in self.sums or key in self._upper):
+            # wide statistics: the blocks on and above the diagonal, accumulated in place (mirrored when read)
             if key not in self.sums:
                 self.sums[key] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64, device=x.device)
                 self.counts[key] = 0
-                self._upper.add(key)
-            add_upper_gram(self.sums[key], x, self.wide_block)
+                self._upper[key] = block
+            (add_upper_gram if tensor_cores else add_upper_f64)(self.sums[key], x, block)
             self.counts[key] += x.shape[0]
             return
-        if not self.exact and x.dtype in (torch.bfloat16, torch.float16):
+        if tensor_cores:
             gram = gram_fp32(x)
         else:
             x = x.to(torch.float64)
@@ -222,6 +292,8 @@ class StatsStore:
                 self._complete(key)
                 t = self.sums[key]
                 if not t.is_cuda:
+                    if self.sink is not None and layer is not None:
+                        self._write(key, t)
                     continue
                 if layer is None:
                     self.synchronize()
@@ -260,15 +332,29 @@ class StatsStore:
 
     def _drain(self, key: tuple[int, str], device_sum: torch.Tensor, staging: torch.Tensor, done: Any) -> None:
         done.synchronize()
-        self.sums[key] = host_empty(tuple(staging.shape), staging.dtype).copy_(staging)
+        if self.sink is not None:  # straight from the pinned buffer into the statistics file
+            self._write(key, staging)
+        else:
+            self.sums[key] = host_empty(tuple(staging.shape), staging.dtype).copy_(staging)
         del device_sum  # the device tensor could be freed only once its copy had finished
         self._free.setdefault((key[1], tuple(staging.shape)), []).append(staging)
+
+    def _write(self, key: tuple[int, str], t: torch.Tensor) -> None:
+        self.sink.write(f"layers.{key[0]}.{key[1]}", t)
+        self.sums.pop(key, None)
+        self._written.add(key)
+
+    def write_to(self, directory: str | Path, capacity: int) -> None:
+        """Write each layer's sums into ``directory``'s statistics file as the layer completes and free them (peak
+        host memory: one layer's sums); :meth:`save` into the same folder finishes the file. ``capacity``: the
+        number of (layer, statistic) sums that will be written. Not under torch.distributed (sums are reduced
+        at the end there)."""
+        self.sink = SumsFile(Path(directory) / TENSORS_FILE, capacity)
 
     def _complete(self, key: tuple[int, str]) -> None:
         """Mirror a wide sum kept as its blocks on and above the diagonal into the whole symmetric matrix."""
         if key in self._upper:
-            self._upper.discard(key)
-            mirror_upper(self.sums[key], self.wide_block)
+            mirror_upper(self.sums[key], self._upper.pop(key))
 
     def synchronize(self) -> None:
         """Finish asynchronous copies to the CPU (the sums then live in ordinary host memory)."""
@@ -279,18 +365,20 @@ class StatsStore:
 
     # ------------------------------------------------------------------ reading
     def layers(self) -> list[int]:
-        return sorted({layer for layer, _ in self.sums})
+        return sorted({layer for layer, _ in self.counts})
 
     def names(self) -> list[str]:
-        present = {n for _, n in self.sums}
+        present = {n for _, n in self.counts}
         return [n for n in ALL_STATS if n in present]
 
     def has(self, layer: int, name: str) -> bool:
-        return (layer, name) in self.sums
+        return (layer, name) in self.counts
 
     def sum(self, layer: int, name: str) -> torch.Tensor:
         """The raw float64 sum Σ xᵀx."""
         self.synchronize()
+        if (layer, name) in self._written:
+            raise KvtoolError(f"statistic {name!r} of layer {layer} was written to disk: load the statistics folder")
         if (layer, name) not in self.sums:
             raise KvtoolError(f"statistic {name!r} of layer {layer} is missing: recalibrate with --stats {name}")
         return self.sums[(layer, name)]
@@ -311,7 +399,7 @@ class StatsStore:
                 raise KvtoolError(f"statistics were collected on a different model (hash {have[:19]}…, this model "
                                   f"{model_hash[:19]}…): recalibrate with `kvtool calibrate` on this model")
         for name in names:
-            missing = [i for i in range(num_layers) if (i, name) not in self.sums]
+            missing = [i for i in range(num_layers) if (i, name) not in self.counts]
             if missing:
                 raise KvtoolError(f"statistic {name!r} missing for {len(missing)} of {num_layers} layers: "
                                   f"recalibrate with --statistics including {name}")
@@ -351,16 +439,25 @@ class StatsStore:
             raise KvtoolError("statistics without a model hash cannot be saved: stamp store.meta['model'] "
                               "(kvtool.calib.calibrate does)")
         directory = Path(directory)
-        tensors = {f"layers.{layer}.{name}": self.sums[(layer, name)].cpu().contiguous()
-                   for layer, name in sorted(self.sums)}
-        # one metadata entry: safetensors writes its metadata map in hash order (more entries -> varying bytes)
-        save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": "pt"})
+        if self.sink is not None:
+            if self.sink.path != directory / TENSORS_FILE:
+                raise KvtoolError(f"internal error: statistics are being written to {self.sink.path.parent}, "
+                                  f"not {directory}")
+            for key in sorted(self.sums):  # sums never offloaded by layer (none in a normal run)
+                self._write(key, self.sums[key])
+            self.sink.close()
+            self.sink = None
+        else:
+            tensors = {f"layers.{layer}.{name}": self.sums[(layer, name)].cpu().contiguous()
+                       for layer, name in sorted(self.sums)}
+            # one metadata entry: safetensors writes its metadata map in hash order (more entries -> varying bytes)
+            save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": "pt"})
         manifest = dict(self.meta)
         manifest["kind"] = "kvtool-stats"
         manifest["counts"] = {f"layers.{layer}.{name}": c for (layer, name), c in sorted(self.counts.items())}
         manifest["stats"] = self.names()
         manifest["layers"] = self.layers()
-        manifest["tensors_sha256"] = hashlib.sha256((directory / TENSORS_FILE).read_bytes()).hexdigest()
+        manifest["tensors_sha256"] = file_sha256(directory / TENSORS_FILE)
         (directory / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
     @classmethod
@@ -376,7 +473,7 @@ class StatsStore:
         try:
             manifest = json.loads(manifest_path.read_text())
             digest = manifest.get("tensors_sha256")
-            if digest is not None and hashlib.sha256(tensors_path.read_bytes()).hexdigest() != digest:
+            if digest is not None and file_sha256(tensors_path) != digest:
                 raise ValueError("checksum mismatch")
             if not (manifest.get("model") or {}).get("hash"):
                 raise ValueError("no model hash")

@@ -63,14 +63,23 @@ def calibrate(**values: Any) -> None:
     stream = values["stream"]
     loaded = load_model(values["model"], dtype=values["dtype"],
                         device=device if stream else ("cpu" if world == 1 else device), lazy=stream)
-    t0 = time.perf_counter()
-    store = collect(loaded, data.source(), names, samples=data.samples, seq_len=data.seq_len, seed=data.seed,
-                    device=device, batch_size=data.batch_size, offload=values["offload"], exact=values["exact"],
-                    progress=values["progress"] and rank == 0)
-    seconds = time.perf_counter() - t0
-    if rank == 0:
+    def run(write_to: Any = None) -> tuple[Any, float]:
+        t0 = time.perf_counter()
+        store = collect(loaded, data.source(), names, samples=data.samples, seq_len=data.seq_len, seed=data.seed,
+                        device=device, batch_size=data.batch_size, offload=values["offload"], exact=values["exact"],
+                        progress=values["progress"] and rank == 0, write_to=write_to)
+        return store, time.perf_counter() - t0
+
+    if world == 1:  # each layer's sums go to the output (atomic folder) as the layer completes
         with atomic_dir(output, values["overwrite"], inputs) as tmp:
+            store, seconds = run(write_to=tmp)
             store.save(tmp)
+    else:  # under torchrun the sums are all-reduced at the end; rank 0 writes them
+        store, seconds = run()
+        if rank == 0:
+            with atomic_dir(output, values["overwrite"], inputs) as tmp:
+                store.save(tmp)
+    if rank == 0:
         tokens = store.meta["tokens"]
         result = {"output": str(output), "layers": len(store.layers()), "statistics": store.names(), "tokens": tokens,
                   "seconds": round(seconds, 3), "tokens_per_second": round(tokens / max(seconds, 1e-9), 1)}

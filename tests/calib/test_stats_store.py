@@ -177,3 +177,40 @@ def test_host_empty_large_buffers_are_ordinary_tensors(tmp_path):
     assert torch.equal(StatsStore.load(tmp_path).sum(0, "down_in"), big)
     del big, store
     gc.collect()
+
+
+def test_sums_written_layer_by_layer_equal_the_saved_store(tmp_path):
+    """write_to: each layer's sums go into the statistics file as the layer completes and leave memory; the file
+    (header space reserved up front, padded) loads with safetensors and StatsStore.load and holds exactly the
+    sums an in-memory run saves; the same run writes the same bytes."""
+    from conftest import tiny_model
+    from safetensors.torch import load_file
+
+    from kvtool.calib import collect_statistics
+    from kvtool.models import wrap_model
+
+    loaded = wrap_model(tiny_model("llama", seed=5))
+    windows = torch.randint(0, 300, (6, 32), generator=torch.Generator().manual_seed(6))
+    meta = {"model": {"hash": "sha256:tiny"}}
+    in_memory = collect_statistics(loaded, windows, "attn_in,q,k,v,o_in,mlp_in,down_in", batch_size=4)
+    in_memory.meta = meta
+    (tmp_path / "a").mkdir()
+    in_memory.save(tmp_path / "a")
+    digests = []
+    for name in ("b", "c"):
+        (tmp_path / name).mkdir()
+        streamed = collect_statistics(loaded, windows, "attn_in,q,k,v,o_in,mlp_in,down_in", batch_size=4,
+                                      write_to=tmp_path / name)
+        assert streamed.sums == {} and streamed.names() == in_memory.names()  # nothing left in memory
+        with pytest.raises(KvtoolError, match="written to disk"):
+            streamed.sum(0, "attn_in")
+        streamed.meta = meta
+        streamed.save(tmp_path / name)
+        digests.append((tmp_path / name / "stats.safetensors").read_bytes())
+    assert digests[0] == digests[1]
+    raw = load_file(str(tmp_path / "b" / "stats.safetensors"))
+    back = StatsStore.load(tmp_path / "b")
+    assert set(raw) == {f"layers.{i}.{n}" for i, n in in_memory.sums}
+    for (i, n), ref in in_memory.sums.items():
+        assert torch.equal(back.sum(i, n), ref) and torch.equal(raw[f"layers.{i}.{n}"], ref)
+        assert back.count(i, n) == in_memory.count(i, n)
