@@ -5,7 +5,8 @@
 Times, with CUDA events, each step `StatsStore` takes per batch and per layer for one [rows, width] bf16 activation
 batch (16384 rows = one batch of 8 x 2048 tokens): the whole bf16 Gram product with a float32 output and its float64
 accumulation (the path before the blocked one), the blocked product of the blocks on and above the diagonal
-accumulated in place (block sizes), the mirror; then the per-layer offload: device -> pinned copy of the float64 sum
+accumulated in place (block sizes), the mirror
+(CUDA-event medians, triton.testing.do_bench); then the per-layer offload: device -> pinned copy of the float64 sum
 and the pinned -> ordinary host memory copy the drain thread makes (fresh memory and reused memory, torch's thread
 count and one thread). FLOP rates count the products computed.
 """
@@ -19,16 +20,10 @@ import time
 import torch
 
 
-def cuda_ms(fn, reps: int = 5) -> float:
-    fn()
-    torch.cuda.synchronize()
-    start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(reps):
-        fn()
-    stop.record()
-    stop.synchronize()
-    return start.elapsed_time(stop) / reps
+def cuda_ms(fn) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=1, rep=100, return_mode="median")
 
 
 def wall_ms(fn, reps: int = 3) -> float:
@@ -75,7 +70,7 @@ def main() -> None:
 
     gib = total.numel() * 8 / 2**30
     pinned = torch.empty(d, d, dtype=torch.float64, pin_memory=True)
-    ms = cuda_ms(lambda: pinned.copy_(total, non_blocking=True), reps=3)
+    ms = cuda_ms(lambda: pinned.copy_(total, non_blocking=True))
     print(json.dumps({"step": "device -> pinned copy of one float64 sum", "gib": round(gib, 2), "ms": round(ms, 1),
                       "gb_s": round(gib * 2**30 / 1e9 / (ms * 1e-3), 1)}), flush=True)
     reused = torch.empty_like(pinned)
