@@ -2,9 +2,10 @@
 
 Drives the CLI with its defaults, as a user would: `kvtool ladder --layers auto --count K` (the K layers of least
 drift on the default 16 x 256 calibration windows), then `kvtool heal` (default: 150 Adam steps per rewired layer,
-lr 1e-3, all parameters of each rewired layer, inputs and targets from the original model on 16 x 256 calibration
-windows; optionally `--e2e-steps`), and `kvtool eval` of the original, the rewired and the healed model on the same
-held-out tokens (embedded held-out part, non-overlapping 512-token windows).
+lr 1e-3, all parameters of each rewired layer, inputs and targets from the original model on heal's calibration
+windows, 64 x 256 since 2026-12-01, 16 x 256 before; optionally `--e2e-steps`), and `kvtool eval` of the
+original, the rewired and the healed model on the same held-out tokens (embedded held-out part, non-overlapping
+512-token windows).
 
     .venv/bin/python bench/heal_ladder_quality.py --counts 15 --json docs/results/heal_ladder_quality.json
 """

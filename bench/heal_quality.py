@@ -4,7 +4,7 @@
 
 Each row is what the CLI does by default: `kvtool convert-mla --kv-ratio R [--rope decoupled | --format
 deepseek-v3]` (statistics on the default 32 x 512 calibration windows), then `kvtool heal` with its defaults (150
-Adam steps per layer, lr 1e-3, 16 x 256 calibration windows; `--e2e-steps` adds end-to-end distillation). Perplexity
+Adam steps per layer, lr 1e-3, 64 x 256 calibration windows; `--e2e-steps` adds end-to-end distillation). Perplexity
 on the held-out part of the embedded text (disjoint from every calibration window), non-overlapping 512-token
 windows. The DeepSeek-V3 rows load the export in stock transformers (DeepseekV3ForCausalLM, kv_a_layernorm in place).
 """
@@ -36,7 +36,7 @@ def main() -> None:
     ap.add_argument("--rank-alloc", default=None, help="convert-mla --rank-alloc (default: convert-mla's)")
     ap.add_argument("--rope-dim", type=int, default=None, help="convert-mla --rope-dim (default: convert-mla's)")
     ap.add_argument("--heal-samples", type=int, default=None, help="kvtool heal --samples: calibration windows of "
-                    "the layer-wise fit and the e2e stage (default: heal's 16)")
+                    "the layer-wise fit and the e2e stage (default: heal's)")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
@@ -62,7 +62,9 @@ def main() -> None:
     stats_dir = Path(tempfile.mkdtemp(prefix="heal-bench-stats-")) / "stats"
     stats_dir.mkdir(parents=True)
     store.save(stats_dir)
-    heal_data = DataOptions(samples=args.heal_samples or 16, seq_len=256, batch_size=4)  # kvtool heal's defaults
+    from kvtool.methods.heal import Heal
+
+    heal_data = DataOptions(**{**Heal.data_defaults, **({"samples": args.heal_samples} if args.heal_samples else {})})
     steps = args.steps or HealOptions().steps
     tmp = Path(tempfile.mkdtemp(prefix="heal-bench-"))
     for ratio in [float(r) for r in args.ratios.split(",")]:
