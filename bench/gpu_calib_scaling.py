@@ -4,7 +4,8 @@
     torchrun --nproc-per-node 2 bench/gpu_calib_scaling.py --samples 128 --seq-len 2048
 
 Each rank builds the same random model on its GPU, takes ``windows[rank::world]`` (what ``kvtool calibrate`` does
-under torchrun) and collects the statistics; the sums are all-reduced in float64 at the end (included in the time).
+under torchrun) and collects the statistics; each layer's float64 sums are summed onto rank 0 as the layer
+completes (included in the time).
 Rank 0 prints wall seconds (after a barrier), tokens/s and peak GPU memory.
 """
 

@@ -4,7 +4,8 @@ Hooks on each decoder layer accumulate the requested statistics while the runner
 through it. Because every layer sees the outputs of the *original* previous layers, the result equals collecting
 with hooks during full forward passes (:func:`collect_statistics_full_forward`, used by the tests).
 
-Under torch.distributed each rank processes ``windows[rank::world]`` and the sums are all-reduced.
+Under torch.distributed each rank processes ``windows[rank::world]``; each layer's sums are summed onto rank 0 as the
+layer completes (the other ranks keep only the token counts) and rank 0 writes them.
 """
 
 from __future__ import annotations
@@ -115,8 +116,8 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
         exact: float64 Gram products for every batch; by default bf16/fp16 activations (a GPU model) use float32
             products on tensor cores (exact products, float32 accumulation within a batch, float64 across batches;
             relative difference <~ sqrt(rows per batch) * 2^-24, far below what the transforms resolve).
-        distributed: when torch.distributed is initialized, take this rank's share of the windows and
-            all-reduce the sums at the end.
+        distributed: when torch.distributed is initialized, take this rank's share of the windows and sum each
+            layer's sums onto rank 0 when the layer completes (other ranks return only counts).
         write_to: a folder: each layer's sums go into its statistics file as the layer completes and leave memory
             (finish with ``store.save(write_to)``); single process only.
     """
@@ -128,7 +129,7 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
         windows = windows[dist.get_rank()::dist.get_world_size()]
     store = StatsStore(exact=exact)
     store.reduce_each_layer = bool(distributed and dist.is_available() and dist.is_initialized()
-                                   and dist.get_world_size() > 1 and dist.get_backend() == "nccl")
+                                   and dist.get_world_size() > 1)
     wanted = set(range(spec.num_layers)) if layers is None else set(layers)
     if write_to is not None:
         if store.reduce_each_layer or (distributed and dist.is_available() and dist.is_initialized()

@@ -230,8 +230,8 @@ class StatsStore:
         self._allocated: dict[tuple[str, tuple[int, ...]], int] = {}
         self._pending: list[Any] = []  # futures of the background drains, oldest first
         self._executor: Any = None
-        # under NCCL: all-reduce each layer's sums on the GPU when the layer offloads (overlapping the next layer)
-        # instead of moving every sum back to the GPU at the end
+        # under torch.distributed: sum each layer's sums onto rank 0 when the layer offloads (on the GPU under NCCL,
+        # overlapping the next layer); the other ranks then drop them (no copy to their hosts)
         self.reduce_each_layer = False
         self._reduced: set[tuple[int, str]] = set()
         # wide statistics on the tensor-core path accumulate only the blocks on and above the diagonal until the
@@ -291,6 +291,14 @@ class StatsStore:
             if layer is None or key[0] == layer:
                 self._complete(key)
                 t = self.sums[key]
+                if self.reduce_each_layer and layer is not None:
+                    import torch.distributed as dist
+
+                    dist.reduce(t, dst=0)  # on NCCL's stream for a GPU sum; the copy below is ordered after it
+                    self._reduced.add(key)
+                    if dist.get_rank() != 0:
+                        del self.sums[key]  # its part is in rank 0's sum now
+                        continue
                 if not t.is_cuda:
                     if self.sink is not None and layer is not None:
                         self._write(key, t)
@@ -299,11 +307,6 @@ class StatsStore:
                     self.synchronize()
                     self.sums[key] = t.cpu()
                     continue
-                if self.reduce_each_layer:
-                    import torch.distributed as dist
-
-                    dist.all_reduce(t)  # enqueued on NCCL's stream; the copy below is ordered after it
-                    self._reduced.add(key)
                 staging = self._staging_buffer(key[1], tuple(t.shape), t.dtype)
                 # the device -> pinned copy runs on its own stream (the copy engine), after the work that
                 # produced the sum, beside the next layer's kernels
@@ -413,14 +416,15 @@ class StatsStore:
         return self
 
     def all_reduce(self) -> None:
-        """Sum every statistic and count over torch.distributed ranks (in place, same order on all ranks)."""
+        """Sum every statistic and count over torch.distributed ranks (in place, same order on all ranks). Sums
+        already reduced layer by layer (``reduce_each_layer``) are only counted: rank 0 holds them."""
         self.synchronize()
         import torch.distributed as dist
 
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        for key in sorted(self.sums):
+        for key in sorted(self.counts):
             if key not in self._reduced:
                 t = self.sums[key].to(device)
                 dist.all_reduce(t)
