@@ -61,23 +61,25 @@ def parse_stats(spec: str | list[str] | tuple[str, ...] | None) -> tuple[str, ..
 
 
 def gram_fp32(x: torch.Tensor) -> torch.Tensor:
-    """``xᵀx`` of bf16/fp16 rows ``x`` [n, d] (or batched [b, n, d] -> [b, d, d]) with float32 accumulation.
+    """``xᵀx`` of bf16/fp16 rows ``x`` [n, d] (or batched [b, n, d] -> [b, d, d]) with float32 accumulation."""
+    return gram_fp32_pair(x, x)
+
+
+def gram_fp32_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``aᵀb`` of bf16/fp16 rows (2-D or batched) with float32 accumulation.
 
     On a GPU: a half-precision GEMM with a float32 output (products of bf16/fp16 values are exact in float32; only
     the accumulation rounds), else the same numbers through TF32 (bf16 values are exact in TF32)."""
-    xt = x.transpose(-1, -2)
-    if x.is_cuda:
+    at = a.transpose(-1, -2)
+    if a.is_cuda:
         try:
-            if x.ndim == 3:
-                return torch.bmm(xt, x, out_dtype=torch.float32)
-            return torch.mm(xt, x, out_dtype=torch.float32)
+            return (torch.bmm if a.ndim == 3 else torch.mm)(at, b, out_dtype=torch.float32)
         except (RuntimeError, TypeError):  # torch without out_dtype for this backend
             pass
-    xf = x.float()
     previous = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        return xf.transpose(-1, -2) @ xf
+        return at.float() @ b.float()
     finally:
         torch.backends.cuda.matmul.allow_tf32 = previous
 
@@ -114,16 +116,6 @@ def add_upper_gram(total: torch.Tensor, x: torch.Tensor, block: int) -> None:
     for start in range(0, d, block):
         stop = min(start + block, d)
         total[start:stop, start:] += gram_fp32_pair(x[:, start:stop], x[:, start:])
-
-
-def gram_fp32_pair(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``aᵀb`` of bf16/fp16 rows with float32 accumulation (the two-operand form of :func:`gram_fp32`)."""
-    if a.is_cuda:
-        try:
-            return torch.mm(a.T, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            pass
-    return a.float().T @ b.float()
 
 
 F64_ROW_CHUNK = 1024  # rows converted to float64 at a time by add_upper_f64 (bounds its temporary)
@@ -350,8 +342,8 @@ class StatsStore:
     def write_to(self, directory: str | Path, capacity: int) -> None:
         """Write each layer's sums into ``directory``'s statistics file as the layer completes and free them (peak
         host memory: one layer's sums); :meth:`save` into the same folder finishes the file. ``capacity``: the
-        number of (layer, statistic) sums that will be written. Not under torch.distributed (sums are reduced
-        at the end there)."""
+        number of (layer, statistic) sums that will be written. Single process only (under torch.distributed
+        the sums are reduced onto rank 0, which writes them at the end)."""
         self.sink = SumsFile(Path(directory) / TENSORS_FILE, capacity)
 
     def _complete(self, key: tuple[int, str]) -> None:
