@@ -2,6 +2,11 @@
 disk one at a time): seconds, tokens/s, peak host RSS and peak GPU memory of each CLI run.
 
     python3 bench/gpu_calib_stream.py --tokenizer TOKENIZER_DIR [--samples 128 --seq-len 2048]
+    python3 bench/gpu_calib_stream.py --tokenizer TOKENIZER_DIR --layers 16 --modes memory,memory+down_in,stream+down_in
+
+A mode is `memory` or `stream`, optionally `+down_in` (the default statistics plus down_in, `--statistics
+attn_in,q,k,v,o_in,mlp_in,down_in`: 1.5 GiB of float64 sums per layer, written into stats.safetensors as each layer
+completes).
 
 Writes a Llama-3-8B-shaped checkpoint with random bf16 weights (safetensors shards, 16 GB) and a text file of the
 Python standard library's sources to --workdir, then runs the CLI as a user would, once per mode, each in its own
@@ -124,17 +129,23 @@ def main() -> None:
           flush=True)
     exe = shutil.which("kvtool", path=str(Path(sys.executable).parent)) or "kvtool"
     for mode in args.modes.split(","):
-        out = args.workdir / f"stats-{mode}"
+        out = args.workdir / f"stats-{mode.replace('+', '-')}"
         shutil.rmtree(out, ignore_errors=True)
         cmd = [exe, "calibrate", str(ckpt), "--device", args.device, "--dataset", str(text), "--samples",
                str(args.samples), "--seq-len", str(args.seq_len), "-o", str(out), "--json", "--no-progress"]
-        if mode == "stream":
+        where, _, extra = mode.partition("+")
+        if where not in ("memory", "stream") or extra not in ("", "down_in"):
+            raise SystemExit(f"error: unknown mode {mode!r}; use memory or stream, optionally +down_in")
+        if where == "stream":
             cmd.append("--stream")
+        if extra:
+            cmd += ["--statistics", "attn_in,q,k,v,o_in,mlp_in,down_in"]
         row = {"mode": mode, **run_cli(cmd)}
         row["stats_gib"] = round(sum(f.stat().st_size for f in out.iterdir()) / 2**30, 2)
         print(json.dumps(row), flush=True)
+        shutil.rmtree(out, ignore_errors=True)  # the next mode's sums need the disk
     print(f"(commands: kvtool calibrate {ckpt} --device {args.device} --dataset {text} --samples {args.samples} "
-          f"--seq-len {args.seq_len} -o OUT --json [--stream])")
+          f"--seq-len {args.seq_len} -o OUT --json [--stream] [--statistics attn_in,q,k,v,o_in,mlp_in,down_in])")
 
 
 if __name__ == "__main__":
