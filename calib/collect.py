@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from kvtool.calib.runner import LayerVisitor, batches, run_layers
-from kvtool.calib.stats import StatsStore, gram_fp32, parse_stats
+from kvtool.calib.stats import ALL_STATS, StatsStore, gram_fp32, parse_stats
 from kvtool.data import TextSource, calibration_windows
 from kvtool.errors import KvtoolError
 from kvtool.models import ArchSpec, LoadedModel
@@ -75,6 +75,20 @@ class _StatHooks:
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
+
+
+def stat_shape(spec: ArchSpec, model: nn.Module, layer: int, name: str) -> tuple[int, ...]:
+    """Shape of one statistic's sum: q, k and v per KV-head group [G, head_dim, head_dim], the others square over
+    their linear's input (down_in from the layer's own down_proj, read without loading its weight)."""
+    if name in ("q", "k", "v"):
+        return (spec.num_kv_heads, spec.head_dim, spec.head_dim)
+    if name == "down_in":
+        width = spec.layers(model)[layer].mlp.down_proj.in_features
+    elif name == "o_in":
+        width = spec.num_heads * spec.head_dim
+    else:
+        width = spec.hidden_size
+    return (width, width)
 
 
 class StatsVisitor(LayerVisitor):
@@ -135,7 +149,8 @@ def collect_statistics(loaded: LoadedModel, windows: torch.Tensor, stats: tuple[
         if store.reduce_each_layer or (distributed and dist.is_available() and dist.is_initialized()
                                        and dist.get_world_size() > 1):
             raise KvtoolError("internal error: statistics cannot be written layer by layer under torch.distributed")
-        store.write_to(write_to, capacity=len(wanted) * len(stats))
+        store.write_to(write_to, [(i, name, stat_shape(spec, loaded.model, i, name)) for i in sorted(wanted)
+                                  for name in ALL_STATS if name in stats])
     visitor = StatsVisitor(spec, stats, store, wanted)
     try:
         count = spec.num_layers if visitors else (max(wanted) + 1 if wanted else 0)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 import torch
 
@@ -181,8 +184,8 @@ def test_host_empty_large_buffers_are_ordinary_tensors(tmp_path):
 
 def test_sums_written_layer_by_layer_equal_the_saved_store(tmp_path):
     """write_to: each layer's sums go into the statistics file as the layer completes and leave memory; the file
-    (header space reserved up front, padded) loads with safetensors and StatsStore.load and holds exactly the
-    sums an in-memory run saves; the same run writes the same bytes."""
+    (header written first, from the plan of every sum's shape) loads with safetensors and StatsStore.load and holds
+    exactly the sums an in-memory run saves; the same run writes the same bytes."""
     from conftest import tiny_model
     from safetensors.torch import load_file
 
@@ -208,9 +211,27 @@ def test_sums_written_layer_by_layer_equal_the_saved_store(tmp_path):
         streamed.save(tmp_path / name)
         digests.append((tmp_path / name / "stats.safetensors").read_bytes())
     assert digests[0] == digests[1]
+    # the sha256 computed while the file was written (read back beside the pass) is the file's
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["tensors_sha256"] == hashlib.sha256(digests[0]).hexdigest()
     raw = load_file(str(tmp_path / "b" / "stats.safetensors"))
     back = StatsStore.load(tmp_path / "b")
     assert set(raw) == {f"layers.{i}.{n}" for i, n in in_memory.sums}
     for (i, n), ref in in_memory.sums.items():
         assert torch.equal(back.sum(i, n), ref) and torch.equal(raw[f"layers.{i}.{n}"], ref)
         assert back.count(i, n) == in_memory.count(i, n)
+
+
+def test_sums_file_refuses_what_its_plan_does_not_name(tmp_path):
+    """The header is written from the plan before any sum: a sum out of order or of another shape is an error, not a
+    file whose header lies; a file closed short of its plan is an error too."""
+    from kvtool.calib.stats import SumsFile
+
+    f = SumsFile(tmp_path / "s.safetensors", [("layers.0.attn_in", (4, 4)), ("layers.0.q", (2, 3, 3))])
+    with pytest.raises(KvtoolError, match="expected"):
+        f.write("layers.0.q", torch.zeros(2, 3, 3))
+    with pytest.raises(KvtoolError, match="expected"):
+        f.write("layers.0.attn_in", torch.zeros(4, 5))
+    f.write("layers.0.attn_in", torch.ones(4, 4))
+    with pytest.raises(KvtoolError, match="1 of 2"):
+        f.close()
