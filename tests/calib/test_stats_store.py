@@ -211,9 +211,11 @@ def test_sums_written_layer_by_layer_equal_the_saved_store(tmp_path):
         streamed.save(tmp_path / name)
         digests.append((tmp_path / name / "stats.safetensors").read_bytes())
     assert digests[0] == digests[1]
-    # the sha256 computed while the file was written (read back beside the pass) is the file's
+    # the manifest's digest: sha256 of the 16 MiB chunks' sha256 digests (hashed in parallel)
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
-    assert manifest["tensors_sha256"] == hashlib.sha256(digests[0]).hexdigest()
+    chunks = [digests[0][i:i + (1 << 24)] for i in range(0, len(digests[0]), 1 << 24)]
+    assert manifest["tensors_digest"] == "sha256-16MiB-chunks:" + hashlib.sha256(
+        b"".join(hashlib.sha256(c).digest() for c in chunks)).hexdigest()
     raw = load_file(str(tmp_path / "b" / "stats.safetensors"))
     back = StatsStore.load(tmp_path / "b")
     assert set(raw) == {f"layers.{i}.{n}" for i, n in in_memory.sums}
@@ -235,3 +237,33 @@ def test_sums_file_refuses_what_its_plan_does_not_name(tmp_path):
     f.write("layers.0.attn_in", torch.ones(4, 4))
     with pytest.raises(KvtoolError, match="1 of 2"):
         f.close()
+
+
+def test_statistics_digest_spans_chunks_and_catches_damage(tmp_path, monkeypatch):
+    """The chunked digest covers every byte (several chunks, a short last one); a flipped byte in any chunk makes
+    the folder unreadable with the one-line error; folders written with a whole-file sha256 still load."""
+    import kvtool.calib.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "DIGEST_CHUNK", 1000)  # many chunks from a small file
+    store = StatsStore({"model": {"hash": "sha256:abc"}})
+    for layer in range(2):
+        store.add(layer, "attn_in", torch.randn(30, 24, generator=torch.Generator().manual_seed(layer)))
+    store.save(tmp_path)
+    path = tmp_path / "stats.safetensors"
+    data = path.read_bytes()
+    assert len(data) > 3000 and len(data) % 1000
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    assert manifest["tensors_digest"] == "sha256-16MiB-chunks:" + hashlib.sha256(b"".join(
+        hashlib.sha256(data[i:i + 1000]).digest() for i in range(0, len(data), 1000))).hexdigest()
+    StatsStore.load(tmp_path)
+    for where in (len(data) // 2, len(data) - 1):
+        damaged = bytearray(data)
+        damaged[where] ^= 1
+        path.write_bytes(bytes(damaged))
+        with pytest.raises(KvtoolError, match="damaged"):
+            StatsStore.load(tmp_path)
+    path.write_bytes(data)
+    del manifest["tensors_digest"]
+    manifest["tensors_sha256"] = hashlib.sha256(data).hexdigest()  # a folder from before the chunked digest
+    (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+    assert StatsStore.load(tmp_path).layers() == store.layers()
