@@ -472,8 +472,8 @@ class StatsStore:
             if self.sink.path != directory / TENSORS_FILE:
                 raise KvtoolError(f"internal error: statistics are being written to {self.sink.path.parent}, "
                                   f"not {directory}")
-            for key in sorted(self.sums, key=file_order):  # never offloaded by layer
-                self._write(key, self.sums[key])                                           # (none in a normal run)
+            for key in sorted(self.sums, key=file_order):  # sums never offloaded by layer (none in a normal run)
+                self._write(key, self.sums[key])
             self.sink.close()
             self.sink = None
         else:
