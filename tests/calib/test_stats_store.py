@@ -239,6 +239,31 @@ def test_sums_file_refuses_what_its_plan_does_not_name(tmp_path):
         f.close()
 
 
+def test_sums_file_writes_large_sums_in_pieces_at_their_offsets(tmp_path, monkeypatch):
+    """Sums larger than one piece are written by several threads at their planned offsets: the file is what
+    safetensors writes for the same tensors (bytes of every tensor, in order), and loads back exactly."""
+    from safetensors.torch import load_file
+
+    from kvtool.calib.stats import SumsFile
+
+    monkeypatch.setattr(SumsFile, "PIECE", 1000)  # many pieces, a short last one
+    g = torch.Generator().manual_seed(3)
+    tensors = {"layers.0.attn_in": torch.randn(37, 37, generator=g, dtype=torch.float64),
+               "layers.0.q": torch.randn(2, 3, 3, generator=g, dtype=torch.float64),
+               "layers.1.attn_in": torch.randn(37, 37, generator=g, dtype=torch.float64)}
+    f = SumsFile(tmp_path / "s.safetensors", [(n, tuple(t.shape)) for n, t in tensors.items()])
+    for n, t in tensors.items():
+        f.write(n, t)
+    f.close()
+    back = load_file(str(tmp_path / "s.safetensors"))
+    assert set(back) == set(tensors)
+    for n, t in tensors.items():
+        assert torch.equal(back[n], t)
+    data = (tmp_path / "s.safetensors").read_bytes()
+    body = b"".join(t.numpy().tobytes() for t in tensors.values())
+    assert data.endswith(body) and len(data) == 8 + int.from_bytes(data[:8], "little") + len(body)
+
+
 def test_statistics_digest_spans_chunks_and_catches_damage(tmp_path, monkeypatch):
     """The chunked digest covers every byte (several chunks, a short last one); a flipped byte in any chunk makes
     the folder unreadable with the one-line error; folders written with a whole-file sha256 still load."""
