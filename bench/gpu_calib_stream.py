@@ -117,6 +117,10 @@ def main() -> None:
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--modes", default="memory,stream")
     args = ap.parse_args()
+    for mode in args.modes.split(","):  # before the 16 GB checkpoint is written
+        where, _, extra = mode.partition("+")
+        if where not in ("memory", "stream") or extra not in ("", "down_in"):
+            ap.error(f"unknown mode {mode!r}; use memory or stream, optionally +down_in")
     args.workdir.mkdir(parents=True, exist_ok=True)
     ckpt, text = args.workdir / "model", args.workdir / "text.txt"
     t0 = time.perf_counter()
@@ -134,8 +138,6 @@ def main() -> None:
         cmd = [exe, "calibrate", str(ckpt), "--device", args.device, "--dataset", str(text), "--samples",
                str(args.samples), "--seq-len", str(args.seq_len), "-o", str(out), "--json", "--no-progress"]
         where, _, extra = mode.partition("+")
-        if where not in ("memory", "stream") or extra not in ("", "down_in"):
-            raise SystemExit(f"error: unknown mode {mode!r}; use memory or stream, optionally +down_in")
         if where == "stream":
             cmd.append("--stream")
         if extra:

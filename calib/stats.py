@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import struct
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,6 @@ def tensors_digest(path: Path) -> str:
     """Digest of a statistics file (tens of GB with down_in): the sha256 of its 16 MiB chunks' sha256 digests, in
     order, the chunks hashed on all cores (hashlib releases the GIL). One sha256 of the whole file ran at ~0.6 GB/s
     on an H200 host: 18 s for an 8B model's default statistics, after a 9.8 s pass."""
-    import os
     from concurrent.futures import ThreadPoolExecutor
 
     size = path.stat().st_size
@@ -205,7 +205,6 @@ class SumsFile:
     PIECE = 1 << 26
 
     def __init__(self, path: str | Path, plan: list[tuple[str, tuple[int, ...]]]):
-        import os
         import threading
 
         self.path = Path(path)
@@ -226,8 +225,6 @@ class SumsFile:
         self._pwrite(struct.pack("<Q", len(header)) + header, 0)
 
     def _pwrite(self, data: Any, offset: int) -> None:
-        import os
-
         view = memoryview(data).cast("B")
         while len(view):
             done = os.pwrite(self.fd, view, offset)
@@ -247,7 +244,6 @@ class SumsFile:
                 self._pwrite(view, start)
             else:
                 if self._pool is None:
-                    import os
                     from concurrent.futures import ThreadPoolExecutor
 
                     self._pool = ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1),
@@ -257,8 +253,6 @@ class SumsFile:
 
     def close(self) -> None:
         """Check that every planned tensor was written and close the file."""
-        import os
-
         try:
             if self.next != len(self.plan):
                 raise KvtoolError(f"internal error: statistics file got {self.next} of {len(self.plan)} tensors")
