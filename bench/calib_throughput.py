@@ -21,6 +21,7 @@ import shutil
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -94,6 +95,7 @@ def run_one(args) -> dict:
             store.meta = {"model": {"hash": "bench"}}
             store.save(folder)
             save_seconds = time.perf_counter() - collect_end
+            stats_gib = sum(f.stat().st_size for f in Path(folder).iterdir()) / 2**30
             shutil.rmtree(folder)
     elif args.mode == "forward":
         with torch.no_grad():
@@ -125,6 +127,7 @@ def run_one(args) -> dict:
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if args.mode == "kvtool" and not args.in_memory:
         out["save_seconds"] = save_seconds
+        out["stats_gib"] = round(stats_gib, 2)
     if dev.type == "cuda":
         out["peak_gpu_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return out

@@ -16,7 +16,10 @@ down_in    [I, I]                      input of down_proj (large; only when aske
 =========  ==========================  =================================================================
 
 On disk: ``stats.safetensors`` (keys ``layers.{i}.{name}``, float64) and ``manifest.json`` (model identity
-and hash, dataset, samples, seq-len, tokens, per-statistic counts, kvtool version).
+and hash, dataset, samples, seq-len, tokens, per-statistic counts, kvtool version). Every sum is symmetric, so the
+file holds each one's upper triangle, rows in order (row ``i``: columns ``i..n-1``), as ``[..., n(n+1)/2]``; the
+header's metadata says so (``"layout": "upper-triangle"``) and :func:`unpack_upper` restores ``[..., n, n]``.
+Folders written before 2026-12-01 hold whole matrices (no ``layout``) and still load.
 """
 
 from __future__ import annotations
@@ -162,26 +165,88 @@ def file_order(key: tuple[int, str]) -> tuple[int, int, str]:
     return layer, ALL_STATS.index(name) if name in ALL_STATS else len(ALL_STATS), name
 
 
+LAYOUT = "upper-triangle"  # how stats.safetensors stores each sum (its header's __metadata__["layout"])
+
+
+def symmetrize_upper(g: torch.Tensor) -> torch.Tensor:
+    """``[..., n, n]`` -> the symmetric matrix with ``g``'s upper triangle (diagonal included)."""
+    return torch.triu(g) + torch.triu(g, 1).mT
+
+
+_UPPER_INDEX: dict[tuple[int, str], torch.Tensor] = {}
+
+
+def upper_index(n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Flat indices (int64) of the upper triangle of an ``n x n`` matrix, rows in order; cached per (n, device)."""
+    key = (n, str(torch.device(device)))
+    if key not in _UPPER_INDEX:
+        _UPPER_INDEX[key] = torch.ones(n, n, dtype=torch.bool, device=device).triu().flatten().nonzero().squeeze(1)
+    return _UPPER_INDEX[key]
+
+
+def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape on disk of a sum of ``shape`` [..., n, n]: [..., n(n+1)/2]."""
+    n = shape[-1]
+    return (*shape[:-2], n * (n + 1) // 2)
+
+
+def pack_upper(t: torch.Tensor) -> torch.Tensor:
+    """``[..., n, n]`` -> ``[..., n(n+1)/2]``: the upper triangle, rows in order (an index gather on ``t``'s device,
+    no host synchronization: on a GPU it runs on the current stream)."""
+    n = t.shape[-1]
+    if t.ndim < 2 or t.shape[-2] != n:
+        raise ValueError(f"a sum of shape {tuple(t.shape)} is not square")
+    flat = t.reshape(*t.shape[:-2], n * n)
+    return flat.index_select(-1, upper_index(n, t.device))
+
+
+def unpack_upper(p: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_upper`: ``[..., n(n+1)/2]`` -> the symmetric ``[..., n, n]``."""
+    import math
+
+    k = p.shape[-1]
+    n = (math.isqrt(8 * k + 1) - 1) // 2
+    if n * (n + 1) // 2 != k:
+        raise ValueError(f"{k} values are not the upper triangle of a square matrix")
+    out = p.new_zeros(*p.shape[:-1], n * n)
+    out.index_copy_(-1, upper_index(n, p.device), p)
+    out = out.view(*p.shape[:-1], n, n)
+    return out + torch.triu(out, 1).mT
+
+
 DIGEST_CHUNK = 1 << 24
+DIGEST_LABEL = "sha256-{mib}MiB-chunks"
 
 
-def tensors_digest(path: Path) -> str:
-    """Digest of a statistics file (tens of GB with down_in): the sha256 of its 16 MiB chunks' sha256 digests, in
-    order, the chunks hashed on all cores (hashlib releases the GIL). One sha256 of the whole file ran at ~0.6 GB/s
-    on an H200 host: 18 s for an 8B model's default statistics, after a 9.8 s pass."""
+def tensors_digest(path: Path, chunk: int | None = None) -> str:
+    """Digest of a statistics file (tens of GB with down_in): the sha256 of its chunks' sha256 digests (16 MiB
+    chunks unless ``chunk`` says otherwise; the label names the size), in order, the chunks hashed on all cores
+    (hashlib releases the GIL). One sha256 of the whole file ran at ~0.6 GB/s on an H200 host: 18 s for an 8B
+    model's default statistics, after a 9.8 s pass."""
     from concurrent.futures import ThreadPoolExecutor
 
+    chunk = chunk or DIGEST_CHUNK
+    if chunk % (1 << 20):
+        raise ValueError("digest chunks are whole MiB")
     size = path.stat().st_size
     with open(path, "rb") as f:
         fd = f.fileno()
 
         def chunk_digest(i: int) -> bytes:
-            return hashlib.sha256(os.pread(fd, DIGEST_CHUNK, i * DIGEST_CHUNK)).digest()
+            return hashlib.sha256(os.pread(fd, chunk, i * chunk)).digest()
 
-        chunks = max(1, -(-size // DIGEST_CHUNK))
+        chunks = max(1, -(-size // chunk))
         with ThreadPoolExecutor(max_workers=min(chunks, os.cpu_count() or 1)) as pool:
             digests = list(pool.map(chunk_digest, range(chunks)))
-    return "sha256-16MiB-chunks:" + hashlib.sha256(b"".join(digests)).hexdigest()
+    return DIGEST_LABEL.format(mib=chunk >> 20) + ":" + hashlib.sha256(b"".join(digests)).hexdigest()
+
+
+def digest_matches(path: Path, recorded: str) -> bool:
+    """Whether ``path`` has the digest a manifest recorded, hashed with the chunk size its label names."""
+    import re
+
+    label = re.fullmatch(r"sha256-(\d+)MiB-chunks:[0-9a-f]{64}", recorded)
+    return bool(label) and int(label.group(1)) > 0 and tensors_digest(path, int(label.group(1)) << 20) == recorded
 
 
 def file_sha256(path: Path) -> str:
@@ -204,7 +269,8 @@ class SumsFile:
 
     PIECE = 1 << 26
 
-    def __init__(self, path: str | Path, plan: list[tuple[str, tuple[int, ...]]]):
+    def __init__(self, path: str | Path, plan: list[tuple[str, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
         import threading
 
         self.path = Path(path)
@@ -214,7 +280,8 @@ class SumsFile:
             nbytes = 8 * torch.Size(shape).numel()
             entries[name] = {"dtype": "F64", "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
-        header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+        header = json.dumps({"__metadata__": {"format": "pt", **(metadata or {})}, **entries},
+                            separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # data starts 8-byte aligned (safetensors pads with spaces too)
         self.data_start = 8 + len(header)
         self.offsets = [entries[name]["data_offsets"][0] for name, _ in self.plan]
@@ -294,22 +361,22 @@ class StatsStore:
         self._copy_stream: Any = None
 
     # ------------------------------------------------------------------ accumulation
-    def add_gram(self, layer: int, name: str, gram: torch.Tensor, tokens: int, owned: bool = False) -> None:
+    def add_gram(self, layer: int, name: str, gram: torch.Tensor, tokens: int) -> None:
         """Add a precomputed Gram matrix (``xᵀx`` over ``tokens`` rows), accumulated in float64.
 
-        Sums stay on the device of the first Gram added (no per-batch device-to-host copies); call
-        :meth:`offload` to move them to the CPU. ``owned``: the caller hands ``gram`` over (it may become the sum
-        without a copy).
+        The Gram is made exactly symmetric from its upper triangle first (a GEMM's two triangles can differ in the
+        last bit; the statistics file keeps one triangle, so sums read back equal the sums in memory). Sums stay on
+        the device of the first Gram added (no per-batch device-to-host copies); call :meth:`offload` to move them
+        to the CPU.
         """
         key = (layer, name)
-        gram = gram.detach().to(torch.float64)
+        gram = symmetrize_upper(gram.detach().to(torch.float64))  # a new tensor: it can become the sum
         self._complete(key)
         if key in self.sums:
-            gram = gram.to(self.sums[key].device)
-            self.sums[key] += gram
+            self.sums[key] += gram.to(self.sums[key].device)
             self.counts[key] += tokens
         else:
-            self.sums[key] = gram if owned else gram.clone()
+            self.sums[key] = gram
             self.counts[key] = tokens
 
     def add(self, layer: int, name: str, x: torch.Tensor) -> None:
@@ -332,7 +399,7 @@ class StatsStore:
         else:
             x = x.to(torch.float64)
             gram = gram_f64(x)
-        self.add_gram(layer, name, gram, x.shape[0], owned=True)  # a fresh product: kept without a copy
+        self.add_gram(layer, name, gram, x.shape[0])
 
     def offload(self, layer: int | None = None) -> None:
         """Move the sums (of one layer, or all) to the CPU. For one layer from a GPU: asynchronously, through pinned
@@ -357,6 +424,8 @@ class StatsStore:
                     self.synchronize()
                     self.sums[key] = t.cpu()
                     continue
+                if self.sink is not None:  # only the upper triangle travels and is written (half the bytes)
+                    t = pack_upper(t)
                 staging = self._staging_buffer(key[1], tuple(t.shape), t.dtype)
                 # the device -> pinned copy runs on its own stream (the copy engine), after the work that
                 # produced the sum, beside the next layer's kernels
@@ -385,15 +454,15 @@ class StatsStore:
 
     def _drain(self, key: tuple[int, str], device_sum: torch.Tensor, staging: torch.Tensor, done: Any) -> None:
         done.synchronize()
-        if self.sink is not None:  # straight from the pinned buffer into the statistics file
-            self._write(key, staging)
+        if self.sink is not None:  # straight from the pinned buffer (the packed sum) into the statistics file
+            self._write(key, staging, packed=True)
         else:
             self.sums[key] = host_empty(tuple(staging.shape), staging.dtype).copy_(staging)
         del device_sum  # the device tensor could be freed only once its copy had finished
         self._free.setdefault((key[1], tuple(staging.shape)), []).append(staging)
 
-    def _write(self, key: tuple[int, str], t: torch.Tensor) -> None:
-        self.sink.write(f"layers.{key[0]}.{key[1]}", t)
+    def _write(self, key: tuple[int, str], t: torch.Tensor, packed: bool = False) -> None:
+        self.sink.write(f"layers.{key[0]}.{key[1]}", t if packed else pack_upper(t))
         self.sums.pop(key, None)
         self._written.add(key)
 
@@ -403,7 +472,8 @@ class StatsStore:
         (layer, statistic, shape) that will be written, layers ascending, statistics in ``ALL_STATS`` order (the
         order :meth:`offload` hands them over). Single process only (under torch.distributed the sums are reduced
         onto rank 0, which writes them at the end)."""
-        self.sink = SumsFile(Path(directory) / TENSORS_FILE, [(f"layers.{i}.{n}", shape) for i, n, shape in plan])
+        self.sink = SumsFile(Path(directory) / TENSORS_FILE,
+                             [(f"layers.{i}.{n}", packed_shape(shape)) for i, n, shape in plan], {"layout": LAYOUT})
 
     def _complete(self, key: tuple[int, str]) -> None:
         """Mirror a wide sum kept as its blocks on and above the diagonal into the whole symmetric matrix."""
@@ -488,8 +558,6 @@ class StatsStore:
     def save(self, directory: str | Path) -> None:
         """Write ``stats.safetensors`` + ``manifest.json`` into ``directory`` (use an atomic folder)."""
         self.synchronize()
-        from safetensors.torch import save_file
-
         if not (self.meta.get("model") or {}).get("hash"):
             raise KvtoolError("statistics without a model hash cannot be saved: stamp store.meta['model'] "
                               "(kvtool.calib.calibrate does)")
@@ -503,10 +571,14 @@ class StatsStore:
             self.sink.close()
             self.sink = None
         else:
-            tensors = {f"layers.{layer}.{name}": self.sums[(layer, name)].cpu().contiguous()
-                       for layer, name in sorted(self.sums)}
-            # one metadata entry: safetensors writes its metadata map in hash order (more entries -> varying bytes)
-            save_file(tensors, str(directory / TENSORS_FILE), metadata={"format": "pt"})
+            keys = sorted(self.sums, key=file_order)
+            sink = SumsFile(directory / TENSORS_FILE, [(f"layers.{i}.{n}", packed_shape(tuple(self.sums[(i, n)].shape)))
+                                                       for i, n in keys], {"layout": LAYOUT})
+            try:
+                for i, n in keys:
+                    sink.write(f"layers.{i}.{n}", pack_upper(self.sums[(i, n)].cpu()))
+            finally:
+                sink.close()
         manifest = dict(self.meta)
         manifest["kind"] = "kvtool-stats"
         manifest["counts"] = {f"layers.{layer}.{name}": c for (layer, name), c in sorted(self.counts.items())}
@@ -518,6 +590,7 @@ class StatsStore:
     @classmethod
     def load(cls, directory: str | Path) -> StatsStore:
         """Read a statistics folder written by :meth:`save`; unreadable or inconsistent files raise KvtoolError."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
         directory = Path(directory).expanduser()
@@ -528,16 +601,24 @@ class StatsStore:
         try:
             manifest = json.loads(manifest_path.read_text())
             if "tensors_digest" in manifest:
-                if tensors_digest(tensors_path) != manifest["tensors_digest"]:
+                if not digest_matches(tensors_path, str(manifest["tensors_digest"])):
                     raise ValueError("checksum mismatch")
             elif "tensors_sha256" in manifest and file_sha256(tensors_path) != manifest["tensors_sha256"]:
                 raise ValueError("checksum mismatch")
             if not (manifest.get("model") or {}).get("hash"):
                 raise ValueError("no model hash")
-            tensors = load_file(str(tensors_path))
+            with safe_open(str(tensors_path), "pt") as f:
+                layout = (f.metadata() or {}).get("layout")
+            if layout in (None, LAYOUT):
+                tensors = load_file(str(tensors_path))
+                if layout == LAYOUT:
+                    tensors = {key: unpack_upper(t) for key, t in tensors.items()}
         except Exception as exc:
             raise KvtoolError(f"cannot read statistics in {directory} ({type(exc).__name__}): "
                               "the files are damaged; recalibrate") from exc
+        if layout not in (None, LAYOUT):
+            raise KvtoolError(f"statistics in {directory} store their sums as {layout!r}, which this kvtool does not "
+                              "read: recalibrate with this kvtool (or use the kvtool that wrote them)")
         counts = manifest.pop("counts", {})
         store = cls(manifest)
         for key, t in tensors.items():

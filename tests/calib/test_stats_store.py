@@ -167,13 +167,13 @@ def test_host_empty_large_buffers_are_ordinary_tensors(tmp_path):
     freed with the tensor."""
     import gc
 
-    from kvtool.calib.stats import host_empty
+    from kvtool.calib.stats import host_empty, symmetrize_upper
 
     small = host_empty((4, 4), torch.float64)
-    big = host_empty((2048, 2048 + 1), torch.float64)  # 33.6 MB: the mapped path
-    assert small.shape == (4, 4) and big.shape == (2048, 2049) and big.dtype == torch.float64
-    big.copy_(torch.arange(big.numel(), dtype=torch.float64).view(big.shape))
-    assert float(big[-1, -1]) == big.numel() - 1
+    big = host_empty((2048, 2048), torch.float64)  # 33.6 MB: the mapped path
+    assert small.shape == (4, 4) and big.shape == (2048, 2048) and big.dtype == torch.float64
+    big.copy_(symmetrize_upper(torch.arange(big.numel(), dtype=torch.float64).view(big.shape)))
+    assert float(big[-1, -1]) == big.numel() - 1 and float(big[-1, 0]) == 2047
     store = StatsStore({"model": {"hash": "sha256:x"}})
     store.sums[(0, "down_in")], store.counts[(0, "down_in")] = big, 1
     store.save(tmp_path)
@@ -187,6 +187,7 @@ def test_sums_written_layer_by_layer_equal_the_saved_store(tmp_path):
     (header written first, from the plan of every sum's shape) loads with safetensors and StatsStore.load and holds
     exactly the sums an in-memory run saves; the same run writes the same bytes."""
     from conftest import tiny_model
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     from kvtool.calib import collect_statistics
@@ -216,11 +217,17 @@ def test_sums_written_layer_by_layer_equal_the_saved_store(tmp_path):
     chunks = [digests[0][i:i + (1 << 24)] for i in range(0, len(digests[0]), 1 << 24)]
     assert manifest["tensors_digest"] == "sha256-16MiB-chunks:" + hashlib.sha256(
         b"".join(hashlib.sha256(c).digest() for c in chunks)).hexdigest()
+    assert (tmp_path / "a" / "stats.safetensors").read_bytes() == digests[0]  # one writer, one layout
     raw = load_file(str(tmp_path / "b" / "stats.safetensors"))
+    with safe_open(str(tmp_path / "b" / "stats.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt", "layout": "upper-triangle"}
     back = StatsStore.load(tmp_path / "b")
     assert set(raw) == {f"layers.{i}.{n}" for i, n in in_memory.sums}
     for (i, n), ref in in_memory.sums.items():
-        assert torch.equal(back.sum(i, n), ref) and torch.equal(raw[f"layers.{i}.{n}"], ref)
+        # on disk: the upper triangle, rows in order; read back: exactly the symmetric sum held in memory
+        rows, cols = torch.triu_indices(ref.shape[-1], ref.shape[-1])
+        assert torch.equal(raw[f"layers.{i}.{n}"], ref[..., rows, cols])
+        assert torch.equal(ref, ref.mT) and torch.equal(back.sum(i, n), ref)
         assert back.count(i, n) == in_memory.count(i, n)
 
 
@@ -265,22 +272,24 @@ def test_sums_file_writes_large_sums_in_pieces_at_their_offsets(tmp_path, monkey
 
 
 def test_statistics_digest_spans_chunks_and_catches_damage(tmp_path, monkeypatch):
-    """The chunked digest covers every byte (several chunks, a short last one); a flipped byte in any chunk makes
-    the folder unreadable with the one-line error; folders written with a whole-file sha256 still load."""
+    """The chunked digest covers every byte (several chunks, a short last one) and is checked with the chunk size its
+    label names (a file hashed in 1 MiB chunks loads with the 16 MiB default restored); a flipped byte in any chunk
+    makes the folder unreadable with the one-line error; folders written with a whole-file sha256 still load."""
     import kvtool.calib.stats as stats_module
 
-    monkeypatch.setattr(stats_module, "DIGEST_CHUNK", 1000)  # many chunks from a small file
+    monkeypatch.setattr(stats_module, "DIGEST_CHUNK", 1 << 20)  # several chunks from a small file
     store = StatsStore({"model": {"hash": "sha256:abc"}})
-    for layer in range(2):
-        store.add(layer, "attn_in", torch.randn(30, 24, generator=torch.Generator().manual_seed(layer)))
+    for layer in range(2):  # 2 x 600 x 601 / 2 float64 values: 2.9 MB
+        store.add(layer, "attn_in", torch.randn(30, 600, generator=torch.Generator().manual_seed(layer)))
     store.save(tmp_path)
+    monkeypatch.setattr(stats_module, "DIGEST_CHUNK", 1 << 24)
     path = tmp_path / "stats.safetensors"
     data = path.read_bytes()
-    assert len(data) > 3000 and len(data) % 1000
+    assert len(data) > 2 << 20 and len(data) % (1 << 20)
     manifest = json.loads((tmp_path / "manifest.json").read_text())
-    assert manifest["tensors_digest"] == "sha256-16MiB-chunks:" + hashlib.sha256(b"".join(
-        hashlib.sha256(data[i:i + 1000]).digest() for i in range(0, len(data), 1000))).hexdigest()
-    StatsStore.load(tmp_path)
+    assert manifest["tensors_digest"] == "sha256-1MiB-chunks:" + hashlib.sha256(b"".join(
+        hashlib.sha256(data[i:i + (1 << 20)]).digest() for i in range(0, len(data), 1 << 20))).hexdigest()
+    assert torch.equal(StatsStore.load(tmp_path).sum(1, "attn_in"), store.sum(1, "attn_in"))
     for where in (len(data) // 2, len(data) - 1):
         damaged = bytearray(data)
         damaged[where] ^= 1
@@ -288,7 +297,48 @@ def test_statistics_digest_spans_chunks_and_catches_damage(tmp_path, monkeypatch
         with pytest.raises(KvtoolError, match="damaged"):
             StatsStore.load(tmp_path)
     path.write_bytes(data)
+    for label in ("sha256-0MiB-chunks:", "sha256-16MiB-chunks:", "md5:"):  # a label that does not fit the file
+        (tmp_path / "manifest.json").write_text(json.dumps(
+            {**manifest, "tensors_digest": label + manifest["tensors_digest"].split(":")[1]}))
+        with pytest.raises(KvtoolError, match="damaged"):
+            StatsStore.load(tmp_path)
     del manifest["tensors_digest"]
     manifest["tensors_sha256"] = hashlib.sha256(data).hexdigest()  # a folder from before the chunked digest
     (tmp_path / "manifest.json").write_text(json.dumps(manifest))
     assert StatsStore.load(tmp_path).layers() == store.layers()
+
+
+def test_packed_sums_round_trip_and_old_whole_matrix_files_load(tmp_path):
+    """pack_upper / unpack_upper are inverse on symmetric sums (2-D and batched [G, d, d]); a statistics file
+    written before the packed layout (whole matrices, no layout in its header) still loads; an unknown layout is
+    the one-line error."""
+    from safetensors.torch import save_file
+
+    from kvtool.calib.stats import pack_upper, packed_shape, symmetrize_upper, tensors_digest, unpack_upper
+
+    g = torch.Generator().manual_seed(0)
+    for shape in ((1, 1), (5, 5), (3, 4, 4)):
+        t = symmetrize_upper(torch.randn(shape, generator=g, dtype=torch.float64))
+        p = pack_upper(t)
+        assert tuple(p.shape) == packed_shape(shape) and torch.equal(unpack_upper(p), t)
+    assert pack_upper(torch.arange(9.0).view(3, 3)).tolist() == [0, 1, 2, 4, 5, 8]  # rows of the upper triangle
+    with pytest.raises(ValueError, match="not square"):
+        pack_upper(torch.zeros(3, 4))
+    with pytest.raises(ValueError, match="square"):
+        unpack_upper(torch.zeros(4))
+    store = StatsStore({"model": {"hash": "sha256:abc"}})
+    store.add(0, "attn_in", torch.randn(20, 6, generator=g))
+    store.add_gram(0, "q", torch.randn(2, 3, 3, generator=g), 20)
+    store.save(tmp_path)
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    path = tmp_path / "stats.safetensors"
+    for metadata in ({"format": "pt"}, {"format": "pt", "layout": "lower-triangle"}):
+        save_file({f"layers.0.{n}": store.sum(0, n) for n in ("attn_in", "q")}, str(path), metadata=metadata)
+        manifest["tensors_digest"] = tensors_digest(path)
+        (tmp_path / "manifest.json").write_text(json.dumps(manifest))
+        if "layout" in metadata:
+            with pytest.raises(KvtoolError, match="'lower-triangle', which this kvtool does not read"):
+                StatsStore.load(tmp_path)
+        else:
+            old = StatsStore.load(tmp_path)
+            assert all(torch.equal(old.sum(0, n), store.sum(0, n)) for n in ("attn_in", "q"))
