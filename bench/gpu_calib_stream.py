@@ -5,7 +5,8 @@ disk one at a time): seconds, tokens/s, peak host RSS and peak GPU memory of eac
     python3 bench/gpu_calib_stream.py --tokenizer TOKENIZER_DIR --layers 16 --modes memory,memory+down_in,stream+down_in
 
 A mode is `memory` or `stream`, optionally `+down_in` (the default statistics plus down_in, `--statistics
-attn_in,q,k,v,o_in,mlp_in,down_in`: 1.5 GiB of float64 sums per layer, written into stats.safetensors as each layer
+attn_in,q,k,v,o_in,mlp_in,down_in`: 1.9 GiB of float64 sums per layer, written into stats.safetensors (their upper
+triangles: 0.95 GiB) as each layer
 completes).
 
 Writes a Llama-3-8B-shaped checkpoint with random bf16 weights (safetensors shards, 16 GB) and a text file of the
