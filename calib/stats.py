@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 
+from kvtool.checkpoint import file_sha256
 from kvtool.errors import KvtoolError
 
 ALL_STATS = ("attn_in", "q", "k", "v", "o_in", "mlp_in", "down_in")
@@ -247,15 +248,6 @@ def digest_matches(path: Path, recorded: str) -> bool:
 
     label = re.fullmatch(r"sha256-(\d+)MiB-chunks:[0-9a-f]{64}", recorded)
     return bool(label) and int(label.group(1)) > 0 and tensors_digest(path, int(label.group(1)) << 20) == recorded
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a whole file (what statistics folders written before 2026-12-01 record as tensors_sha256)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 26):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 class SumsFile:
@@ -603,7 +595,8 @@ class StatsStore:
             if "tensors_digest" in manifest:
                 if not digest_matches(tensors_path, str(manifest["tensors_digest"])):
                     raise ValueError("checksum mismatch")
-            elif "tensors_sha256" in manifest and file_sha256(tensors_path) != manifest["tensors_sha256"]:
+            elif ("tensors_sha256" in manifest  # whole-file sha256: folders written before 2026-12-01
+                  and file_sha256(tensors_path).removeprefix("sha256:") != manifest["tensors_sha256"]):
                 raise ValueError("checksum mismatch")
             if not (manifest.get("model") or {}).get("hash"):
                 raise ValueError("no model hash")
