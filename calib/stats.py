@@ -102,10 +102,8 @@ def gram_f64(x: torch.Tensor) -> torch.Tensor:
         return torch.triu(g) + torch.triu(g, 1).T
     out = torch.empty(d, d, dtype=x.dtype, device=x.device)
     for start in range(0, d, GRAM_BLOCK):
-        stop = min(start + GRAM_BLOCK, d)
-        rows = x[:, start:stop].T @ x[:, start:]  # block row: columns start..d
-        out[start:stop, start:] = rows
-        out[stop:, start:stop] = rows[:, stop - start:].T
+        out[start:start + GRAM_BLOCK, start:] = x[:, start:start + GRAM_BLOCK].T @ x[:, start:]  # block row
+    mirror_upper(out, GRAM_BLOCK)
     return out
 
 
@@ -139,10 +137,14 @@ def add_upper_f64(total: torch.Tensor, x: torch.Tensor, block: int) -> None:
 
 
 def mirror_upper(total: torch.Tensor, block: int) -> None:
-    """Copy the blocks above the diagonal of ``total`` onto those below (in place), block row by block row."""
+    """Make ``total`` exactly symmetric from its upper triangle (in place), block row by block row: each diagonal
+    block (a whole product, whose two triangles can differ in the last bit) takes the mirror of its upper triangle,
+    and the blocks above the diagonal are copied onto those below."""
     d = total.shape[0]
     for start in range(0, d, block):
         stop = min(start + block, d)
+        diagonal = total[start:stop, start:stop]
+        diagonal.copy_(symmetrize_upper(diagonal))
         total[stop:, start:stop] = total[start:stop, stop:].T
 
 
@@ -248,6 +250,12 @@ def digest_matches(path: Path, recorded: str) -> bool:
 
     label = re.fullmatch(r"sha256-(\d+)MiB-chunks:[0-9a-f]{64}", recorded)
     return bool(label) and int(label.group(1)) > 0 and tensors_digest(path, int(label.group(1)) << 20) == recorded
+
+
+def open_sums_file(path: Path, plan: list[tuple[int, str, tuple[int, ...]]]) -> SumsFile:
+    """The statistics file for ``plan`` ((layer, statistic, shape of the sum) in file order): each sum stored as its
+    upper triangle (``packed_shape``), the header's metadata naming the layout."""
+    return SumsFile(path, [(f"layers.{i}.{n}", packed_shape(shape)) for i, n, shape in plan], {"layout": LAYOUT})
 
 
 class SumsFile:
@@ -398,7 +406,10 @@ class StatsStore:
         staging buffers and a background thread, overlapping the next layer's work (reads wait for it)."""
         for key in sorted(self.sums, key=file_order):  # the statistics file's order
             if layer is None or key[0] == layer:
-                self._complete(key)
+                if self.sink is not None and layer is not None:
+                    self._upper.pop(key, None)  # written packed: the upper blocks already hold the triangle
+                else:
+                    self._complete(key)
                 t = self.sums[key]
                 if self.reduce_each_layer and layer is not None:
                     import torch.distributed as dist
@@ -464,8 +475,7 @@ class StatsStore:
         (layer, statistic, shape) that will be written, layers ascending, statistics in ``ALL_STATS`` order (the
         order :meth:`offload` hands them over). Single process only (under torch.distributed the sums are reduced
         onto rank 0, which writes them at the end)."""
-        self.sink = SumsFile(Path(directory) / TENSORS_FILE,
-                             [(f"layers.{i}.{n}", packed_shape(shape)) for i, n, shape in plan], {"layout": LAYOUT})
+        self.sink = open_sums_file(Path(directory) / TENSORS_FILE, plan)
 
     def _complete(self, key: tuple[int, str]) -> None:
         """Mirror a wide sum kept as its blocks on and above the diagonal into the whole symmetric matrix."""
@@ -564,8 +574,7 @@ class StatsStore:
             self.sink = None
         else:
             keys = sorted(self.sums, key=file_order)
-            sink = SumsFile(directory / TENSORS_FILE, [(f"layers.{i}.{n}", packed_shape(tuple(self.sums[(i, n)].shape)))
-                                                       for i, n in keys], {"layout": LAYOUT})
+            sink = open_sums_file(directory / TENSORS_FILE, [(i, n, tuple(self.sums[(i, n)].shape)) for i, n in keys])
             try:
                 for i, n in keys:
                     sink.write(f"layers.{i}.{n}", pack_upper(self.sums[(i, n)].cpu()))
@@ -583,7 +592,6 @@ class StatsStore:
     def load(cls, directory: str | Path) -> StatsStore:
         """Read a statistics folder written by :meth:`save`; unreadable or inconsistent files raise KvtoolError."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
         directory = Path(directory).expanduser()
         manifest_path, tensors_path = directory / MANIFEST_FILE, directory / TENSORS_FILE
@@ -600,12 +608,12 @@ class StatsStore:
                 raise ValueError("checksum mismatch")
             if not (manifest.get("model") or {}).get("hash"):
                 raise ValueError("no model hash")
-            with safe_open(str(tensors_path), "pt") as f:
+            with safe_open(str(tensors_path), "pt") as f:  # one read of the header: layout, then the tensors
                 layout = (f.metadata() or {}).get("layout")
-            if layout in (None, LAYOUT):
-                tensors = load_file(str(tensors_path))
-                if layout == LAYOUT:
-                    tensors = {key: unpack_upper(t) for key, t in tensors.items()}
+                if layout in (None, LAYOUT):
+                    tensors = {key: f.get_tensor(key) for key in f.keys()}
+                    if layout == LAYOUT:
+                        tensors = {key: unpack_upper(t) for key, t in tensors.items()}
         except Exception as exc:
             raise KvtoolError(f"cannot read statistics in {directory} ({type(exc).__name__}): "
                               "the files are damaged; recalibrate") from exc

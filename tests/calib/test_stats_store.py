@@ -342,3 +342,25 @@ def test_packed_sums_round_trip_and_old_whole_matrix_files_load(tmp_path):
         else:
             old = StatsStore.load(tmp_path)
             assert all(torch.equal(old.sum(0, n), store.sum(0, n)) for n in ("attn_in", "q"))
+
+
+def test_blocked_sums_written_without_mirroring_equal_the_in_memory_sums(tmp_path, monkeypatch):
+    """A wide sum kept as its blocks on and above the diagonal is written packed straight from those blocks (no
+    mirror first): it reads back equal to the same sum completed in memory."""
+    import kvtool.calib.stats as stats_module
+
+    monkeypatch.setattr(stats_module, "GRAM_BLOCK", 4)  # width 13 >= 2 blocks: the in-place blocked path
+    g = torch.Generator().manual_seed(2)
+    xs = [torch.randn(9, 13, generator=g, dtype=torch.float64) for _ in range(3)]
+    meta = {"model": {"hash": "sha256:abc"}}
+    in_memory, written = StatsStore(meta), StatsStore(meta)
+    written.write_to(tmp_path, [(0, "attn_in", (13, 13))])
+    for x in xs:
+        in_memory.add(0, "attn_in", x)
+        written.add(0, "attn_in", x)
+    assert (0, "attn_in") in written._upper
+    written.offload(0)
+    assert written.sums == {} and written._upper == {}
+    written.save(tmp_path)
+    ref = in_memory.sum(0, "attn_in")
+    assert torch.equal(ref, ref.mT) and torch.equal(StatsStore.load(tmp_path).sum(0, "attn_in"), ref)
