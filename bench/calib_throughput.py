@@ -68,7 +68,7 @@ def run_one(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
     if args.mode == "kvtool":
-        from kvtool.calib import collect_statistics
+        from kvtool.calib.collect import collect_statistics
 
         if args.wide_block is not None:  # ablation only: 0 = one whole product per batch for every statistic
             import kvtool.calib.stats as stats_module

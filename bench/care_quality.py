@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from kvtool.calib import collect_statistics
+from kvtool.calib.collect import collect_statistics
 from kvtool.calib.input_samples import AttnInputSampler
 from kvtool.calib.sensitivity import kv_sensitivity
 from kvtool.convert.care import convert_layers, mla_state_dict

@@ -87,7 +87,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from kvtool.calib import collect_statistics
+    from kvtool.calib.collect import collect_statistics
     from kvtool.convert.corda import parse_targets, required_stats
     from kvtool.data import TextSource, calibration_windows, embedded_text
     from kvtool.methods import run_method

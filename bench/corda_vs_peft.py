@@ -135,7 +135,7 @@ def agreement(p: dict, q: dict) -> dict:
 def peft_normalized_store(loaded, windows: torch.Tensor, names: tuple[str, ...]):
     """Covariances exactly as PEFT's hook forms them (per-window x / |max(x)|, summed, / windows), in a StatsStore,
     plus the spread of the per-window weights 1/max² for each statistic."""
-    from kvtool.calib import StatsStore
+    from kvtool.calib.stats import StatsStore
 
     store = StatsStore()
     weights: dict[tuple[str, int], list[float]] = {}

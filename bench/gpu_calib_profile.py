@@ -23,7 +23,7 @@ def main() -> None:
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from kvtool.calib import collect_statistics
+    from kvtool.calib.collect import collect_statistics
     from kvtool.calib.stats import parse_stats
     from kvtool.models import wrap_model
 

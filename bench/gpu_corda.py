@@ -68,7 +68,7 @@ def main() -> None:
 
     from gpu_common import environment
 
-    from kvtool.calib import collect_statistics
+    from kvtool.calib.collect import collect_statistics
     from kvtool.convert.corda import ALL_TARGETS, corda_transform
     from kvtool.methods import RunContext, get_method
     from kvtool.options import DataOptions

@@ -41,7 +41,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
-    from kvtool.calib import calibrate
+    from kvtool.calib.collect import calibrate
     from kvtool.data import TextSource, heldout_tokens
     from kvtool.evaluate import perplexity
     from kvtool.methods import run_method

@@ -17,6 +17,7 @@ from torch import nn
 
 from kvtool.models import ArchSpec, LayerStreamer, LoadedModel
 from kvtool.progress import progress_bar
+from kvtool.runtime.hf_cache import CACHE_NAMES
 
 
 class LayerVisitor:
@@ -44,7 +45,7 @@ def layer_inputs(model: nn.Module, spec: ArchSpec, input_ids: torch.Tensor) -> t
 
     def catch(module: nn.Module, args: tuple, kwargs: dict) -> None:
         captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in ("past_key_values", "hidden_states")}
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k not in (*CACHE_NAMES, "hidden_states")}
         raise _Caught
 
     handle = spec.layers(model)[0].register_forward_pre_hook(catch, with_kwargs=True)

@@ -562,7 +562,7 @@ class StatsStore:
         self.synchronize()
         if not (self.meta.get("model") or {}).get("hash"):
             raise KvtoolError("statistics without a model hash cannot be saved: stamp store.meta['model'] "
-                              "(kvtool.calib.calibrate does)")
+                              "(kvtool.calib.collect.calibrate does)")
         directory = Path(directory)
         if self.sink is not None:
             if self.sink.path != directory / TENSORS_FILE:

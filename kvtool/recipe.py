@@ -267,8 +267,9 @@ def _load_target(name: str, out: Path, loaded: Any) -> Any:
 
 def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, Any]:
     """Execute a recipe into ``out``; returns the report (also written as report.json and report.md)."""
-    from kvtool.calib import StatsStore, calibrate, run_layers
-    from kvtool.calib.collect import windows_digest
+    from kvtool.calib.collect import calibrate, windows_digest
+    from kvtool.calib.runner import run_layers
+    from kvtool.calib.stats import StatsStore
     from kvtool.checkpoint import atomic_dir, check_output_location, local_input, write_json
     from kvtool.data import TextSource, calibration_windows, heldout_tokens
     from kvtool.device import resolve_device

@@ -45,8 +45,8 @@ def register(app: typer.Typer) -> None:
 
 
 def calibrate(**values: Any) -> None:
-    from kvtool.calib import calibrate as collect
-    from kvtool.calib import parse_stats
+    from kvtool.calib.collect import calibrate as collect
+    from kvtool.calib.stats import parse_stats
     from kvtool.checkpoint import atomic_dir, check_output_dir, local_input
     from kvtool.commands.console import print_json, print_table
     from kvtool.device import init_distributed, resolve_device

@@ -18,7 +18,7 @@ def stats_(
 
     Example: kvtool stats stats/ --model smollm2-135m
     """
-    from kvtool.calib import StatsStore
+    from kvtool.calib.stats import StatsStore
     from kvtool.commands.console import print_json, print_table
 
     store = StatsStore.load(directory)

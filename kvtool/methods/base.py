@@ -42,8 +42,9 @@ class Method:
         return ()
 
     def visitors(self, opts: Any) -> dict[str, Any]:
-        """Calibration-pass visitors (``kvtool.calib.LayerVisitor``) this run needs on the calibration windows, by
-        name; ``kvtool run`` and the CLI run them in the statistics pass and hand them back in ``ctx.visitors``."""
+        """Calibration-pass visitors (``kvtool.calib.runner.LayerVisitor``) this run needs on the calibration
+        windows, by name; ``kvtool run`` and the CLI run them in the statistics pass and hand them back in
+        ``ctx.visitors``."""
         return {}
 
     def preflight(self, spec: Any, opts: Any) -> None:
@@ -69,7 +70,9 @@ def statistics_for(loaded: Any, names: tuple[str, ...], stats_dir: str | Path | 
                    device: str = "cpu", progress: bool = False, visitors: list[Any] = ()) -> Any:
     """Load statistics from ``stats_dir`` (checked against the model and the needed names) or calibrate now, in one
     pass with ``visitors``; with nothing to collect, only the visitors' pass runs (None is returned)."""
-    from kvtool.calib import StatsStore, calibrate, run_layers
+    from kvtool.calib.collect import calibrate
+    from kvtool.calib.runner import run_layers
+    from kvtool.calib.stats import StatsStore
     from kvtool.data import calibration_windows
 
     if stats_dir is not None or not names:
@@ -103,3 +106,21 @@ def output_dtype(dtype: str, loaded: Any) -> Any:
     if dtype not in table:
         raise KvtoolError(f"unknown --dtype {dtype!r}: use auto, float32, bfloat16 or float16")
     return table[dtype]
+
+
+def cached_decode_report(model: Any, tokenizer: Any, device: str, **kwargs: Any) -> dict[str, Any]:
+    """The cached-decode check every model output must pass (``kvtool.runtime.decode_check``) on held-out text:
+    2 sequences, an 8-token prompt, 15 cached steps against the full forward, then 16 greedy tokens."""
+    from kvtool.data import TextSource, heldout_tokens
+    from kvtool.runtime.decode_check import check_cached_decode
+
+    ids = heldout_tokens(tokenizer, TextSource(split="heldout"), 2 * 24).view(2, 24).to(device)
+    return {f"decode_{k}" if k in ("passed", "batch") else k: v
+            for k, v in check_cached_decode(model, ids, prefill=8, **kwargs).items()}
+
+
+def merge_decode_report(report: dict[str, Any], decode: dict[str, Any]) -> dict[str, Any]:
+    """``report`` (a kernel check's) with the cached-decode check added; passes only when both do."""
+    report = {**report, **decode}
+    report["passed"] = bool(report.get("passed", True) and decode["decode_passed"])
+    return report

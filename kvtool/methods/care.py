@@ -11,7 +11,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from kvtool.errors import KvtoolError
-from kvtool.methods.base import Method, RunContext, output_dtype, statistics_provenance
+from kvtool.methods.base import (
+    Method,
+    RunContext,
+    cached_decode_report,
+    merge_decode_report,
+    output_dtype,
+    statistics_provenance,
+)
 from kvtool.options import Options, option
 
 FORMATS = ("kvtool", "deepseek-v3")
@@ -189,24 +196,30 @@ class ConvertMla(Method):
         return f"CARE -> {out} ({report['format']})", cols, [row], notes
 
     def validate(self, out: Path, manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-        """Decode held-out tokens with the MLA model twice, PyTorch path vs Triton kernels; compare logits."""
+        """Cached decode vs the full forward (every format), then, for the kvtool format, decode held-out tokens
+        twice, PyTorch path vs Triton kernels, and compare logits."""
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from kvtool.data import TextSource, heldout_tokens
+        from kvtool.runtime.hf_cache import cache_kwarg
         from kvtool.runtime.mla import set_decode_kernel
 
-        if manifest.get("options", {}).get("format") != "kvtool":
-            raise KvtoolError("validate runs the kvtool-format MLA model: convert with --format kvtool "
-                              "(a deepseek-v3 export is checked by loading it in transformers and `kvtool eval`)")
         device = options.get("device", "cpu")
+        tokenizer = AutoTokenizer.from_pretrained(str(out))
+        if manifest.get("options", {}).get("format") != "kvtool":  # deepseek-v3: stock transformers, no kernel
+            model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).to(device).eval()
+            return merge_decode_report({"format": manifest["options"]["format"]},
+                                       cached_decode_report(model, tokenizer, device))
         cfg = AutoConfig.from_pretrained(str(out))
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if cfg.mla_rope == "keep" and (head_dim < 32 or head_dim & (head_dim - 1)):
             raise KvtoolError(f"the rope=keep MLA decode kernel needs a power-of-two head_dim >= 32 (this model has "
                               f"{head_dim}): kernel validation is not available; `kvtool eval` still scores it")
         model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).to(device).eval()
-        tokens = heldout_tokens(AutoTokenizer.from_pretrained(str(out)), TextSource(split="heldout"), 2 * 36)
+        set_decode_kernel(model, False)
+        decode = cached_decode_report(model, tokenizer, device)
+        tokens = heldout_tokens(tokenizer, TextSource(split="heldout"), 2 * 36)
         ids = tokens.view(2, 36).to(device)
         prefill, steps = 32, 4  # the Triton interpreter on a CPU runs each layer's kernel per step: keep it short
         runs = {}
@@ -216,7 +229,7 @@ class ConvertMla(Method):
                 out_ = model(input_ids=ids[:, :prefill], use_cache=True)
                 cache, logits = out_.past_key_values, []
                 for t in range(prefill, prefill + steps):
-                    step = model(input_ids=ids[:, t:t + 1], past_key_values=cache, use_cache=True)
+                    step = model(input_ids=ids[:, t:t + 1], use_cache=True, **{cache_kwarg(): cache})
                     cache = step.past_key_values
                     logits.append(step.logits[:, -1].float())
                 runs[use] = torch.stack(logits)
@@ -224,6 +237,7 @@ class ConvertMla(Method):
         diff = (runs[True] - runs[False]).abs().max().item()
         rel = ((runs[True] - runs[False]).norm() / runs[False].norm()).item()
         agree = (runs[True].argmax(-1) == runs[False].argmax(-1)).float().mean().item()
-        return {"passed": bool(rel < 1e-3 and agree == 1.0), "layers_through_kernel": n, "decode_steps": steps,
-                "batch": 2, "prefill": prefill, "max_abs_logit_diff": diff, "rel_logit_diff": rel,
-                "argmax_agreement": agree, "rope": manifest["options"]["rope"]}
+        return merge_decode_report({"passed": bool(rel < 1e-3 and agree == 1.0), "layers_through_kernel": n,
+                                    "decode_steps": steps, "batch": 2, "prefill": prefill,
+                                    "max_abs_logit_diff": diff, "rel_logit_diff": rel, "argmax_agreement": agree,
+                                    "rope": manifest["options"]["rope"]}, decode)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.errors import KvtoolError
-from kvtool.methods.base import Method, RunContext, output_dtype
+from kvtool.methods.base import Method, RunContext, cached_decode_report, merge_decode_report, output_dtype
 from kvtool.options import LAYERS_HELP, Options, option
 
 
@@ -148,7 +148,7 @@ class Ladder(Method):
 
         Checks: (1) TP path with the Triton kernel vs the HF model's logits, (2) the same with the PyTorch add+norm
         (isolates the kernel), on 16 held-out tokens. Passes when both max errors are below 1e-4 of the logit
-        scale (float32).
+        scale (float32) and cached decode equals the full forward (``cached_decode_report``).
         """
         import torch
 
@@ -170,7 +170,8 @@ class Ladder(Method):
             errs[fused] = (got - ref).abs().max().item()
         scale = ref.abs().max().item()
         tol = 1e-4 * max(scale, 1.0)
-        return {"passed": errs[True] <= tol and errs[False] <= tol,
-                "ladder_layers": str(loaded.model.config.ladder_layers),
-                "tokens": n, "max_err_tp_triton_vs_hf": errs[True], "max_err_tp_torch_vs_hf": errs[False],
-                "logit_scale": scale, "tolerance": tol}
+        report = {"passed": errs[True] <= tol and errs[False] <= tol,
+                  "ladder_layers": str(loaded.model.config.ladder_layers),
+                  "tokens": n, "max_err_tp_triton_vs_hf": errs[True], "max_err_tp_torch_vs_hf": errs[False],
+                  "logit_scale": scale, "tolerance": tol}
+        return merge_decode_report(report, cached_decode_report(loaded.model, loaded.tokenizer, device))

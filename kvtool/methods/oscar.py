@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from kvtool.errors import KvtoolError
-from kvtool.methods.base import Method, RunContext, statistics_provenance
+from kvtool.methods.base import Method, RunContext, cached_decode_report, merge_decode_report, statistics_provenance
 from kvtool.options import Options, option
 
 
@@ -141,6 +141,7 @@ class Export(Method):
 
         from kvtool.data import TextSource, heldout_tokens
         from kvtool.models import load_model
+        from kvtool.runtime.int2_cache import Int2Cache
         from kvtool.runtime.kvquant import kv_quantization, load_oscar_spec, quantile_clip
 
         device = options.get("device", "cpu")
@@ -228,7 +229,14 @@ class Export(Method):
         report["max_int2_vs_exact_attention_rel_err"] = worst_vs_exact
         # rounding-boundary ties can flip a code between float orders; attention uses fp16 operands
         report["passed"] = bool(worst_pack <= 1e-3 and worst_attn <= 1e-2)
-        return report
+        # generate with Int2Cache against the same decode emulated in a full forward; short windows, so that
+        # the check's few tokens really go through the 2-bit cache
+        short = dataclasses.replace(qspec, sink=min(sink, 2), residual_window=min(recent, 4))
+        decode = cached_decode_report(
+            loaded.model, loaded.tokenizer, device, new_cache=lambda: Int2Cache(short, spec.num_layers),
+            reference=lambda: kv_quantization(loaded.model, dataclasses.replace(short, prefill=8)))
+        decode["decode_windows (sink, recent)"] = f"{short.sink}, {short.residual_window}"
+        return merge_decode_report(report, decode)
 
 
 def quantization_config(opts: Any, spec: Any, folded: bool) -> dict[str, Any]:

@@ -46,6 +46,7 @@ from transformers import (
 )
 
 from kvtool.errors import KvtoolError
+from kvtool.runtime.hf_cache import cache_kwarg, take_cache
 
 SOURCES: dict[str, tuple[type, type]] = {
     "llama": (LlamaConfig, LlamaForCausalLM),
@@ -65,8 +66,8 @@ def ladder_model_type(source_type: str) -> str:
 # ------------------------------------------------------------------------------------------- the recurrence
 
 def _ladder_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attention_mask: Any = None,
-                          position_ids: Any = None, past_key_values: Any = None, use_cache: bool | None = False,
-                          position_embeddings: Any = None, **kwargs: Any) -> torch.Tensor:
+                          position_ids: Any = None, use_cache: bool | None = False, position_embeddings: Any = None,
+                          **kwargs: Any) -> torch.Tensor:
     """Forward of a decoder layer inside a model with ladder layers (bound to each layer instance).
 
     ``hidden_states`` is the full stream ``x_{2i}``; the shared state holds ``x_{2i-1}`` (the stream before the
@@ -81,8 +82,9 @@ def _ladder_layer_forward(self: nn.Module, hidden_states: torch.Tensor, attentio
     stale = state.get("stale")
     if stale is None:
         stale = hidden_states  # x_{-1} := x_0 before the first module
-    attn_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, past_key_values=past_key_values,
-                       use_cache=use_cache, position_embeddings=position_embeddings, **kwargs)
+    cache = take_cache(kwargs)  # either spelling; the source attention gets the installed version's
+    attn_kwargs = dict(attention_mask=attention_mask, position_ids=position_ids, use_cache=use_cache,
+                       position_embeddings=position_embeddings, **{cache_kwarg(): cache}, **kwargs)
     out, mid = ladder_layer_step(self, hidden_states, stale, self.kvtool_ladder, attn_kwargs)
     state["stale"] = mid
     state["next"] = index + 1

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from kvtool.runtime.hf_cache import take_cache
 from kvtool.runtime.rope import apply_rope
 
 SOURCES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral"}
@@ -109,8 +110,8 @@ class MlaAttention(nn.Module):
         return out
 
     def forward(self, hidden_states: torch.Tensor, position_embeddings: tuple[torch.Tensor, torch.Tensor],
-                attention_mask: torch.Tensor | None = None, past_key_values: Any = None,
-                **kwargs: Any) -> tuple[torch.Tensor, None]:
+                attention_mask: torch.Tensor | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+        cache = take_cache(kwargs)  # `cache=` (transformers >= 5.25) or `past_key_values=`
         b, length, _ = hidden_states.shape
         cos, sin = position_embeddings
         c_k, c_v = self.kv_a_k(hidden_states), self.kv_a_v(hidden_states)
@@ -118,11 +119,11 @@ class MlaAttention(nn.Module):
             cos_pe, sin_pe = cos[..., self.rope_index], sin[..., self.rope_index]
             k_pe = apply_rope(self.k_pe(hidden_states)[:, :, None], cos_pe, sin_pe)[:, :, 0]
             c_k = torch.cat([c_k, k_pe], dim=-1)
-        if past_key_values is not None:
-            c_k, c_v = past_key_values.update(c_k[:, None], c_v[:, None], self.layer_idx)
+        if cache is not None:
+            c_k, c_v = cache.update(c_k[:, None], c_v[:, None], self.layer_idx)
             c_k, c_v = c_k[:, 0], c_v[:, 0]
         total = c_k.shape[1]
-        if self.use_kernel and length == 1 and past_key_values is not None:
+        if self.use_kernel and length == 1 and cache is not None:
             return self._kernel_decode(hidden_states, cos, sin, c_k, c_v), None
         v = self.v_b(c_v).view(b, total, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rope_mode == "keep":

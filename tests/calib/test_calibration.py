@@ -8,7 +8,8 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from kvtool.calib import ALL_STATS, collect_statistics, collect_statistics_full_forward
+from kvtool.calib.collect import collect_statistics, collect_statistics_full_forward
+from kvtool.calib.stats import ALL_STATS
 from kvtool.models import load_model, wrap_model
 
 
@@ -131,7 +132,7 @@ def test_tensor_core_grams_stay_within_their_bound_of_the_exact_float64_path():
 
     from conftest import tiny_model
 
-    from kvtool.calib import collect_statistics
+    from kvtool.calib.collect import collect_statistics
     from kvtool.models import wrap_model
 
     model = tiny_model("llama", seed=2).to(torch.bfloat16)

@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import tiny_model
 
-from kvtool.calib import StatsStore, collect_statistics
+from kvtool.calib.collect import collect_statistics
+from kvtool.calib.stats import StatsStore
 from kvtool.models import wrap_model
 
 

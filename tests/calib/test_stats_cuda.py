@@ -12,7 +12,7 @@ def test_gpu_sums_written_layer_by_layer_equal_the_in_memory_sums(tmp_path, monk
     from conftest import tiny_model
 
     import kvtool.calib.stats as stats_module
-    from kvtool.calib import collect_statistics
+    from kvtool.calib.collect import collect_statistics
     from kvtool.calib.stats import StatsStore
     from kvtool.models import wrap_model
 

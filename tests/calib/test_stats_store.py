@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from kvtool.calib import StatsStore, parse_stats
+from kvtool.calib.stats import StatsStore, parse_stats
 from kvtool.errors import KvtoolError
 
 
@@ -190,7 +190,7 @@ def test_sums_written_layer_by_layer_equal_the_saved_store(tmp_path):
     from safetensors import safe_open
     from safetensors.torch import load_file
 
-    from kvtool.calib import collect_statistics
+    from kvtool.calib.collect import collect_statistics
     from kvtool.models import wrap_model
 
     loaded = wrap_model(tiny_model("llama", seed=5))

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from kvtool.calib import collect_statistics
+from kvtool.calib.collect import collect_statistics
 from kvtool.calib.sensitivity import kv_sensitivity
 from kvtool.convert.care import CareOptions, convert_layers
 from kvtool.errors import KvtoolError

@@ -11,8 +11,7 @@ import torch
 from conftest import tiny_model
 from typer.testing import CliRunner
 
-from kvtool.calib import collect_statistics
-from kvtool.calib.collect import apply_rope
+from kvtool.calib.collect import apply_rope, collect_statistics
 from kvtool.cli import app
 from kvtool.convert.care import MlaLayer, _group_rotation, decouple_rope, rope_grams, select_rope_pairs
 from kvtool.convert.deepseek_export import add_ballast, factor_nope, latent_norm_weights

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from kvtool.calib import collect_statistics
+from kvtool.calib.collect import collect_statistics
 from kvtool.data import TextSource, calibration_windows, heldout_tokens
 from kvtool.evaluate import perplexity
 

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_model
 from typer.testing import CliRunner
 
-from kvtool.calib import collect_statistics
+from kvtool.calib.collect import collect_statistics
 from kvtool.cli import app
 from kvtool.convert.care import (
     CareOptions,

@@ -10,7 +10,7 @@ import torch
 from conftest import tiny_model
 from typer.testing import CliRunner
 
-from kvtool.calib import collect_statistics
+from kvtool.calib.collect import collect_statistics
 from kvtool.cli import app
 from kvtool.convert.corda import ALL_TARGETS, corda_factor, damped_inverse, parse_targets, required_stats
 from kvtool.errors import KvtoolError

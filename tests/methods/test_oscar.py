@@ -151,7 +151,7 @@ def test_released_transform_on_tiny_model_shares_one_rotation_per_layer():
 def _tiny_setup(head_dim: int = 16):
     model = tiny_model("llama", seed=4, head_dim=head_dim)
     loaded = wrap_model(model)
-    from kvtool.calib import collect_statistics
+    from kvtool.calib.collect import collect_statistics
 
     windows = torch.randint(0, 300, (4, 48), generator=torch.Generator().manual_seed(0))
     store = collect_statistics(loaded, windows, ("q", "k", "v"), progress=False)
@@ -265,7 +265,7 @@ def test_oscar_beats_hadamard_on_embedded_model(embedded):
     spec = embedded.spec
     layers = [0, 15, 29]
     windows = calibration_windows(embedded.tokenizer, TextSource("embedded"), 1, 256, 1, spec.max_positions)
-    from kvtool.calib import collect_statistics
+    from kvtool.calib.collect import collect_statistics
 
     store = collect_statistics(embedded, windows, ("q", "k", "v"), layers=layers, progress=False)
     samples = collect_kv_samples(embedded.model, windows, sink=4)

@@ -90,7 +90,7 @@ def test_from_export_checks_the_model(tiny_checkpoint, tmp_path):
 @pytest.mark.slow
 def test_greedy_generation_on_the_embedded_model_matches_the_emulation(embedded, tmp_path):
     """SmolLM2 with an OSCAR export: 24 greedy tokens through Int2Cache equal the emulation's, token for token."""
-    from kvtool.calib import collect_statistics
+    from kvtool.calib.collect import collect_statistics
     from kvtool.calib.kv_samples import collect_kv_samples
     from kvtool.convert.oscar import OscarOptions, oscar_transform
     from kvtool.data import TextSource, calibration_windows, heldout_tokens

@@ -1,1 +1,0 @@
-"""kvtool.convert: transforms, each a pure function (weights, statistics, options) -> (new weights, report)."""

@@ -1,1 +1,0 @@
-"""kvtool.kernels: Triton kernels for converted models' hot paths, each with a PyTorch reference beside it."""

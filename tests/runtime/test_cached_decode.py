@@ -1,0 +1,123 @@
+"""Cached decode equals the full forward for every model class kvtool registers or writes.
+
+Each output is written by the CLI (as a user gets it), loaded with stock ``AutoModelForCausalLM`` and decoded step by
+step with a cache; every step's logits must match the uncached forward (1e-4 relative, float32) and greedy
+``generate`` must give the full forward's argmax for 16 tokens. The original model with ``Int2Cache`` is compared
+with its own emulation (the full forward through the fake-quant attention)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+from conftest import tiny_model
+from typer.testing import CliRunner
+
+from kvtool.cli import app
+from kvtool.runtime.decode_check import check_cached_decode
+from kvtool.runtime.hf_cache import cache_kwarg, take_cache
+
+runner = CliRunner()
+
+
+def ids(b=2, n=24, seed=3):
+    return torch.randint(0, 300, (b, n), generator=torch.Generator().manual_seed(seed))
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM
+
+    import kvtool  # noqa: F401  (registers kvtool's classes)
+
+    return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def assert_decodes(model, **kw):
+    report = check_cached_decode(model, ids(), prefill=10, **kw)
+    assert report["cached_vs_full_max_rel_err"] <= 1e-4, report
+    assert report["generate_vs_full_argmax_agreement"] == 1.0, report
+    assert report["generated_tokens"] >= 16 and report["passed"], report
+    return report
+
+
+def convert(args, tmp_path, name):
+    res = runner.invoke(app, [str(a) for a in args] + ["-o", str(tmp_path / name), "--device", "cpu", "--samples",
+                                                        "2", "--seq-len", "32", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+@pytest.mark.parametrize("rope", ["keep", "decoupled"])
+def test_kvtool_mla_cached_decode_equals_full_forward(tiny_checkpoint, tmp_path, arch, rope):
+    src = tiny_checkpoint(arch)
+    if arch == "qwen3" and rope == "decoupled":
+        pytest.skip("decoupled RoPE is not offered for q/k-norm models")
+    out = convert(["convert-mla", src, "--rope", rope, "--kv-ratio", 0.5], tmp_path, "mla")
+    model = load(out)
+    assert type(model).__name__.startswith("KvtoolMla")
+    assert_decodes(model)
+
+
+def test_deepseek_v3_export_cached_decode_equals_full_forward(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("llama")
+    out = convert(["convert-mla", src, "--format", "deepseek-v3", "--kv-ratio", 0.5], tmp_path, "ds")
+    model = load(out)
+    assert type(model).__name__ == "DeepseekV3ForCausalLM"
+    assert_decodes(model)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_ladder_cached_decode_equals_full_forward(tiny_checkpoint, tmp_path, arch):
+    src = tiny_checkpoint(arch)
+    out = convert(["ladder", src, "--layers", "1-"], tmp_path, "lad")
+    model = load(out)
+    assert type(model).__name__.startswith("Ladder") and model.config.ladder_layers == [1, 2]
+    assert_decodes(model)
+
+
+def test_int2_cache_decode_equals_its_emulation():
+    from test_int2_cache import LAYERS, _spec
+
+    from kvtool.runtime import Int2Cache
+    from kvtool.runtime.kvquant import kv_quantization
+
+    model = tiny_model("llama", seed=4, head_dim=16)
+    spec = _spec(3, 2, 0.9)
+    emulate = lambda: kv_quantization(model, replace(spec, prefill=10))  # noqa: E731
+    report = assert_decodes(model, new_cache=lambda: Int2Cache(spec, LAYERS), reference=emulate)
+    # the 2-bit cache is in the loop: against the exact forward the same decode is far off
+    exact = check_cached_decode(model, ids(), prefill=10, new_cache=lambda: Int2Cache(spec, LAYERS))
+    assert exact["cached_vs_full_max_rel_err"] > 100 * max(report["cached_vs_full_max_rel_err"], 1e-7)
+
+
+def test_the_check_fails_when_a_layer_ignores_its_cache(tiny_checkpoint, tmp_path):
+    """The failure the check exists for: attention that drops the cache argument (what transformers 5.25's
+    ``cache=`` did to kvtool's MLA layer) decodes each step against its own token only."""
+    model = tiny_model("llama")
+    for layer in model.model.layers:
+        forward = layer.self_attn.forward
+
+        def no_cache(*args, _f=forward, **kwargs):
+            take_cache(kwargs)
+            return _f(*args, **kwargs)
+        layer.self_attn.forward = no_cache
+    report = check_cached_decode(model, ids(), prefill=10)
+    assert not report["passed"] and report["cached_vs_full_max_rel_err"] > 1e-2
+
+
+def test_both_cache_spellings_reach_kvtool_layers(tiny_checkpoint, tmp_path):
+    from transformers import DynamicCache
+
+    model = load(convert(["convert-mla", tiny_checkpoint("llama"), "--rope", "decoupled"], tmp_path, "m"))
+    x = ids(1, 12)
+    attn, norm = model.model.layers[0].self_attn, model.model.layers[0].input_layernorm
+    with torch.no_grad():
+        for name in ("cache", "past_key_values"):
+            cache = DynamicCache(config=model.config)
+            model(input_ids=x[:, :-1], use_cache=True, **{cache_kwarg(): cache})
+            assert cache.get_seq_length(0) == 11
+            h = model.model.embed_tokens(x[:, -1:])
+            attn(norm(h), model.model.rotary_emb(h, torch.tensor([[11]])), attention_mask=None, **{name: cache})
+            assert cache.get_seq_length(0) == 12, f"{name}= did not reach the layer's cache"
