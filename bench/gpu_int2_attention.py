@@ -146,7 +146,8 @@ def bench_one(bsz: int, ctx: int, h: int, g: int, d: int, args, dev: str, sms: i
     def make(setting):
         bn, tp, nw, st, up = setting
         return lambda: int2_decode_attention(q, kc, vc, table, seq_lens, k_rot, v_rot, max_seq_len=ctx,
-                                             block_n=bn or None, target_programs=tp, fp_segment=fp, fp_lens=fp_lens,
+                                             block_n=bn or None, target_programs=tp or None, fp_segment=fp,
+                                             fp_lens=fp_lens,
                                              num_warps=nw, num_stages=st or None, unpack=up)
     errs = {}
     trial = {}
@@ -190,7 +191,8 @@ def main() -> None:
     ints = lambda x: [int(v) for v in x.split(",")]  # noqa: E731
     ap.add_argument("--block-n", type=ints, default=[0],
                     help="tokens per kernel tile (comma list: tried, best kept; 0: the kernel's default)")
-    ap.add_argument("--target", type=ints, default=[4], help="split-K programs to aim for, in multiples of the SMs")
+    ap.add_argument("--target", type=ints, default=[0], help="split-K programs to aim for, in multiples of the SMs "
+                    "(0: the kernel's default launch, kvtool.kernels.int2_kv.default_target_programs)")
     ap.add_argument("--stages", type=ints, default=[0], help="software-pipelining stages of the tile loop (0: default)")
     ap.add_argument("--unpack", type=lambda x: x.split(","), default=["auto"], help="auto, asm, convert")
     ap.add_argument("--fp-tokens", type=int, default=0,

@@ -383,6 +383,18 @@ def _use_asm(unpack: str, device: torch.device) -> bool:
     return unpack == "asm" or (unpack == "auto" and device.type == "cuda" and not interpreted)
 
 
+PROGRAMS_PER_SM = 4  # split-K programs per SM of the default launch (H200 sweep, docs/gpu-logs/int2_*h200*.log)
+
+
+def default_target_programs(device: torch.device | str) -> int:
+    """Split-K programs the default launch aims for: 4 per SM on a CUDA device (528 on an H200, the launch
+    bench/gpu_int2_attention.py times), 512 elsewhere (the Triton interpreter)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count
+    return 512
+
+
 def _num_splits(batch: int, kv_heads: int, max_len: int, block_n: int, target_programs: int) -> int:
     tiles = max(1, math.ceil(max_len / block_n))
     return max(1, min(tiles, math.ceil(target_programs / max(batch * kv_heads, 1))))
@@ -393,7 +405,8 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
                           seq_lens: torch.Tensor, k_rot: torch.Tensor | None = None,
                           v_rot: torch.Tensor | None = None, sm_scale: float | None = None, *,
                           max_seq_len: int | None = None, block_n: int | None = None, num_splits: int | None = None,
-                          target_programs: int = 512, fp_segment: tuple[torch.Tensor, torch.Tensor] | None = None,
+                          target_programs: int | None = None,
+                          fp_segment: tuple[torch.Tensor, torch.Tensor] | None = None,
                           fp_lens: torch.Tensor | None = None, num_warps: int = 4, num_stages: int | None = None,
                           unpack: str = "auto") -> torch.Tensor:
     """Decode attention of q [B, H, d] (after RoPE, unrotated) over a paged INT2 K/V cache; returns [B, H, d].
@@ -407,7 +420,8 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     ``block_n``/``num_stages`` None: 64 tokens per tile when fewer than 128 (sequence, KV head) pairs, else 128;
     3 stages — the H200 ablation's picks at batch 1 and 32 (2026-11-30, docs/gpu-logs/int2_ablation2_h200.log).
     ``unpack``: ``"asm"`` (packed PTX bit operations), ``"convert"`` (shifts + conversions) or ``"auto"`` (asm on a
-    CUDA device unless the Triton interpreter runs).
+    CUDA device unless the Triton interpreter runs). ``target_programs`` None: :func:`default_target_programs`
+    (4 per SM on CUDA; the split count then follows from batch, KV heads and length).
     """
     bsz, h, d = q.shape
     data = k_cache[0]
@@ -425,6 +439,7 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     wide = bsz * g >= 128
     block_n = block_n or (128 if wide else 64)
     num_stages = num_stages or 3
+    target_programs = target_programs or default_target_programs(q.device)
     splits = num_splits or _num_splits(bsz, g, max_len, block_n, target_programs)
     per_split = math.ceil(max(max_len, 1) / splits / block_n) * block_n
     splits = max(1, math.ceil(max(max_len, 1) / per_split))

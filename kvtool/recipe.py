@@ -14,6 +14,7 @@ Format (every method step's keys are that method's Options, the same names as it
       - validate: {target: mla}                              # the step's Triton-kernel check
       - eval: {targets: [original, mla], max_tokens: 4096, seq_len: 512}   # held-out part of data.dataset
       - eval: {targets: [original], kv_quant: oscar}         # OSCAR: a step name or int2/int4/hadamard-int2/kivi-int2
+      - generate: {target: mla, prompt: "def fib(n):", max_new_tokens: 32}   # greedy text, in the report
 
 Step names are plain names (letters, digits, ``.``, ``_``, ``-``; not ``stats`` or ``original``), unique, and each
 method step writes ``OUT/<name>/``. Everything checkable without the model (keys, types, values, names, targets)
@@ -43,6 +44,8 @@ from kvtool.options import DataOptions, _coerce
 TOP_KEYS = {"model": str | None, "output": str | None, "data": dict, "device": str, "dtype": str,
             "statistics": list, "steps": list}
 VALIDATE_KEYS = {"target": str}
+GENERATE_KEYS = {"target": str, "prompt": str, "max_new_tokens": int}
+GENERATE_PROMPT = "The difference between a list and a tuple in Python is"
 EVAL_KEYS = {"targets": list, "max_tokens": int, "seq_len": int, "batch_size": int, "kv_quant": str | None,
              "residual_window": int | None, "sink": int | None}
 STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
@@ -147,7 +150,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     statistics = list(parse_stats(top["statistics"])) if top.get("statistics") else []
     steps: list[Step] = []
     names: set[str] = set()
-    kinds = ", ".join([*METHODS, "validate", "eval"])
+    kinds = ", ".join([*METHODS, "validate", "eval", "generate"])
     for i, entry in enumerate(top.get("steps") or []):
         if not isinstance(entry, dict) or len(entry) != 1:
             raise KvtoolError(f"{path}: steps[{i}] must be a mapping with one key ({kinds})")
@@ -192,6 +195,18 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
                 if key in options and options[key] < (2 if key == "seq_len" else 1):
                     raise KvtoolError(f"{where} {key} {options[key]} is too small")
             name = f"eval-{i}"
+        elif kind == "generate":
+            options = _check_keys(where, opts, GENERATE_KEYS)
+            target = options.setdefault("target", "original")
+            if target != "original" and (target not in names or not METHODS[
+                    next(s.kind for s in steps if s.name == target)].writes_model):
+                raise KvtoolError(f"{where} target {target!r} is not 'original' or an earlier step that wrote a model")
+            options.setdefault("prompt", GENERATE_PROMPT)
+            options.setdefault("max_new_tokens", 32)
+            if not 1 <= options["max_new_tokens"] <= 4096:
+                raise KvtoolError(f"{where} max_new_tokens {options['max_new_tokens']} must be in 1..4096")
+            name = f"generate-{i}"
+            target = None
         else:
             raise KvtoolError(f"{path}: steps[{i}] has unknown kind {kind!r}: use {kinds}")
         steps.append(Step(kind, name, options, target))
@@ -335,6 +350,11 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
                         opts = dataclasses.replace(opts, teacher=str(recipe.model or "smollm2-135m"))
                 result = METHODS[step.kind].run(source, store, out / step.name, opts, ctx)
                 entry["report"] = {k: v for k, v in result.items() if not isinstance(v, list | dict)}
+            elif step.kind == "generate":
+                model = _load_target(step.options["target"], out, loaded)
+                entry["target"], entry["prompt"] = step.options["target"], step.options["prompt"]
+                entry["text"] = greedy_text(model, step.options["prompt"], step.options["max_new_tokens"])
+                report.setdefault("generations", []).append({k: entry[k] for k in ("target", "prompt", "text")})
             elif step.kind == "validate":
                 entry["report"] = validate(out / step.options["target"], {"device": device})
                 if not entry["report"].get("passed"):
@@ -366,6 +386,18 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
     return report
 
 
+def greedy_text(loaded: Any, prompt: str, max_new_tokens: int) -> str:
+    """Greedy continuation of ``prompt`` by a loaded model, through ``generate`` with the model's own cache."""
+    import torch
+
+    model, tok = loaded.model, loaded.tokenizer
+    ids = tok(prompt, return_tensors="pt").input_ids.to(model.device)
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id or tok.eos_token_id)
+    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
 def report_markdown(report: dict[str, Any]) -> str:
     """A short human-readable report: steps with timings and key numbers, then perplexities."""
     lines = [f"# kvtool run: {report['recipe']}", "", f"Total time: {report['seconds']:.1f} s", "",
@@ -383,4 +415,7 @@ def report_markdown(report: dict[str, Any]) -> str:
     if report["perplexity"]:
         lines += ["", "| model | held-out perplexity |", "|---|---|"]
         lines += [f"| {k} | {v:.3f} |" for k, v in report["perplexity"].items()]
+    for g in report.get("generations", []):
+        lines += ["", f"Greedy generation, {g['target']}: {g['prompt']!r} ->", "", "```", g["prompt"] + g["text"],
+                  "```"]
     return "\n".join(lines) + "\n"

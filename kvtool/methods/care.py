@@ -233,11 +233,19 @@ class ConvertMla(Method):
                     cache = step.past_key_values
                     logits.append(step.logits[:, -1].float())
                 runs[use] = torch.stack(logits)
-        set_decode_kernel(model, False)
+            gen = {}
+            prompt = ids[:1, :prefill]
+            for use in (False, True):  # greedy generate through each path: the same tokens
+                set_decode_kernel(model, use)
+                gen[use] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                          max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)[0, prefill:]
+        set_decode_kernel(model, None)
+        same_tokens = bool(torch.equal(gen[True], gen[False]))
         diff = (runs[True] - runs[False]).abs().max().item()
         rel = ((runs[True] - runs[False]).norm() / runs[False].norm()).item()
         agree = (runs[True].argmax(-1) == runs[False].argmax(-1)).float().mean().item()
-        return merge_decode_report({"passed": bool(rel < 1e-3 and agree == 1.0), "layers_through_kernel": n,
+        return merge_decode_report({"passed": bool(rel < 1e-3 and agree == 1.0 and same_tokens),
+                                    "generate_kernel_vs_pytorch_same_tokens": same_tokens, "layers_through_kernel": n,
                                     "decode_steps": steps, "batch": 2, "prefill": prefill,
                                     "max_abs_logit_diff": diff, "rel_logit_diff": rel, "argmax_agreement": agree,
                                     "rope": manifest["options"]["rope"]}, decode)

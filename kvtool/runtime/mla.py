@@ -84,7 +84,10 @@ class MlaAttention(nn.Module):
             # a plain list, not a buffer: from_pretrained builds on the meta device and would leave it garbage
             self._rope_channels = pairs + [p + d // 2 for p in pairs]
         self._rotary: list[nn.Module] = []  # the model's rotary embedding (a list: not a submodule)
-        self.use_kernel = False  # decode steps through kvtool.kernels.mla_decode (see set_decode_kernel)
+        # decode steps through kvtool.kernels.mla_decode: None = on a CUDA device outside autograd (the default
+        # fast path), True/False = always/never (set_decode_kernel; validate compares both)
+        self.use_kernel: bool | None = None
+        self.kernel_supported = self.rope_mode == "decoupled" or (d >= 32 and d & (d - 1) == 0)
 
     @property
     def rope_index(self) -> torch.Tensor:
@@ -123,7 +126,7 @@ class MlaAttention(nn.Module):
             c_k, c_v = cache.update(c_k[:, None], c_v[:, None], self.layer_idx)
             c_k, c_v = c_k[:, 0], c_v[:, 0]
         total = c_k.shape[1]
-        if self.use_kernel and length == 1 and cache is not None:
+        if length == 1 and cache is not None and self._decode_through_kernel(hidden_states):
             return self._kernel_decode(hidden_states, cos, sin, c_k, c_v), None
         v = self.v_b(c_v).view(b, total, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rope_mode == "keep":
@@ -144,6 +147,10 @@ class MlaAttention(nn.Module):
         out = self._attend(q, k, v, attention_mask, **kwargs)
         return self.o_proj(out.reshape(b, length, -1)), None
 
+    def _decode_through_kernel(self, x: torch.Tensor) -> bool:
+        if self.use_kernel is not None:
+            return self.use_kernel
+        return x.is_cuda and self.kernel_supported and not torch.is_grad_enabled()
 
     def _kernel_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_k: torch.Tensor,
                        c_v: torch.Tensor) -> torch.Tensor:
@@ -174,8 +181,9 @@ class MlaAttention(nn.Module):
         return self.o_proj(out.reshape(b, 1, -1).to(x.dtype))
 
 
-def set_decode_kernel(model: nn.Module, enabled: bool = True) -> int:
-    """Route every MLA layer's single-token decode steps through the Triton kernels; returns the layer count."""
+def set_decode_kernel(model: nn.Module, enabled: bool | None = True) -> int:
+    """Route every MLA layer's single-token decode steps through the Triton kernels (True), the PyTorch path
+    (False) or the default (None: the kernels on a CUDA device outside autograd); returns the layer count."""
     layers = [m for m in model.modules() if isinstance(m, MlaAttention)]
     for m in layers:
         m.use_kernel = enabled

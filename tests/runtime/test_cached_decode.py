@@ -121,3 +121,24 @@ def test_both_cache_spellings_reach_kvtool_layers(tiny_checkpoint, tmp_path):
             h = model.model.embed_tokens(x[:, -1:])
             attn(norm(h), model.model.rotary_emb(h, torch.tensor([[11]])), attention_mask=None, **{name: cache})
             assert cache.get_seq_length(0) == 12, f"{name}= did not reach the layer's cache"
+
+
+@pytest.mark.parametrize("rope", ["keep", "decoupled"])
+def test_generate_through_the_decode_kernels_gives_the_reference_tokens(tiny_checkpoint, tmp_path, rope):
+    """The fast path (Triton decode kernels over the latent cache, the default on CUDA) and the PyTorch reference
+    path: same cached logits to 1e-4, same greedy tokens (Triton's interpreter on the CPU)."""
+    from kvtool.runtime.mla import MlaAttention, set_decode_kernel
+
+    src = tiny_checkpoint("llama", head_dim=32)
+    model = load(convert(["convert-mla", src, "--rope", rope, "--kv-ratio", 0.5], tmp_path, "mla"))
+    layers = [m for m in model.modules() if isinstance(m, MlaAttention)]
+    assert all(m.use_kernel is None and m.kernel_supported for m in layers)  # the default: kernels on CUDA
+    x = ids(1, 14)
+    tokens = {}
+    for use in (False, True):
+        set_decode_kernel(model, use)
+        report = check_cached_decode(model, x, prefill=8, new_tokens=6)
+        assert report["passed"], (use, report)
+        tokens[use] = model.generate(input_ids=x[:, :8], attention_mask=torch.ones_like(x[:, :8]), do_sample=False,
+                                     max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
+    assert torch.equal(tokens[True], tokens[False])
