@@ -1,0 +1,243 @@
+"""Whole-model decode, as ``model.generate`` runs it by default: the original GQA model vs kvtool MLA checkpoints.
+
+Llama-3-8B shapes (32 layers, 32 query / 8 KV heads of 128, hidden 4096, MLP 14336, vocabulary 128256), random bf16
+weights, one GPU. Each layout is the transformers model kvtool writes and loads (``KvtoolMlaLlamaForCausalLM`` for
+MLA: decode steps through kvtool's Triton kernels over the latent cache, the default on CUDA), with the cache
+transformers gives ``generate`` by default (``DynamicCache``), eager (that cache is not capturable in a CUDA graph).
+The cache is filled to ``context`` tokens directly (random latents / keys / values: a prefill of 128k tokens would
+measure the prefill), then one decode step is timed (CUDA events, median of repeats; the cache is cropped back after
+each step so every repeat sees the same context).
+
+Reported per layout: weights (parameters, GiB), cache bytes per token, ms per decode step and tokens/s at each
+batch x context that fits, the largest batch whose weights + cache + measured workspace fit ``--budget-gib`` at each
+context (memory by part), and tokens/s there. The physical cap of a layout against the original at a batch is the
+ratio of bytes one step reads (weights + cache).
+
+    python3 bench/serve.py --device cuda                       # one H200: the table in docs/benchmarks.md
+    python3 bench/serve.py --device cpu --quick                # tiny shapes: a smoke test of the harness
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+ROPE = 64
+
+
+def shapes(quick: bool) -> dict:
+    if quick:
+        return dict(hidden_size=256, intermediate_size=512, vocab_size=1000, num_hidden_layers=2,
+                    num_attention_heads=8, num_key_value_heads=2, head_dim=32)
+    return dict(hidden_size=4096, intermediate_size=14336, vocab_size=128256, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128)
+
+
+def build(layout: str, quick: bool, device: str):
+    """(model, cache-width fn) for a layout: original | mla-keep-R | mla-decoupled-R (R = KV ratio)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    import kvtool  # noqa: F401  (registers kvtool's classes)
+    from kvtool.runtime.mla import MLA_MODELS, mla_config
+
+    s = shapes(quick)
+    cfg = LlamaConfig(**s, max_position_embeddings=262144, rope_parameters={"rope_type": "default",
+                                                                          "rope_theta": 500000.0})
+    cfg._attn_implementation = "sdpa"
+    g, d, n_l = s["num_key_value_heads"], s["head_dim"], s["num_hidden_layers"]
+    torch.manual_seed(0)
+    if layout == "original":
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        widths = (g * d, g * d)  # per head-slot: G heads of d in each of K and V
+        slots = g
+    else:
+        _, rope, ratio = layout.split("-")
+        width = int(float(ratio) * 2 * g * d)
+        rope_dim = min(ROPE, d // 2) if rope == "decoupled" else 0
+        r_k = (width - rope_dim) // 2
+        r_v = width - rope_dim - r_k
+        pairs = [list(range(0, d // 2, (d // 2) // (rope_dim // 2)))[: rope_dim // 2]] * n_l if rope_dim else [[]] * n_l
+        mcfg = mla_config(cfg, [(r_k, r_v)] * n_l, rope, rope_dim, pairs)
+        mcfg._attn_implementation = "sdpa"
+        with torch.device(device):
+            model = MLA_MODELS["llama"](mcfg).to(torch.bfloat16)
+        widths = (r_k + rope_dim, r_v)
+        slots = 1
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.02)
+            else:
+                p.fill_(1.0)
+    return model.eval(), widths, slots
+
+
+def fill_cache(model, batch: int, context: int, widths: tuple[int, int], slots: int, device: str):
+    from transformers import DynamicCache
+
+    cache = DynamicCache(config=model.config)
+    n_l = model.config.num_hidden_layers
+    wk, wv = widths[0] // slots, widths[1] // slots
+    for i in range(n_l):
+        k = torch.randn(batch, slots, context, wk, device=device, dtype=torch.bfloat16)
+        v = torch.randn(batch, slots, context, wv, device=device, dtype=torch.bfloat16)
+        cache.update(k, v, i)
+    return cache
+
+
+def step_ms(model, cache, batch: int, context: int, device: str, repeats: int) -> float:
+    from kvtool.runtime.hf_cache import cache_kwarg
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    pos = torch.full((batch, 1), context, device=device, dtype=torch.long)
+    kw = {cache_kwarg(): cache}
+
+    def one():
+        model(input_ids=ids, position_ids=pos, use_cache=True, **kw)
+        for layer in cache.layers:  # back to `context` tokens (crop()'s argument changed meaning in 5.25)
+            layer.keys, layer.values = layer.keys[..., :context, :], layer.values[..., :context, :]
+            if isinstance(getattr(layer, "cumulative_length", None), int):
+                layer.cumulative_length = context
+
+    with torch.no_grad():
+        one()
+        one()
+        times = []
+        for _ in range(repeats):
+            if device.startswith("cuda"):
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                one()
+                b.record()
+                torch.cuda.synchronize()
+                times.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                one()
+                times.append((time.perf_counter() - t0) * 1e3)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes (a smoke test; CPU with TRITON_INTERPRET=1)")
+    ap.add_argument("--layouts", default="original,mla-keep-0.5,mla-decoupled-0.5,mla-decoupled-0.25")
+    ap.add_argument("--batch", default="1,16,64")
+    ap.add_argument("--context", default="8192,32768,131072")
+    ap.add_argument("--budget-gib", type=float, default=120.0)
+    ap.add_argument("--repeats", type=int, default=10)
+    ap.add_argument("--json", default=None, help="also write the rows here")
+    args = ap.parse_args()
+    for part in (args.batch, args.context):
+        if not all(x.strip().isdigit() and int(x) > 0 for x in part.split(",")):
+            ap.error(f"--batch/--context take positive integers separated by commas, got {part!r}")
+    layouts = args.layouts.split(",")
+    bad = [x for x in layouts if x != "original" and not (x.startswith(("mla-keep-", "mla-decoupled-")))]
+    if bad:
+        ap.error(f"unknown layouts {bad}: use original, mla-keep-R, mla-decoupled-R (R = KV ratio)")
+    dev = args.device
+    batches = [int(x) for x in args.batch.split(",")]
+    contexts = [int(x) for x in args.context.split(",")]
+    if args.quick:
+        batches, contexts = [1, 2], [64]
+    if dev.startswith("cuda"):
+        from gpu_common import environment
+
+        print(environment(), flush=True)
+    budget = args.budget_gib * 2 ** 30
+    rows = []
+    print("\n| layout | params (B) | weights GiB | cache bytes/token | batch | context | cache GiB | peak GiB | "
+          "ms/step | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
+    for layout in layouts:
+        model, widths, slots = build(layout, args.quick, dev)
+        n_l = model.config.num_hidden_layers
+        params = sum(p.numel() for p in model.parameters())
+        w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        per_token = 2 * n_l * (widths[0] + widths[1])  # bf16
+        workspace = {}
+        for context in contexts:
+            for batch in batches:
+                cache_bytes = per_token * batch * context
+                if w_bytes + 1.15 * cache_bytes > budget:  # the step's concatenation copies one layer at a time
+                    continue
+                if dev.startswith("cuda"):
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats()
+                cache = fill_cache(model, batch, context, widths, slots, dev)
+                ms = step_ms(model, cache, batch, context, dev, args.repeats)
+                peak = torch.cuda.max_memory_allocated() if dev.startswith("cuda") else 0
+                workspace[(batch, context)] = max(0, peak - w_bytes - cache_bytes)
+                del cache
+                row = dict(layout=layout, params=params, weight_bytes=w_bytes, cache_bytes_per_token=per_token,
+                           batch=batch, context=context, cache_bytes=cache_bytes, peak_bytes=peak, ms_per_step=ms,
+                           tokens_per_s=batch / ms * 1e3)
+                rows.append(row)
+                print(f"| {layout} | {params / 1e9:.2f} | {w_bytes / 2**30:.1f} | {per_token} | {batch} | {context} | "
+                      f"{cache_bytes / 2**30:.1f} | {peak / 2**30:.1f} | {ms:.2f} | {row['tokens_per_s']:.0f} |",
+                      flush=True)
+        # the largest batch in the budget at each context: weights + cache + the workspace measured per sequence
+        for context in contexts:
+            per_seq_ws = max([ws / b for (b, c), ws in workspace.items() if c == context] or [0])
+            fit = int((budget - w_bytes) // (per_token * context * 1.0 + per_seq_ws))
+            if fit < 1 or args.quick:
+                continue
+            batch = fit
+            if dev.startswith("cuda"):
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                cache = fill_cache(model, batch, context, widths, slots, dev)
+                ms = step_ms(model, cache, batch, context, dev, max(3, args.repeats // 2))
+                peak = torch.cuda.max_memory_allocated() if dev.startswith("cuda") else 0
+                del cache
+            except torch.OutOfMemoryError:
+                print(f"| {layout} | largest batch at {context}: {batch} did not fit (OOM) |", flush=True)
+                continue
+            row = dict(layout=layout, params=params, weight_bytes=w_bytes, cache_bytes_per_token=per_token,
+                       batch=batch, context=context, cache_bytes=per_token * batch * context, peak_bytes=peak,
+                       ms_per_step=ms, tokens_per_s=batch / ms * 1e3, largest_batch_in_budget=True)
+            rows.append(row)
+            print(f"| {layout} (largest batch in {args.budget_gib:.0f} GiB) | {params / 1e9:.2f} | "
+                  f"{w_bytes / 2**30:.1f} | {per_token} | {batch} | {context} | "
+                  f"{row['cache_bytes'] / 2**30:.1f} | {peak / 2**30:.1f} | {ms:.2f} | {row['tokens_per_s']:.0f} |",
+                  flush=True)
+        del model
+        if dev.startswith("cuda"):
+            torch.cuda.empty_cache()
+    # ratios against the original at the same (batch, context), and the byte caps
+    orig = {(r["batch"], r["context"], r.get("largest_batch_in_budget", False)): r for r in rows
+            if r["layout"] == "original"}
+    print("\n| layout | batch | context | step time vs original | byte cap (weights + cache read) |\n"
+          "|---|---|---|---|---|")
+    for r in rows:
+        o = orig.get((r["batch"], r["context"], False))
+        if r["layout"] == "original" or o is None or r.get("largest_batch_in_budget"):
+            continue
+        cap = (o["weight_bytes"] + o["cache_bytes"]) / (r["weight_bytes"] + r["cache_bytes"])
+        print(f"| {r['layout']} | {r['batch']} | {r['context']} | {o['ms_per_step'] / r['ms_per_step']:.2f}x | "
+              f"{cap:.2f}x |")
+    largest = {r["context"]: r for r in rows if r["layout"] == "original" and r.get("largest_batch_in_budget")}
+    print("\n| layout | context | largest batch | tokens/s | vs original's largest batch |\n|---|---|---|---|---|")
+    for r in rows:
+        if not r.get("largest_batch_in_budget"):
+            continue
+        o = largest.get(r["context"])
+        ratio = f"{r['tokens_per_s'] / o['tokens_per_s']:.2f}x" if o else "n/a"
+        print(f"| {r['layout']} | {r['context']} | {r['batch']} | {r['tokens_per_s']:.0f} | {ratio} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""On a CUDA device the default decode path of kvtool MLA checkpoints is the Triton kernels over the latent cache:
+cached decode matches the full forward and greedy ``generate`` gives the PyTorch path's tokens (skipped without a
+GPU; run on the device machine before each claim)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def mla_model(rope: str, ratio: float = 0.5):
+    from transformers import LlamaConfig
+
+    import kvtool  # noqa: F401
+    from kvtool.runtime.mla import MLA_MODELS, mla_config
+
+    g, d, layers = 4, 128, 4
+    cfg = LlamaConfig(hidden_size=512, intermediate_size=1024, vocab_size=1000, num_hidden_layers=layers,
+                      num_attention_heads=16, num_key_value_heads=g, head_dim=d, max_position_embeddings=4096)
+    width = int(ratio * 2 * g * d)
+    rope_dim = 64 if rope == "decoupled" else 0
+    r_k = (width - rope_dim) // 2
+    pairs = [list(range(0, d // 2, 2))[: rope_dim // 2]] * layers
+    mcfg = mla_config(cfg, [(r_k, width - rope_dim - r_k)] * layers, rope, rope_dim, pairs)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = MLA_MODELS["llama"](mcfg).float().eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
+@pytest.mark.parametrize("rope", ["keep", "decoupled"])
+def test_default_path_is_the_kernel_and_decodes_like_the_full_forward(rope):
+    from kvtool.runtime.decode_check import check_cached_decode
+    from kvtool.runtime.mla import MlaAttention, set_decode_kernel
+
+    model = mla_model(rope)
+    calls = []
+    for m in model.modules():
+        if isinstance(m, MlaAttention):
+            assert m.use_kernel is None and m.kernel_supported
+            original = m._kernel_decode
+            m._kernel_decode = lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k)
+    ids = torch.randint(0, 1000, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    # Triton's dots take float32 operands as TF32 (10-bit mantissa): bound 1e-3 relative
+    report = check_cached_decode(model, ids, prefill=24, tolerance=1e-3)
+    assert calls, "the default decode step did not go through the kernels"
+    assert report["passed"], report
+    tokens = {}
+    for use in (None, False):
+        set_decode_kernel(model, use)
+        tokens[use] = model.generate(input_ids=ids[:, :24], attention_mask=torch.ones_like(ids[:, :24]),
+                                     do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
+    assert torch.equal(tokens[None], tokens[False])
