@@ -508,6 +508,41 @@ def check_options(spec: ArchSpec, opts: CareOptions) -> None:
     allocation_bounds(spec, opts)
 
 
+def factor_nope(q_nope: torch.Tensor, k_up: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Factor one query head's nope bilinear form q_nopeᵀ·k_up (rank ≤ head_dim) into head_dim columns.
+
+    ``q_nope`` [m, D] (m = g*d - rope rows, rank ≤ head_dim because they are a rotation of the head's own d query
+    channels), ``k_up`` [m, r_K]. Returns (q [head_dim, D], w_uk [head_dim, r_K], relative residual of the dropped
+    singular values) with qᵀ·w_uk = q_nopeᵀ·k_up; the singular values are split evenly between the two factors.
+    """
+    u, sv, vh = torch.linalg.svd(q_nope.to(torch.float64), full_matrices=False)
+    k = min(head_dim, sv.numel())
+    root = sv[:k].sqrt()
+    q = torch.zeros(head_dim, q_nope.shape[1], dtype=torch.float64)
+    w = torch.zeros(head_dim, k_up.shape[1], dtype=torch.float64)
+    q[:k] = root[:, None] * vh[:k]
+    w[:k] = (root[:, None] * u[:, :k].T) @ k_up.to(torch.float64)
+    resid = float(sv[k:].norm() / sv.norm().clamp_min(1e-300))
+    return q, w, resid
+
+
+def per_head_query(q_weight: torch.Tensor, k_up: torch.Tensor, num_heads: int, head_dim: int,
+                   rope_dim: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The lean decoupled query path: (q_proj [n_h*(head_dim + rope), D], k_b [n_h*head_dim, r_K], worst relative
+    residual) from the shared form (``q_weight`` [n_h*(g*d - rope + rope), D] reading one shared nope key
+    ``k_up`` [g*d - rope, r_K]). Each head's bilinear form q_nopeᵀ·k_up has rank ≤ head_dim (:func:`factor_nope`), so
+    the scores are unchanged and q_proj no longer grows g-fold."""
+    nope_src = k_up.shape[0]
+    q = q_weight.to(torch.float64).view(num_heads, nope_src + rope_dim, -1)
+    q_rows, k_rows, worst = [], [], 0.0
+    for h in range(num_heads):
+        q_nope, w_uk, resid = factor_nope(q[h, :nope_src], k_up, head_dim)
+        worst = max(worst, resid)
+        q_rows.append(torch.cat([q_nope, q[h, nope_src:]]))
+        k_rows.append(w_uk)
+    return torch.cat(q_rows), torch.cat(k_rows), worst
+
+
 def mla_state_dict(weights: dict[str, torch.Tensor], layers: list[MlaLayer], spec: ArchSpec,
                    dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """kvtool MLA checkpoint tensors: source weights with k/v_proj (and q_proj for decoupled) replaced."""
@@ -522,7 +557,9 @@ def mla_state_dict(weights: dict[str, torch.Tensor], layers: list[MlaLayer], spe
         for p in ("k", "v"):
             if pre + f"{p}_proj.bias" in weights:
                 out[pre + f"{p}_b.bias"] = weights[pre + f"{p}_proj.bias"]
-        if layer.q_weight is not None:
-            out[pre + "q_proj.weight"] = layer.q_weight
+        if layer.q_weight is not None:  # decoupled: the lean per-head query path
+            q_lean, k_lean, _ = per_head_query(layer.q_weight, layer.k_up, spec.num_heads, spec.head_dim,
+                                               layer.k_pe.shape[0])
+            out[pre + "q_proj.weight"], out[pre + "k_b.weight"] = q_lean, k_lean
             out[pre + "k_pe.weight"] = layer.k_pe
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in out.items()}

@@ -11,7 +11,8 @@ Layout (per layer, ``model.layers.{i}.self_attn.``):
     ``o_proj``             unchanged
 qk_nope_head_dim = v_head_dim = head_dim: a query head's nope score against the shared nope key k_b·c_K is a
 bilinear form of rank ≤ head_dim (its nope query channels are a rotation of the head's own d channels), so it
-factors exactly into head_dim columns (:func:`factor_nope`); Llama-3-8B shapes give nope 128 + rope 64, v 128.
+factors exactly into head_dim columns (:func:`kvtool.convert.care.factor_nope`); Llama-3-8B shapes give nope
+128 + rope 64, v 128.
 The kept rope pairs {0, s, 2s, ...} are reproduced by DeepSeek's rotary with rope_theta' = θ^(s·rope_dim/d).
     ``o_proj``             unchanged
 MLPs stay dense (``first_k_dense_replace = num_hidden_layers``). kv_lora_rank is global: layers with smaller
@@ -27,7 +28,7 @@ from typing import Any
 
 import torch
 
-from kvtool.convert.care import EQUAL_WIDTH_ALLOCATIONS, MlaLayer
+from kvtool.convert.care import EQUAL_WIDTH_ALLOCATIONS, MlaLayer, per_head_query
 from kvtool.errors import KvtoolError
 from kvtool.models import ArchSpec
 
@@ -82,35 +83,17 @@ def rope_stride(layers: list[MlaLayer]) -> int:
     return s
 
 
-def factor_nope(q_nope: torch.Tensor, k_up: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Factor one query head's nope bilinear form q_nopeᵀ·k_up (rank ≤ head_dim) into head_dim columns.
-
-    ``q_nope`` [m, D] (m = g*d - rope rows, rank ≤ head_dim because they are a rotation of the head's own d query
-    channels), ``k_up`` [m, r_K]. Returns (q [head_dim, D], w_uk [head_dim, r_K], relative residual of the dropped
-    singular values) with qᵀ·w_uk = q_nopeᵀ·k_up; the singular values are split evenly between the two factors.
-    """
-    u, sv, vh = torch.linalg.svd(q_nope.to(torch.float64), full_matrices=False)
-    k = min(head_dim, sv.numel())
-    root = sv[:k].sqrt()
-    q = torch.zeros(head_dim, q_nope.shape[1], dtype=torch.float64)
-    w = torch.zeros(head_dim, k_up.shape[1], dtype=torch.float64)
-    q[:k] = root[:, None] * vh[:k]
-    w[:k] = (root[:, None] * u[:, :k].T) @ k_up.to(torch.float64)
-    resid = float(sv[k:].norm() / sv.norm().clamp_min(1e-300))
-    return q, w, resid
-
-
 def deepseek_v3_checkpoint(weights: dict[str, torch.Tensor], layers: list[MlaLayer], spec: ArchSpec,
                            source_config: Any, norm_weights: list[torch.Tensor],
                            dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(state dict, config.json dict, export report) of the DeepSeek-V3 layout.
 
     ``norm_weights[i]`` is kv_a_layernorm's weight of layer i ([kv_lora_rank], see :func:`latent_norm_weights`).
-    Per head: qk_nope_head_dim = v_head_dim = head_dim (:func:`factor_nope`), qk_rope_head_dim = the rope width.
+    Per head: qk_nope_head_dim = v_head_dim = head_dim (:func:`kvtool.convert.care.per_head_query`),
+    qk_rope_head_dim = the rope width.
     """
     n_h, g, d = spec.num_heads, spec.num_kv_heads, spec.head_dim
     rope_dim = layers[0].k_pe.shape[0]
-    nope_src = g * d - rope_dim
     kv_lora_rank = max(la.k_down.shape[0] + la.v_down.shape[0] for la in layers)
     stride = rope_stride(layers)
     q_scale = math.sqrt((d + rope_dim) / d)
@@ -119,15 +102,13 @@ def deepseek_v3_checkpoint(weights: dict[str, torch.Tensor], layers: list[MlaLay
     for i, la in enumerate(layers):
         pre = f"model.layers.{i}.self_attn."
         r_k, r_v = la.k_down.shape[0], la.v_down.shape[0]
-        q = la.q_weight.to(torch.float64).view(n_h, nope_src + rope_dim, -1)
-        q_heads, kv_b = [], torch.zeros(n_h, 2 * d, kv_lora_rank, dtype=torch.float64)
-        v_up = la.v_up.double().view(g, d, r_v)
-        for h in range(n_h):
-            q_nope, w_uk, resid = factor_nope(q[h, :nope_src], la.k_up, d)
-            worst = max(worst, resid)
-            q_heads.append(torch.cat([q_nope, _interleave(q[h, nope_src:])]))
-            kv_b[h, :d, :r_k] = w_uk
-            kv_b[h, d:, r_k:r_k + r_v] = v_up[h // spec.group_size]
+        q_lean, k_lean, resid = per_head_query(la.q_weight, la.k_up, n_h, d, rope_dim)
+        worst = max(worst, resid)
+        q_lean = q_lean.view(n_h, d + rope_dim, -1)
+        q_heads = [torch.cat([q_lean[h, :d], _interleave(q_lean[h, d:])]) for h in range(n_h)]
+        kv_b = torch.zeros(n_h, 2 * d, kv_lora_rank, dtype=torch.float64)
+        kv_b[:, :d, :r_k] = k_lean.view(n_h, d, r_k)
+        kv_b[:, d:, r_k:r_k + r_v] = la.v_up.double().view(g, d, r_v).repeat_interleave(spec.group_size, 0)
         state[pre + "q_proj.weight"] = torch.cat(q_heads) * q_scale
         pad = torch.zeros(kv_lora_rank - r_k - r_v, la.k_down.shape[1], dtype=torch.float64)
         state[pre + "kv_a_proj_with_mqa.weight"] = torch.cat(

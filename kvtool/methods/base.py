@@ -124,3 +124,32 @@ def merge_decode_report(report: dict[str, Any], decode: dict[str, Any]) -> dict[
     report = {**report, **decode}
     report["passed"] = bool(report.get("passed", True) and decode["decode_passed"])
     return report
+
+
+SERVING_POINT = {"batch": 16, "context": 32768}  # where conversion reports total memory (weights + KV cache)
+
+
+def size_report(before: dict[str, Any], after: dict[str, Any], tied: bool, elem_bytes: int,
+                kv_bytes_per_token_before: int, kv_bytes_per_token_after: int) -> dict[str, Any]:
+    """Parameters and weight bytes of the source and converted state dicts (a tied lm_head counted once, weights
+    at ``elem_bytes`` each), and weights + KV cache at :data:`SERVING_POINT` before and after."""
+    def count(state: dict[str, Any]) -> int:
+        return sum(v.numel() for k, v in state.items()
+                   if v.is_floating_point() and not (tied and k == "lm_head.weight"))
+
+    p_before, p_after = count(before), count(after)
+    tokens = SERVING_POINT["batch"] * SERVING_POINT["context"]
+    return {"parameters_before": p_before, "parameters_after": p_after,
+            "weight_bytes_before": p_before * elem_bytes, "weight_bytes_after": p_after * elem_bytes,
+            "weight_growth": p_after / p_before - 1.0,
+            "memory_at": {**SERVING_POINT,
+                          "before_bytes": p_before * elem_bytes + kv_bytes_per_token_before * tokens,
+                          "after_bytes": p_after * elem_bytes + kv_bytes_per_token_after * tokens}}
+
+
+def size_note(report: dict[str, Any]) -> str:
+    """One summary line of :func:`size_report`'s fields."""
+    m = report["memory_at"]
+    return (f"parameters {report['parameters_before'] / 1e6:.1f}M -> {report['parameters_after'] / 1e6:.1f}M "
+            f"({report['weight_growth']:+.1%}); weights + KV cache at batch {m['batch']} x {m['context']} tokens: "
+            f"{m['before_bytes'] / 2**30:.2f} -> {m['after_bytes'] / 2**30:.2f} GiB")

@@ -17,6 +17,8 @@ from kvtool.methods.base import (
     cached_decode_report,
     merge_decode_report,
     output_dtype,
+    size_note,
+    size_report,
     statistics_provenance,
 )
 from kvtool.options import Options, option
@@ -169,6 +171,9 @@ class ConvertMla(Method):
             report["deepseek_v3"] = export
             report["kv_bytes_per_token_after"] = export["kv_bytes_per_token"]
         report["format"] = opts.format
+        elem = torch_dtype.itemsize
+        report.update(size_report(weights, state, bool(loaded.model.config.tie_word_embeddings), elem,
+                                  report["kv_bytes_per_token_before"], report["kv_bytes_per_token_after"]))
         options = {**opts.resolved().to_dict(), "dtype": dtype_name}
         manifest = provenance(self.name, options, loaded.identity(), statistics_provenance(store), report)
         with atomic_dir(out, ctx.overwrite, ctx.inputs) as tmp:
@@ -188,7 +193,7 @@ class ConvertMla(Method):
                f"{report['mean_err_k']:.4f}", f"{report['mean_err_v']:.4f}",
                f"{report['kv_bytes_per_token_before']} -> {report['kv_bytes_per_token_after']}"]
         cols = ["layers", "ranks K (min/mean/max)", "ranks V", "mean err K", "mean err V", "KV bytes/token"]
-        notes = []
+        notes = [size_note(report)] if "memory_at" in report else []
         if report.get("healing"):
             from kvtool.methods.heal import healing_note
 
@@ -202,7 +207,7 @@ class ConvertMla(Method):
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
         from kvtool.data import TextSource, heldout_tokens
-        from kvtool.runtime.hf_cache import cache_kwarg
+        from kvtool.runtime.hf_cache import cache_kwarg, output_cache
         from kvtool.runtime.mla import set_decode_kernel
 
         device = options.get("device", "cpu")
@@ -227,10 +232,10 @@ class ConvertMla(Method):
             for use in (False, True):
                 n = set_decode_kernel(model, use)
                 out_ = model(input_ids=ids[:, :prefill], use_cache=True)
-                cache, logits = out_.past_key_values, []
+                cache, logits = output_cache(out_), []
                 for t in range(prefill, prefill + steps):
                     step = model(input_ids=ids[:, t:t + 1], use_cache=True, **{cache_kwarg(): cache})
-                    cache = step.past_key_values
+                    cache = output_cache(step)
                     logits.append(step.logits[:, -1].float())
                 runs[use] = torch.stack(logits)
             gen = {}

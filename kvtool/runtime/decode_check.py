@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from kvtool.runtime.hf_cache import cache_kwarg
+from kvtool.runtime.hf_cache import cache_kwarg, output_cache
 
 TOLERANCE = 1e-4  # relative logit error per step, float32
 
@@ -47,10 +47,10 @@ def check_cached_decode(model: Any, ids: torch.Tensor, prefill: int, *, new_toke
     with reference():
         full = model(input_ids=ids, use_cache=False).logits.float()
     out = model(input_ids=ids[:, :prefill], use_cache=True, **{name: new_cache()})
-    cache, steps = out.past_key_values, [out.logits[:, -1].float()]
+    cache, steps = output_cache(out), [out.logits[:, -1].float()]
     for t in range(prefill, length - 1):
         out = model(input_ids=ids[:, t:t + 1], use_cache=True, **{name: cache})
-        cache = out.past_key_values
+        cache = output_cache(out)
         steps.append(out.logits[:, -1].float())
     cached = torch.stack(steps, 1)  # predictions for positions prefill .. length-1
     expected = full[:, prefill - 1:length - 1]

@@ -30,3 +30,8 @@ def take_cache(kwargs: dict[str, Any]) -> Any:
         if value is not None:
             found = value
     return found
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model forward returned (``output.cache`` from 5.25, ``output.past_key_values`` before)."""
+    return output["cache"] if "cache" in output else output.past_key_values

@@ -34,17 +34,20 @@ SOURCES = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mis
 
 def _eager_attention(module: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                      mask: torch.Tensor | None, scaling: float, **_: Any) -> tuple[torch.Tensor, None]:
-    groups = q.shape[1] // k.shape[1]
-    k = k.repeat_interleave(groups, dim=1)
-    v = v.repeat_interleave(groups, dim=1)
-    w = torch.matmul(q, k.transpose(2, 3)) * scaling
+    """q [B, H, L, dk], k [B, G, T, dk], v [B, G, T, dv] (H a multiple of G; the latent layouts have G = 1):
+    grouped products, the keys and values never repeated per head. Returns [B, L, H, dv]."""
+    b, h, length, _ = q.shape
+    g = k.shape[1]
+    qg = q.view(b, g, h // g, length, q.shape[-1])
+    w = torch.matmul(qg, k[:, :, None].transpose(-1, -2)) * scaling  # [B, G, H/G, L, T]
     if mask is not None:
-        w = w + mask[..., : k.shape[-2]]
-    elif q.shape[2] > 1:
-        causal = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - q.shape[2])
+        w = w + mask[..., : k.shape[-2]][:, :, None]
+    elif length > 1:
+        causal = torch.ones(length, k.shape[2], dtype=torch.bool, device=q.device).tril(k.shape[2] - length)
         w = w.masked_fill(~causal, float("-inf"))
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(q.dtype)
-    return torch.matmul(w, v).transpose(1, 2).contiguous(), None
+    out = torch.matmul(w, v[:, :, None]).reshape(b, h, length, v.shape[-1])
+    return out.transpose(1, 2).contiguous(), None
 
 
 class MlaAttention(nn.Module):
@@ -76,9 +79,15 @@ class MlaAttention(nn.Module):
             self.qk_norm = spec.qk_norm
         else:
             self.rope_dim = config.mla_rope_dim
-            self.nope_dim = g * d - self.rope_dim
+            # per-head nope (the lean layout, kvtool >= 0.3): each query head has head_dim nope channels and its
+            # own slice of k_b; shared (older checkpoints): one g*d - rope nope key read by every head
+            self.per_head_nope = getattr(config, "mla_nope_head_dim", None) is not None
+            self.nope_dim = config.mla_nope_head_dim if self.per_head_nope else g * d - self.rope_dim
+            k_rows = spec.num_heads * self.nope_dim if self.per_head_nope else self.nope_dim
             self.q_proj = nn.Linear(hidden, spec.num_heads * (self.nope_dim + self.rope_dim), bias=False)
-            self.k_b = nn.Linear(r_k, self.nope_dim, bias=False)
+            self.k_b = nn.Linear(r_k, k_rows, bias=False)
+            if self.per_head_nope:  # attention runs over one latent key/value head (what repeat_kv reads)
+                self.num_key_value_groups = spec.num_heads
             self.k_pe = nn.Linear(hidden, self.rope_dim, bias=False)
             pairs = list(config.mla_rope_pairs[layer_idx])
             # a plain list, not a buffer: from_pretrained builds on the meta device and would leave it garbage
@@ -137,6 +146,13 @@ class MlaAttention(nn.Module):
             cos_k, sin_k = (cos, sin) if total == length else self._key_rope(total, hidden_states)
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos_k, sin_k)
             q, k = q.transpose(1, 2), k.transpose(1, 2)
+        elif self.per_head_nope:  # absorbed: every head reads the one latent key [c_K | k_pe] and value c_V (MQA)
+            q = self.q_proj(hidden_states).view(b, length, self.num_heads, self.nope_dim + self.rope_dim)
+            q_pe = apply_rope(q[..., self.nope_dim:], cos[..., self.rope_index], sin[..., self.rope_index])
+            q_lat = self._absorb_query(q[..., : self.nope_dim])
+            q = torch.cat([q_lat, q_pe], dim=-1).transpose(1, 2)  # [b, n_h, L, r_K + rope]
+            lat = self._attend(q, c_k[:, None], c_v[:, None], attention_mask, **kwargs)  # [b, L, n_h, r_V]
+            return self.o_proj(self._value_up(lat.reshape(b, length, self.num_heads, -1)).reshape(b, length, -1)), None
         else:
             q = self.q_proj(hidden_states).view(b, length, self.num_heads, self.nope_dim + self.rope_dim)
             q_pe = apply_rope(q[..., self.nope_dim:], cos[..., self.rope_index], sin[..., self.rope_index])
@@ -172,13 +188,26 @@ class MlaAttention(nn.Module):
         else:
             q = self.q_proj(x).view(b, 1, self.num_heads, self.nope_dim + self.rope_dim)
             q_pe = apply_rope(q[..., self.nope_dim:], cos[..., self.rope_index], sin[..., self.rope_index])[:, 0]
-            q_lat = q[:, 0, :, : self.nope_dim] @ self.k_b.weight  # absorb W_kb into the query
+            q_lat = self._absorb_query(q[:, 0, :, : self.nope_dim])  # W_kb absorbed into the query
             lat = mla_decode_absorbed(torch.cat([q_lat, q_pe], -1), c_k, c_v, self.scaling)
+        return self.o_proj(self._value_up(lat.to(self.v_b.weight.dtype)).reshape(b, 1, -1).to(x.dtype))
+
+    def _absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
+        """[..., n_h, nope] -> [..., n_h, r_K]: each head's nope query through its slice of k_b (decoupled)."""
+        if not self.per_head_nope:
+            return q_nope @ self.k_b.weight
+        w = self.k_b.weight.view(self.num_heads, self.nope_dim, -1)
+        return torch.einsum("...hn,hnr->...hr", q_nope, w)
+
+    def _value_up(self, lat: torch.Tensor) -> torch.Tensor:
+        """[..., n_h, r_V] latent outputs -> [..., n_h, head_dim]: each head through its KV group's v_b."""
+        g, d = self.num_kv_heads, self.head_dim
         w_vb = self.v_b.weight.view(g, d, -1)
-        out = torch.einsum("bgnr,gdr->bgnd", lat.view(b, g, -1, lat.shape[-1]).to(w_vb.dtype), w_vb)
+        lat = lat.unflatten(-2, (g, self.num_heads // g))
+        out = torch.einsum("...gnr,gdr->...gnd", lat, w_vb)
         if self.v_b.bias is not None:
-            out = out + self.v_b.bias.view(1, g, 1, d)
-        return self.o_proj(out.reshape(b, 1, -1).to(x.dtype))
+            out = out + self.v_b.bias.view(g, 1, d)
+        return out.flatten(-3, -2)
 
 
 def set_decode_kernel(model: nn.Module, enabled: bool | None = True) -> int:
@@ -221,7 +250,9 @@ for _source, _prefix in SOURCES.items():
 
 def mla_config(source_config: Any, ranks: list[tuple[int, int]], rope: str, rope_dim: int,
                rope_pairs: list[list[int]]) -> Any:
-    """The config of a converted model: the source's fields plus the MLA fields."""
+    """The config of a converted model: the source's fields plus the MLA fields. Decoupled checkpoints are
+    written in the lean per-head layout (``mla_nope_head_dim`` = head_dim); a config without that field is the
+    shared-nope layout of kvtool <= 0.2, which still loads."""
     src = source_config.to_dict()
     model_type = getattr(source_config, "kvtool_source_model_type", None) or source_config.model_type
     for k in ("model_type", "architectures", "transformers_version", "quantization_config", "auto_map"):
@@ -232,5 +263,9 @@ def mla_config(source_config: Any, ranks: list[tuple[int, int]], rope: str, rope
     cfg.mla_rope = rope
     cfg.mla_rope_dim = int(rope_dim)
     cfg.mla_rope_pairs = [list(map(int, p)) for p in rope_pairs]
+    if rope == "decoupled":
+        from kvtool.models import arch_spec_from_config
+
+        cfg.mla_nope_head_dim = int(arch_spec_from_config(source_config).head_dim)
     cfg.architectures = [MLA_MODELS[model_type].__name__]
     return cfg

@@ -13,8 +13,15 @@ from typer.testing import CliRunner
 
 from kvtool.calib.collect import apply_rope, collect_statistics
 from kvtool.cli import app
-from kvtool.convert.care import MlaLayer, _group_rotation, decouple_rope, rope_grams, select_rope_pairs
-from kvtool.convert.deepseek_export import add_ballast, factor_nope, latent_norm_weights
+from kvtool.convert.care import (
+    MlaLayer,
+    _group_rotation,
+    decouple_rope,
+    factor_nope,
+    rope_grams,
+    select_rope_pairs,
+)
+from kvtool.convert.deepseek_export import add_ballast, latent_norm_weights
 from kvtool.models import wrap_model
 
 runner = CliRunner()

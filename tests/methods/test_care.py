@@ -236,3 +236,50 @@ def test_default_rope_width_follows_the_budget():
     llama8b = SimpleNamespace(head_dim=128)
     assert default_rope_dim(llama8b, 1024) == 64  # the FlashMLA layout at ratio 0.5
     assert default_rope_dim(SimpleNamespace(head_dim=16), 20) == 6  # below 8: even
+
+
+def test_lean_decoupled_layout_equals_the_shared_one_and_older_checkpoints_still_load():
+    """The per-head query path (kvtool >= 0.3) computes what the shared-nope layout computed, with a q_proj of
+    n_h*(head_dim + rope) rows instead of n_h*g*head_dim; a shared-layout config (no mla_nope_head_dim) still loads."""
+    import copy
+
+    model = tiny_model("llama", num_attention_heads=4, num_key_value_heads=2, head_dim=16)
+    loaded = wrap_model(model)
+    opts = CareOptions(kv_ratio=0.5, rope="decoupled")
+    store = collect_statistics(loaded, ids(6, 40, 1), "attn_in")
+    layers, report = convert_layers(model.state_dict(), store, loaded.spec, opts)
+    cfg = mla_config(model.config, [(r["r_k"], r["r_v"]) for r in report["layers"]], "decoupled",
+                     report["rope_dim"], [r.get("rope_pairs", []) for r in report["layers"]])
+    assert cfg.mla_nope_head_dim == 16
+    lean = MLA_MODELS["llama"](cfg).eval()
+    lean.load_state_dict(mla_state_dict(model.state_dict(), layers, loaded.spec, torch.float32), strict=True)
+    shared_cfg = copy.deepcopy(cfg)
+    del shared_cfg.mla_nope_head_dim
+    shared = MLA_MODELS["llama"](shared_cfg).eval()
+    state = mla_state_dict(model.state_dict(), layers, loaded.spec, torch.float32)
+    for i, la in enumerate(layers):
+        state[f"model.layers.{i}.self_attn.q_proj.weight"] = la.q_weight
+        state[f"model.layers.{i}.self_attn.k_b.weight"] = la.k_up
+    shared.load_state_dict(state, strict=True)
+    q_lean = lean.model.layers[0].self_attn.q_proj.weight.shape[0]
+    q_shared = shared.model.layers[0].self_attn.q_proj.weight.shape[0]
+    assert q_lean == 4 * (16 + report["rope_dim"]) < q_shared == 4 * 2 * 16
+    x = ids(2, 24, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(lean(x).logits, shared(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_conversion_reports_parameters_and_memory(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("llama")
+    res = runner.invoke(app, ["convert-mla", str(src), "-o", str(tmp_path / "m"), "--rope", "decoupled",
+                              "--samples", "2", "--seq-len", "32", "--device", "cpu", "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "parameters" in res.output and "weights + KV cache at batch 16" in res.output
+    rep = json.loads((tmp_path / "m" / "kvtool.json").read_text())["report"]
+    n_params = sum(p.numel() for p in tiny_model("llama").parameters())
+    assert rep["parameters_before"] == n_params
+    assert rep["weight_bytes_after"] == 4 * rep["parameters_after"]  # float32 source
+    m = rep["memory_at"]
+    tokens = m["batch"] * m["context"]
+    assert m["before_bytes"] == rep["weight_bytes_before"] + rep["kv_bytes_per_token_before"] * tokens
+    assert m["after_bytes"] - rep["weight_bytes_after"] == rep["kv_bytes_per_token_after"] * tokens
