@@ -52,10 +52,11 @@ lock: test-latest
 	{ sed -n '/^#/p' $(LOCK); cat $(LATEST_VENV)/freeze.txt; } > $(LOCK).new && mv $(LOCK).new $(LOCK)
 	git diff --stat -- $(LOCK)
 
-# The main job on the embedded model and text: the CARE smoke recipe (calibrate, GQA->MLA, validate through the
-# Triton kernel, held-out perplexity of original and converted), then its report.
+# The main job on the embedded model and text (recipes/demo.yaml): calibrate, GQA->MLA with the CLI's defaults,
+# heal, validate (Triton kernels, cached decode), held-out perplexity of original / one-shot / healed, and greedy
+# generation from the healed and original models; then its report.
 demo: setup
-	$(KVTOOL) run recipes/care-smoke.yaml -o $(OUT)/demo
+	$(KVTOOL) run recipes/demo.yaml -o $(OUT)/demo
 	cat $(OUT)/demo/report.md
 
 # make recipe-NAME runs recipes/NAME.yaml into out/NAME
