@@ -7,10 +7,15 @@ replaced by :class:`MlaAttention`. Config: the source's fields plus ``kvtool_sou
 
 Per-layer tensors (``model.layers.{i}.self_attn.``):
     ``kv_a_k.weight`` [r_K, D], ``kv_a_v.weight`` [r_V, D]   down-projections; their outputs are the cache
-    ``k_b.weight``  keep: [g*d, r_K] (+bias), decoupled: [d_nope, r_K] (one shared nope key)
+    ``k_b.weight``  keep: [g*d, r_K] (+bias); decoupled: [n_h*d, r_K] (each query head's nope key map)
     ``v_b.weight``  [g*d, r_V] (+bias)                   each query head reads its KV group's slice
     ``k_pe.weight`` decoupled only: [d_rope, D]          shared rope key, half-split order of the kept pairs
-    ``q_proj``      keep: unchanged; decoupled: [n_h*(d_nope + d_rope), D]
+    ``q_proj``      keep: unchanged; decoupled: [n_h*(d + d_rope), D] (per head: d nope, then d_rope rope rows)
+
+Decoupled checkpoints written before kvtool 0.3 (no ``mla_nope_head_dim`` in the config) have one shared nope key
+instead: ``k_b`` [g*d - d_rope, r_K] and ``q_proj`` [n_h*g*d, D], g times the source's query path; they still load.
+Decoupled attention is absorbed: each head's nope query goes through its slice of ``k_b`` into latent space, and
+every head attends over the one latent row [c_K | k_pe] with values c_V (no per-head keys or values are built).
     ``o_proj``, ``q_norm``/``k_norm`` (Qwen3, keep only) unchanged.
 
 The HF cache stores the latent: the "key" slot holds c_K (keep) or [c_K | RoPE(k_pe)] (decoupled), the "value"
