@@ -93,6 +93,41 @@ def fill_cache(model, batch: int, context: int, widths: tuple[int, int], slots: 
     return cache
 
 
+def fill_static_cache(model, batch: int, context: int, widths: tuple[int, int], slots: int, device: str):
+    """transformers' StaticCache (fixed slots: what CUDA graphs need) with ``context`` valid random tokens."""
+    from transformers import StaticCache
+
+    cache = StaticCache(config=model.config, max_cache_len=context + 16)
+    wk, wv = widths[0] // slots, widths[1] // slots
+    for i, layer in enumerate(cache.layers):
+        one = lambda w: torch.zeros(batch, slots, 1, w, device=device, dtype=torch.bfloat16)  # noqa: E731
+        cache.update(one(wk), one(wv), i)  # allocates the layer's buffers
+        layer.keys[:, :, :context].normal_()
+        layer.values[:, :, :context].normal_()
+        layer.cumulative_length.fill_(context)
+    return cache
+
+
+def graph_step_ms(model, cache, batch: int, context: int, device: str) -> float:
+    """One decode step over a static cache, captured in a CUDA graph and replayed (bench/gpu_common.graph_time_us;
+    each replay first puts every layer's write position back at ``context``, inside the graph)."""
+    from gpu_common import graph_time_us
+
+    from kvtool.runtime.hf_cache import cache_kwarg
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    pos = torch.full((batch, 1), context, device=device, dtype=torch.long)
+    kw = {cache_kwarg(): cache}
+
+    def one():
+        for layer in cache.layers:
+            layer.cumulative_length.fill_(context)
+        model(input_ids=ids, position_ids=pos, use_cache=True, **kw)
+
+    with torch.no_grad():
+        return graph_time_us(one) / 1e3
+
+
 def step_ms(model, cache, batch: int, context: int, device: str, repeats: int) -> float:
     from kvtool.runtime.hf_cache import cache_kwarg
 
@@ -127,6 +162,15 @@ def step_ms(model, cache, batch: int, context: int, device: str, repeats: int) -
     return times[len(times) // 2]
 
 
+def run_step(model, batch: int, context: int, widths: tuple[int, int], slots: int, dev: str, args):
+    """(cache, ms per decode step) in the chosen mode."""
+    if args.mode == "graph":
+        cache = fill_static_cache(model, batch, context, widths, slots, dev)
+        return cache, graph_step_ms(model, cache, batch, context, dev)
+    cache = fill_cache(model, batch, context, widths, slots, dev)
+    return cache, step_ms(model, cache, batch, context, dev, args.repeats)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -137,6 +181,9 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=120.0)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--mode", default="eager", choices=("eager", "graph"),
+                    help="eager: DynamicCache, eager steps (what generate does by default); graph: transformers' "
+                         "StaticCache and the decode step captured in a CUDA graph (a serving loop)")
     args = ap.parse_args()
     for part in (args.batch, args.context):
         if not all(x.strip().isdigit() and int(x) > 0 for x in part.split(",")):
@@ -154,8 +201,11 @@ def main() -> None:
         from gpu_common import environment
 
         print(environment(), flush=True)
+    if args.mode == "graph" and not dev.startswith("cuda"):
+        ap.error("--mode graph needs --device cuda (CUDA graphs)")
     budget = args.budget_gib * 2 ** 30
     rows = []
+    print(f"mode: {args.mode}", flush=True)
     print("\n| layout | params (B) | weights GiB | cache bytes/token | batch | context | cache GiB | peak GiB | "
           "ms/step | tokens/s |\n|---|---|---|---|---|---|---|---|---|---|", flush=True)
     for layout in layouts:
@@ -173,12 +223,12 @@ def main() -> None:
                 if dev.startswith("cuda"):
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats()
-                cache = fill_cache(model, batch, context, widths, slots, dev)
-                ms = step_ms(model, cache, batch, context, dev, args.repeats)
+                cache, ms = run_step(model, batch, context, widths, slots, dev, args)
                 peak = torch.cuda.max_memory_allocated() if dev.startswith("cuda") else 0
                 workspace[(batch, context)] = max(0, peak - w_bytes - cache_bytes)
                 del cache
-                row = dict(layout=layout, params=params, weight_bytes=w_bytes, cache_bytes_per_token=per_token,
+                row = dict(mode=args.mode, layout=layout, params=params, weight_bytes=w_bytes,
+                           cache_bytes_per_token=per_token,
                            batch=batch, context=context, cache_bytes=cache_bytes, peak_bytes=peak, ms_per_step=ms,
                            tokens_per_s=batch / ms * 1e3)
                 rows.append(row)
@@ -196,14 +246,14 @@ def main() -> None:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
             try:
-                cache = fill_cache(model, batch, context, widths, slots, dev)
-                ms = step_ms(model, cache, batch, context, dev, max(3, args.repeats // 2))
+                cache, ms = run_step(model, batch, context, widths, slots, dev, args)
                 peak = torch.cuda.max_memory_allocated() if dev.startswith("cuda") else 0
                 del cache
             except torch.OutOfMemoryError:
                 print(f"| {layout} | largest batch at {context}: {batch} did not fit (OOM) |", flush=True)
                 continue
-            row = dict(layout=layout, params=params, weight_bytes=w_bytes, cache_bytes_per_token=per_token,
+            row = dict(mode=args.mode, layout=layout, params=params, weight_bytes=w_bytes,
+                       cache_bytes_per_token=per_token,
                        batch=batch, context=context, cache_bytes=per_token * batch * context, peak_bytes=peak,
                        ms_per_step=ms, tokens_per_s=batch / ms * 1e3, largest_batch_in_budget=True)
             rows.append(row)

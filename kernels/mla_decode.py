@@ -124,10 +124,10 @@ def _absorbed_store(ACC, M, L, acc, m_i, l_i, b, sp, offs_h, offs_dv, hmask, DV,
 
 
 @triton.jit
-def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
+def _absorbed_kernel(Q, KV, V, ACC, M, L, S, LENS, H, DK_A, DV_A, split_len, scale,
                      s_qb, s_qh_a, s_kb, s_kn_a, s_vb, s_vn_a, s_ab, s_ah, s_as, s_mb, s_mh,
                      BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     ALIGN: tl.constexpr, DV_PARTS: tl.constexpr):
+                     ALIGN: tl.constexpr, DV_PARTS: tl.constexpr, HAS_LENS: tl.constexpr):
     # Widths and row strides arrive divided by ALIGN and are multiplied back here, so the compiler knows they are
     # multiples of ALIGN (8 elements = 16 bytes); Triton only infers this for values divisible by 16. Measured effect
     # at width 168 on an H200: ~5% (docs/gpu-logs/mla_width_sweep_h200_align_hint.log); the 3x seen at such widths
@@ -144,6 +144,8 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    if HAS_LENS:  # a static cache: row b holds LENS[b] valid tokens of its S slots
+        S = tl.load(LENS + b)
     start = sp * split_len
     end = tl.minimum(start + split_len, S)
     for n0 in range(start, end, BLOCK_N):
@@ -162,10 +164,11 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
 
 
 @triton.jit
-def _absorbed_full_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scale,
+def _absorbed_full_kernel(Q, KV, V, ACC, M, L, S, LENS, H, DK_A, DV_A, split_len, scale,
                           s_qb, s_qh_a, s_kb, s_kn_a, s_vb, s_vn_a, s_ab, s_ah, s_as, s_mb, s_mh,
                           BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D1: tl.constexpr,
-                          BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGN: tl.constexpr, STAGES: tl.constexpr):
+                          BLOCK_D2: tl.constexpr, BLOCK_DV: tl.constexpr, ALIGN: tl.constexpr, STAGES: tl.constexpr,
+                          HAS_LENS: tl.constexpr):
     # The whole key row per token tile, as two power-of-2 pieces (e.g. 544 = 512 + 32 masked from a 32-wide piece):
     # no inner loop over key chunks, so the token loop itself is software-pipelined (STAGES tiles of keys and
     # values in flight), and the query stays in registers across the loop.
@@ -185,6 +188,8 @@ def _absorbed_full_kernel(Q, KV, V, ACC, M, L, S, H, DK_A, DV_A, split_len, scal
     m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_H], tl.float32)
     acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    if HAS_LENS:  # a static cache: row b holds LENS[b] valid tokens of its S slots
+        S = tl.load(LENS + b)
     start = sp * split_len
     end = tl.minimum(start + split_len, S)
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
@@ -247,8 +252,12 @@ def absorbed_config(batch: int, heads: int, dk: int, dv: int) -> dict:
 def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tensor, scale: float,
                         num_splits: int | None = None, block_n: int | None = None, block_d: int = 64,
                         num_warps: int | None = None, num_stages: int | None = None, dv_parts: int = 1,
-                        block_h: int | None = None, tile: str | None = None) -> torch.Tensor:
+                        block_h: int | None = None, tile: str | None = None,
+                        seq_lens: torch.Tensor | None = None) -> torch.Tensor:
     """Absorbed MLA decode. q [B, H, DK], kv_lat [B, S, DK], v_lat [B, S, DV] -> out_lat [B, H, DV] (float32).
+
+    ``seq_lens`` [B] (int, on the device): row b attends to its first seq_lens[b] tokens (a static cache of S
+    slots, read without a host sync, so the call can be captured in a CUDA graph); None: all S.
 
     ``kv_lat``/``v_lat`` may be views of caches whose rows are padded (see :func:`padded_latent_cache`).
     Launch options left at None take :func:`absorbed_config`'s defaults. ``tile``: ``full`` (the whole key row per
@@ -277,7 +286,8 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
     acc = torch.empty(bsz, heads, splits, dv, device=q.device, dtype=torch.float32)
     m = torch.empty(bsz, heads, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
-    args = (q, kv_lat, v_lat, acc, m, l, length, heads, dk // align, dv // align, split_len, scale * LOG2E,
+    lens = seq_lens.to(torch.int32) if seq_lens is not None else q
+    args = (q, kv_lat, v_lat, acc, m, l, length, lens, heads, dk // align, dv // align, split_len, scale * LOG2E,
             q.stride(0), q.stride(1) // align, kv_lat.stride(0), kv_lat.stride(1) // align, v_lat.stride(0),
             v_lat.stride(1) // align, acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1))
     if tile == "full":
@@ -285,14 +295,14 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
         d1, d2 = key_pieces(dk)
         _absorbed_full_kernel[(bsz, hblocks, splits)](
             *args, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D1=d1, BLOCK_D2=d2, BLOCK_DV=_pow2(dv), ALIGN=align,
-            STAGES=num_stages or 3, num_warps=num_warps)
+            STAGES=num_stages or 3, HAS_LENS=seq_lens is not None, num_warps=num_warps)
         return _combine(acc, m, l)
     block_dv = _pow2(dv) // dv_parts
     assert block_dv >= 16 and block_dv * dv_parts == _pow2(dv), "dv_parts must split the padded width in 16+ slices"
     extra = {"num_stages": num_stages} if num_stages else {}
     _absorbed_kernel[(bsz, hblocks * dv_parts, splits)](
         *args, BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, ALIGN=align, DV_PARTS=dv_parts,
-        num_warps=num_warps, **extra)
+        HAS_LENS=seq_lens is not None, num_warps=num_warps, **extra)
     return _combine(acc, m, l)
 
 
@@ -305,10 +315,18 @@ def padded_latent_cache(batch: int, length: int, width: int, dtype: torch.dtype,
     return torch.empty(batch, length, stride, dtype=dtype, device=device)[..., :width]
 
 
+def _length_mask(s: torch.Tensor, seq_lens: torch.Tensor | None) -> torch.Tensor:
+    """Scores [B, H, S] with the slots past each row's length at -inf (a static cache)."""
+    if seq_lens is None:
+        return s
+    valid = torch.arange(s.shape[-1], device=s.device)[None] < seq_lens.to(s.device)[:, None]
+    return s.masked_fill(~valid[:, None], float("-inf"))
+
+
 def mla_decode_absorbed_reference(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tensor,
-                                  scale: float) -> torch.Tensor:
+                                  scale: float, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch reference of :func:`mla_decode_absorbed` (float32)."""
-    s = torch.einsum("bhd,bsd->bhs", q.float(), kv_lat.float()) * scale
+    s = _length_mask(torch.einsum("bhd,bsd->bhs", q.float(), kv_lat.float()) * scale, seq_lens)
     return torch.einsum("bhs,bsd->bhd", torch.softmax(s, -1), v_lat.float())
 
 
@@ -316,10 +334,10 @@ def mla_decode_absorbed_reference(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: 
 
 @triton.jit
 def _keep_kernel(Q, CK, CV, WKB, BK, INV_FREQ, KNW, ACC, M, L,
-                 S, RK, RV, NREP, split_len, scale, rope_scale, eps,
+                 S, LENS, RK, RV, NREP, split_len, scale, rope_scale, eps,
                  s_qb, s_qh, s_cb, s_cn, s_vb, s_vn, s_wg, s_wr, s_ab, s_ah, s_as, s_mb, s_mh,
                  HALF: tl.constexpr, BLOCK_REP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_RK: tl.constexpr,
-                 BLOCK_RV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KNORM: tl.constexpr):
+                 BLOCK_RV: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_KNORM: tl.constexpr, HAS_LENS: tl.constexpr):
     b = tl.program_id(0)
     g = tl.program_id(1)
     sp = tl.program_id(2)
@@ -341,6 +359,8 @@ def _keep_kernel(Q, CK, CV, WKB, BK, INV_FREQ, KNW, ACC, M, L,
     m_i = tl.full([BLOCK_REP], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_REP], tl.float32)
     acc = tl.zeros([BLOCK_REP, BLOCK_RV], tl.float32)
+    if HAS_LENS:  # a static cache: row b holds LENS[b] valid tokens of its S slots
+        S = tl.load(LENS + b)
     start = sp * split_len
     end = tl.minimum(start + split_len, S)
     for n0 in range(start, end, BLOCK_N):
@@ -387,8 +407,8 @@ def mla_decode_keep(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, w_kb:
                     inv_freq: torch.Tensor, scale: float, b_k: torch.Tensor | None = None,
                     k_norm: torch.Tensor | None = None, eps: float = 1e-6, rope_scale: float = 1.0,
                     num_splits: int | None = None, block_n: int = 32, block_rk: int = 64,
-                    num_warps: int = 4) -> torch.Tensor:
-    """Reconstruct-then-RoPE MLA decode.
+                    num_warps: int = 4, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """Reconstruct-then-RoPE MLA decode (``seq_lens`` as in :func:`mla_decode_absorbed`).
 
     q [B, H, d] (RoPE'd), c_k [B, S, r_K], c_v [B, S, r_V], w_kb [G, r_K, d] (group g's key up-projection,
     k = c_K @ w_kb[g]), inv_freq [d/2], b_k [G, d] or None, k_norm [d] or None -> out_lat [B, H, r_V] (float32).
@@ -410,18 +430,19 @@ def mla_decode_keep(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, w_kb:
     _keep_kernel[(bsz, groups, splits)](
         q, c_k, c_v, w_kb, b_k if b_k is not None else dummy, inv_freq.float().contiguous(),
         k_norm if k_norm is not None else dummy, acc, m, l,
-        length, r_k, r_v, nrep, split_len, scale * LOG2E, rope_scale, eps,
+        length, seq_lens.to(torch.int32) if seq_lens is not None else dummy,
+        r_k, r_v, nrep, split_len, scale * LOG2E, rope_scale, eps,
         q.stride(0), q.stride(1), c_k.stride(0), c_k.stride(1), c_v.stride(0), c_v.stride(1),
         w_kb.stride(0), w_kb.stride(1), acc.stride(0), acc.stride(1), acc.stride(2), m.stride(0), m.stride(1),
         HALF=d // 2, BLOCK_REP=_pow2(nrep), BLOCK_N=block_n, BLOCK_RK=min(block_rk, _pow2(r_k)), BLOCK_RV=_pow2(r_v),
-        HAS_BIAS=b_k is not None, HAS_KNORM=k_norm is not None, num_warps=num_warps)
+        HAS_BIAS=b_k is not None, HAS_KNORM=k_norm is not None, HAS_LENS=seq_lens is not None, num_warps=num_warps)
     return _combine(acc, m, l)
 
 
 def mla_decode_keep_reference(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, w_kb: torch.Tensor,
                               inv_freq: torch.Tensor, scale: float, b_k: torch.Tensor | None = None,
                               k_norm: torch.Tensor | None = None, eps: float = 1e-6,
-                              rope_scale: float = 1.0) -> torch.Tensor:
+                              rope_scale: float = 1.0, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch reference of :func:`mla_decode_keep` (float32)."""
     groups = w_kb.shape[0]
     k = torch.einsum("bsr,grd->bgsd", c_k.float(), w_kb.float())
@@ -435,7 +456,7 @@ def mla_decode_keep_reference(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Ten
     half = k.shape[-1] // 2
     k = k * cos + torch.cat([-k[..., half:], k[..., :half]], -1) * sin
     k = k.repeat_interleave(q.shape[1] // groups, dim=1)  # [B, H, S, d]
-    s = torch.einsum("bhd,bhsd->bhs", q.float(), k) * scale
+    s = _length_mask(torch.einsum("bhd,bhsd->bhs", q.float(), k) * scale, seq_lens)
     return torch.einsum("bhs,bsr->bhr", torch.softmax(s, -1), c_v.float())
 
 

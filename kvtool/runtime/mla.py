@@ -136,12 +136,14 @@ class MlaAttention(nn.Module):
             cos_pe, sin_pe = cos[..., self.rope_index], sin[..., self.rope_index]
             k_pe = apply_rope(self.k_pe(hidden_states)[:, :, None], cos_pe, sin_pe)[:, :, 0]
             c_k = torch.cat([c_k, k_pe], dim=-1)
+        lens = None
         if cache is not None:
             c_k, c_v = cache.update(c_k[:, None], c_v[:, None], self.layer_idx)
             c_k, c_v = c_k[:, 0], c_v[:, 0]
+            lens = _static_lengths(cache, self.layer_idx, b)
         total = c_k.shape[1]
         if length == 1 and cache is not None and self._decode_through_kernel(hidden_states):
-            return self._kernel_decode(hidden_states, cos, sin, c_k, c_v), None
+            return self._kernel_decode(hidden_states, cos, sin, c_k, c_v, lens), None
         v = self.v_b(c_v).view(b, total, self.num_kv_heads, self.head_dim).transpose(1, 2)
         if self.rope_mode == "keep":
             q = self.q_proj(hidden_states).view(b, length, self.num_heads, self.head_dim)
@@ -174,8 +176,9 @@ class MlaAttention(nn.Module):
         return x.is_cuda and self.kernel_supported and not torch.is_grad_enabled()
 
     def _kernel_decode(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, c_k: torch.Tensor,
-                       c_v: torch.Tensor) -> torch.Tensor:
-        """One decode step through the Triton kernels (keys at positions 0..S-1, values absorbed)."""
+                       c_v: torch.Tensor, lens: torch.Tensor | None = None) -> torch.Tensor:
+        """One decode step through the Triton kernels (keys at positions 0..S-1, values absorbed; ``lens``: the
+        valid tokens of a static cache's S slots, read on the device, so the step can be captured in a CUDA graph)."""
         from kvtool.kernels.mla_decode import mla_decode_absorbed, mla_decode_keep
 
         b, g, d = x.shape[0], self.num_kv_heads, self.head_dim
@@ -189,12 +192,12 @@ class MlaAttention(nn.Module):
             norm = (self.k_norm.weight, self.k_norm.variance_epsilon) if self.qk_norm else (None, 1e-6)
             rotary = self._rotary[0]
             lat = mla_decode_keep(q, c_k, c_v, w_kb, rotary.inv_freq, self.scaling, b_k=b_k, k_norm=norm[0],
-                                  eps=norm[1], rope_scale=float(rotary.attention_scaling))
+                                  eps=norm[1], rope_scale=float(rotary.attention_scaling), seq_lens=lens)
         else:
             q = self.q_proj(x).view(b, 1, self.num_heads, self.nope_dim + self.rope_dim)
             q_pe = apply_rope(q[..., self.nope_dim:], cos[..., self.rope_index], sin[..., self.rope_index])[:, 0]
             q_lat = self._absorb_query(q[:, 0, :, : self.nope_dim])  # W_kb absorbed into the query
-            lat = mla_decode_absorbed(torch.cat([q_lat, q_pe], -1), c_k, c_v, self.scaling)
+            lat = mla_decode_absorbed(torch.cat([q_lat, q_pe], -1), c_k, c_v, self.scaling, seq_lens=lens)
         return self.o_proj(self._value_up(lat.to(self.v_b.weight.dtype)).reshape(b, 1, -1).to(x.dtype))
 
     def _absorb_query(self, q_nope: torch.Tensor) -> torch.Tensor:
@@ -213,6 +216,16 @@ class MlaAttention(nn.Module):
         if self.v_b.bias is not None:
             out = out + self.v_b.bias.view(g, 1, d)
         return out.flatten(-3, -2)
+
+
+def _static_lengths(cache: Any, layer_idx: int, batch: int) -> torch.Tensor | None:
+    """Valid tokens per row [B] of a static cache layer after its update (its ``cumulative_length`` tensor, read
+    on the device); None for a cache that returns only the valid tokens (DynamicCache)."""
+    layers = getattr(cache, "layers", None)
+    if not layers or not getattr(layers[layer_idx], "is_compileable", False):
+        return None
+    count = getattr(layers[layer_idx], "cumulative_length", None)
+    return count.reshape(1).expand(batch) if isinstance(count, torch.Tensor) else None
 
 
 def set_decode_kernel(model: nn.Module, enabled: bool | None = True) -> int:

@@ -124,3 +124,31 @@ def test_keep_reference_equals_gqa_with_rope_at_full_rank():
     k = keys[:, 0] * cos + torch.cat([-keys[:, 0, :, d // 2:], keys[:, 0, :, : d // 2]], -1) * sin
     att = torch.softmax(torch.einsum("bhd,bsd->bhs", q, k) * d ** -0.5, -1)
     torch.testing.assert_close(out.double(), torch.einsum("bhs,bsd->bhd", att, vals), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("tile", ["full", "chunked"])
+def test_absorbed_static_cache_lengths(tile):
+    """Rows of a static cache hold fewer valid tokens than slots: ``seq_lens`` equals slicing each row."""
+    g = torch.Generator().manual_seed(5)
+    q, kv = torch.randn(3, 6, 40, generator=g), torch.randn(3, 90, 40, generator=g)
+    v = torch.randn(3, 90, 24, generator=g)
+    lens = torch.tensor([90, 37, 1])
+    out = mla_decode_absorbed(q, kv, v, 0.2, num_splits=4, block_n=16, block_d=16, tile=tile, seq_lens=lens)
+    for b, n in enumerate(lens.tolist()):
+        ref = mla_decode_absorbed_reference(q[b:b + 1], kv[b:b + 1, :n], v[b:b + 1, :n], 0.2)
+        assert rel(out[b:b + 1], ref) < 1e-5
+    assert rel(out, mla_decode_absorbed_reference(q, kv, v, 0.2, seq_lens=lens)) < 1e-5
+
+
+def test_keep_static_cache_lengths():
+    g = torch.Generator().manual_seed(6)
+    bsz, groups, nrep, d, r_k, r_v, length = 2, 2, 2, 32, 20, 27, 50
+    q = torch.randn(bsz, groups * nrep, d, generator=g)
+    c_k, c_v = torch.randn(bsz, length, r_k, generator=g), torch.randn(bsz, length, r_v, generator=g)
+    w_kb = torch.randn(groups, r_k, d, generator=g) / r_k ** 0.5
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    lens = torch.tensor([23, 50])
+    out = mla_decode_keep(q, c_k, c_v, w_kb, inv_freq, 0.18, num_splits=3, block_n=16, block_rk=16, seq_lens=lens)
+    for b, n in enumerate(lens.tolist()):
+        ref = mla_decode_keep_reference(q[b:b + 1], c_k[b:b + 1, :n], c_v[b:b + 1, :n], w_kb, inv_freq, 0.18)
+        assert rel(out[b:b + 1], ref) < 1e-5

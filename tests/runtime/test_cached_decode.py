@@ -142,3 +142,20 @@ def test_generate_through_the_decode_kernels_gives_the_reference_tokens(tiny_che
         tokens[use] = model.generate(input_ids=x[:, :8], attention_mask=torch.ones_like(x[:, :8]), do_sample=False,
                                      max_new_tokens=6, min_new_tokens=6, pad_token_id=0)
     assert torch.equal(tokens[True], tokens[False])
+
+
+@pytest.mark.parametrize("rope", ["keep", "decoupled"])
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_static_cache_decode_equals_full_forward(tiny_checkpoint, tmp_path, rope, use_kernel):
+    """A static-shape cache (transformers' StaticCache: fixed slots, what CUDA graphs need) holds the latent; the
+    kernels read each row's valid length on the device."""
+    from transformers import StaticCache
+
+    from kvtool.runtime.mla import set_decode_kernel
+
+    src = tiny_checkpoint("llama", head_dim=32)
+    model = load(convert(["convert-mla", src, "--rope", rope, "--kv-ratio", 0.5], tmp_path, "mla"))
+    set_decode_kernel(model, use_kernel)
+    report = check_cached_decode(model, ids(2, 14), prefill=8, new_tokens=6,
+                                 new_cache=lambda: StaticCache(config=model.config, max_cache_len=40))
+    assert report["passed"], report
