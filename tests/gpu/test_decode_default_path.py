@@ -57,3 +57,41 @@ def test_default_path_is_the_kernel_and_decodes_like_the_full_forward(rope):
         tokens[use] = model.generate(input_ids=ids[:, :24], attention_mask=torch.ones_like(ids[:, :24]),
                                      do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
     assert torch.equal(tokens[None], tokens[False])
+
+
+@pytest.mark.parametrize("rope", ["keep", "decoupled"])
+def test_static_cache_decode_step_captures_in_a_cuda_graph(rope):
+    """StaticCache + the default kernel path: a decode step captured in a CUDA graph and replayed gives the eager
+    step's logits (the kernels read each row's valid length on the device)."""
+    from transformers import StaticCache
+
+    from kvtool.runtime.hf_cache import cache_kwarg
+
+    model = mla_model(rope)
+    ids = torch.randint(0, 1000, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    kw = lambda c: {cache_kwarg(): c}  # noqa: E731
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -1].float()
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        model(input_ids=ids[:, :39], use_cache=True, **kw(cache))
+        step_ids, pos = ids[:, 39:40].clone(), torch.full((2, 1), 39, device="cuda")
+        counts = [layer.cumulative_length.clone() for layer in cache.layers]
+
+        def step():
+            for layer, n in zip(cache.layers, counts, strict=True):
+                layer.cumulative_length.copy_(n)
+            return model(input_ids=step_ids, position_ids=pos, use_cache=True, **kw(cache)).logits
+
+        eager = step()[:, -1].float()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            step()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = step()
+        graph.replay()
+        torch.cuda.synchronize()
+    assert ((eager - full).norm() / full.norm()) < 1e-3
+    assert ((out[:, -1].float() - eager).norm() / eager.norm()) < 1e-5
