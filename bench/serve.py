@@ -264,8 +264,15 @@ def main() -> None:
                       flush=True)
         # the largest batch in the budget at each context: weights + cache + the workspace measured per sequence
         for context in contexts:
-            per_seq_ws = max([ws / b for (b, c), ws in workspace.items() if c == context] or [0])
-            fit = int((budget - w_bytes) // (per_token * context * 1.0 + per_seq_ws))
+            # workspace = fixed + per sequence x batch, fitted through the smallest and largest batch measured
+            seen = sorted((b, ws) for (b, c), ws in workspace.items() if c == context)
+            if len(seen) >= 2:
+                (b0, w0), (b1, w1) = seen[0], seen[-1]
+                per_seq_ws = max(0.0, (w1 - w0) / (b1 - b0))
+                fixed_ws = max(0.0, w0 - per_seq_ws * b0)
+            else:
+                per_seq_ws, fixed_ws = (seen[0][1] / seen[0][0], 0.0) if seen else (0.0, 0.0)
+            fit = int((budget - w_bytes - fixed_ws) // (per_token * context * 1.0 + per_seq_ws))
             if fit < 1 or args.quick:
                 continue
             batch = fit
