@@ -35,7 +35,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from kvtool.errors import KvtoolError
-from kvtool.runtime.kvquant import KVQuantSpec, load_oscar_spec, quantile_clip
+from kvtool.runtime.kvquant import KVQuantSpec, load_oscar_spec, quantile_clip, rotate_rows
 
 
 def _pack(x: torch.Tensor, rot: torch.Tensor | None, clip: torch.Tensor | None, quantile: float | None,
@@ -44,8 +44,7 @@ def _pack(x: torch.Tensor, rot: torch.Tensor | None, clip: torch.Tensor | None, 
     from kvtool.kernels.int2_kv import quantize_pack_reference
 
     b, g, t, d = x.shape
-    y = x.float() if rot is None else torch.einsum("ged,bgtd->bgte", rot.to(x.device, torch.float32), x.float())
-    y = quantile_clip(y, quantile)
+    y = quantile_clip(rotate_rows(x.float(), None if rot is None else rot.to(x.device)), quantile)
     rows = y.permute(0, 2, 1, 3).reshape(b * t, g, d)  # [B*T, G, d]
     packed, scale, zero = quantize_pack_reference(rows, None, None if clip is None else clip.to(x.device), group_size)
     back = lambda z: z.reshape(b, t, g, -1).permute(0, 2, 1, 3).contiguous()  # noqa: E731

@@ -278,9 +278,14 @@ def load_oscar_spec(path: Path, *, head_dim: int, num_layers: int, num_kv_heads:
 
 # ------------------------------------------------------------------------------------------------ emulation
 
-def _rotate(x: torch.Tensor, rot: torch.Tensor | None) -> torch.Tensor:
-    """x [B, G, S, d] -> rows rotated per KV head: x @ R[g]ᵀ."""
-    return x if rot is None else torch.einsum("bgsd,ged->bgse", x, rot.to(x))
+def rotate_rows(x: torch.Tensor, rot: torch.Tensor | None) -> torch.Tensor:
+    """x [B, G, S, d] -> rows rotated per KV head: x @ R[g]ᵀ, in ``x``'s dtype.
+
+    Computed in float64 and rounded once: a rotated value then does not depend on how many rows are rotated together
+    (a matrix product's blocking changes float32 sums in the last bit, which flips INT2 codes at rounding ties), so the
+    2-bit cache, rotating tokens as they leave the recent window, and the perplexity emulation, rotating a whole
+    window, quantize the same values to the same codes."""
+    return x if rot is None else torch.einsum("bgsd,ged->bgse", x.double(), rot.double()).to(x.dtype)
 
 
 def _unrotate(x: torch.Tensor, rot: torch.Tensor | None) -> torch.Tensor:
@@ -300,9 +305,10 @@ def quantize_kv(spec: KVQuantSpec, layer: int, key: torch.Tensor, value: torch.T
     if spec.key_granularity == "per-channel":
         k_hat = fake_quantize_per_channel(key, spec.bits, gs, spec.sink)
     else:
-        k_hat = _unrotate(fake_quantize(quantile_clip(_rotate(key, k_rot), spec.k_quantile), spec.bits, gs, kc),
+        k_hat = _unrotate(fake_quantize(quantile_clip(rotate_rows(key, k_rot), spec.k_quantile), spec.bits, gs, kc),
                           k_rot)
-    v_hat = _unrotate(fake_quantize(quantile_clip(_rotate(value, v_rot), spec.v_quantile), spec.bits, gs, vc), v_rot)
+    v_hat = _unrotate(fake_quantize(quantile_clip(rotate_rows(value, v_rot), spec.v_quantile), spec.bits, gs, vc),
+                      v_rot)
     return k_hat, v_hat
 
 
