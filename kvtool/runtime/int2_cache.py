@@ -20,9 +20,11 @@ and from the 2-bit cache when it is 0 (written, then read). For one-token decode
 the perplexity emulation scores (:func:`kvtool.runtime.kvquant.quantized_mask` with ``prefill`` = the prompt
 length).
 
-Attention itself is the model's own (SDPA/eager) over the returned tensors, so this path saves cache memory but not
-decode time; the fused decode kernel that reads the codes directly is
-:func:`kvtool.kernels.int2_kv.int2_decode_attention`.
+The codes live in a paged pool (blocks of 16 tokens, the layout of :mod:`kvtool.kernels.int2_kv`). Bound to a model
+(``from_export(path, model)`` or :meth:`Int2Cache.bind`), a one-token decode step on a CUDA device runs the fused
+kernel :func:`kvtool.kernels.int2_kv.int2_decode_attention` over the packed history plus the 16-bit sink, recent window
+and new token, so the history is never expanded to 16 bits. Otherwise (the prompt, the CPU, ``fused=False``) the
+history is dequantized and rotated back for the model's own attention: the reference path.
 """
 
 from __future__ import annotations
@@ -62,6 +64,16 @@ def _unpack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, rot: t
     return y.to(dtype)
 
 
+BLOCK = 16  # tokens per block of the paged 2-bit pool (the layout the fused decode kernel reads)
+FUSED_IMPL = "kvtool_int2"  # the attention implementation a bound model decodes through
+
+
+def fused_supported(head_dim: int, group_size: int) -> bool:
+    """Whether the fused INT2 decode kernel takes these shapes (power-of-two head_dim >= 64 and group >= 4)."""
+    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
+    return head_dim >= 64 and pow2(head_dim) and group_size >= 4 and pow2(group_size) and head_dim % group_size == 0
+
+
 class Int2Layer(CacheLayerMixin):
     """One decoder layer's 2-bit cache (see the module docstring)."""
 
@@ -69,7 +81,7 @@ class Int2Layer(CacheLayerMixin):
     is_compileable = False
     is_croppable = False
 
-    def __init__(self, spec: KVQuantSpec, layer: int):
+    def __init__(self, spec: KVQuantSpec, layer: int, fused: bool | None = None):
         super().__init__()
         self.group_size = spec.group_size
         self.sink, self.window = spec.sink, spec.residual_window
@@ -77,41 +89,90 @@ class Int2Layer(CacheLayerMixin):
         self.k_clip, self.v_clip = spec.k_clip.get(layer), spec.v_clip.get(layer)
         self.k_quantile, self.v_quantile = spec.k_quantile, spec.v_quantile
         self.length = 0
+        self.fused_option = fused
+        self.bound = False  # set by Int2Cache.bind: the model's attention reads this layer (fused decode)
+        self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         b, g, _, d = key_states.shape
         empty = lambda width, dt: torch.zeros(b, g, 0, width, dtype=dt, device=self.device)  # noqa: E731
-        ng = d // self.group_size
         self.sink_k, self.sink_v = empty(d, self.dtype), empty(d, self.dtype)
         self.recent_k, self.recent_v = empty(d, self.dtype), empty(d, self.dtype)
-        self.codes_k, self.codes_v = empty(d // 4, torch.uint8), empty(d // 4, torch.uint8)
-        self.scale_k, self.zero_k = empty(ng, torch.float16), empty(ng, torch.float16)
-        self.scale_v, self.zero_v = empty(ng, torch.float16), empty(ng, torch.float16)
+        self.shape = (b, g, d)
+        self.n_quantized, self.max_blocks = 0, 0
+        self.pool: dict[str, tuple[torch.Tensor, ...]] = {}
+        self._grow(BLOCK)
+        fused = self.fused_option
+        if fused is None:  # the default: the fused kernel on a CUDA device
+            fused = self.device.type == "cuda"
+        self.fused = bool(fused) and fused_supported(d, self.group_size) and self.window >= 1
+        self.rot_dev = tuple(None if r is None else r.to(self.device, torch.float32) for r in (self.k_rot, self.v_rot))
         self.is_initialized = True
 
+    # the 2-bit pool: [B, blocks, G, BLOCK, width] per tensor; row b's block j is block b*blocks + j of the paged
+    # view [B*blocks, G, BLOCK, width] (the layout of kvtool.kernels.int2_kv), its table self.block_table
+    def _grow(self, tokens: int) -> None:
+        need = -(-tokens // BLOCK)
+        if need <= self.max_blocks:
+            return
+        new = max(need, 2 * self.max_blocks)
+        b, g, d = self.shape
+        ng = d // self.group_size
+        for kind in ("k", "v"):
+            fresh = (torch.zeros(b, new, g, BLOCK, d // 4, dtype=torch.uint8, device=self.device),
+                     torch.zeros(b, new, g, BLOCK, ng, dtype=torch.float16, device=self.device),
+                     torch.zeros(b, new, g, BLOCK, ng, dtype=torch.float16, device=self.device))
+            for dst, src in zip(fresh, self.pool.get(kind, ()), strict=False):
+                dst[:, : self.max_blocks] = src
+            self.pool[kind] = fresh
+        self.max_blocks = new
+        self.block_table = (torch.arange(b, device=self.device)[:, None] * new
+                            + torch.arange(new, device=self.device)[None]).int()
+
+    def paged(self, kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(data, scale, zero) of the K or V pool as the paged cache the fused kernel reads."""
+        b, g, _ = self.shape
+        return tuple(t.view(b * self.max_blocks, g, BLOCK, t.shape[-1]) for t in self.pool[kind])
+
+    def _history(self, kind: str) -> tuple[torch.Tensor, ...]:
+        """(codes, scale, zero) [B, G, n_quantized, width] of the 2-bit history, in token order."""
+        b, g, _ = self.shape
+        nb = -(-self.n_quantized // BLOCK)
+        return tuple(t[:, :nb].permute(0, 2, 1, 3, 4).reshape(b, g, nb * BLOCK, t.shape[-1])[:, :, : self.n_quantized]
+                     for t in self.pool[kind])
+
     def _quantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        return (_unpack(self.codes_k, self.scale_k, self.zero_k, self.k_rot, self.dtype),
-                _unpack(self.codes_v, self.scale_v, self.zero_v, self.v_rot, self.dtype))
+        return (_unpack(*self._history("k"), self.k_rot, self.dtype),
+                _unpack(*self._history("v"), self.v_rot, self.dtype))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
                ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        deq_k, deq_v = self._quantized()
         n_new = key_states.shape[-2]
         to_sink = max(0, min(self.sink - self.length, n_new))
-        read_k, read_v = key_states, value_states
-        if self.length and self.window == 0 and to_sink < n_new:
-            # no recent window: after the prompt a token is written, then read back from the 2-bit cache
-            rk = _unpack(*_pack(key_states[..., to_sink:, :], self.k_rot, self.k_clip, self.k_quantile,
-                                self.group_size), self.k_rot, self.dtype)
-            rv = _unpack(*_pack(value_states[..., to_sink:, :], self.v_rot, self.v_clip, self.v_quantile,
-                                self.group_size), self.v_rot, self.dtype)
-            read_k = torch.cat([key_states[..., :to_sink, :], rk], dim=-2)
-            read_v = torch.cat([value_states[..., :to_sink, :], rv], dim=-2)
-        keys = torch.cat([self.sink_k, deq_k, self.recent_k, read_k], dim=-2)
-        values = torch.cat([self.sink_v, deq_v, self.recent_v, read_v], dim=-2)
+        if self.bound and self.fused and n_new == 1 and self.length:
+            # fused decode: the attention reads the packed history from the pool and, in 16 bits, the sink, the
+            # recent window and the new token (stored rotated, as the kernel wants them); nothing is dequantized
+            fp_k = torch.cat([self.sink_k, self.recent_k, key_states], dim=-2)
+            fp_v = torch.cat([self.sink_v, self.recent_v, value_states], dim=-2)
+            self.pending = (rotate_rows(fp_k.float(), self.rot_dev[0]), rotate_rows(fp_v.float(), self.rot_dev[1]),
+                            self.n_quantized)
+            keys, values = key_states, value_states  # not read by the fused attention
+        else:
+            deq_k, deq_v = self._quantized()
+            read_k, read_v = key_states, value_states
+            if self.length and self.window == 0 and to_sink < n_new:
+                # no recent window: after the prompt a token is written, then read back from the 2-bit cache
+                rk = _unpack(*_pack(key_states[..., to_sink:, :], self.k_rot, self.k_clip, self.k_quantile,
+                                    self.group_size), self.k_rot, self.dtype)
+                rv = _unpack(*_pack(value_states[..., to_sink:, :], self.v_rot, self.v_clip, self.v_quantile,
+                                    self.group_size), self.v_rot, self.dtype)
+                read_k = torch.cat([key_states[..., :to_sink, :], rk], dim=-2)
+                read_v = torch.cat([value_states[..., :to_sink, :], rv], dim=-2)
+            keys = torch.cat([self.sink_k, deq_k, self.recent_k, read_k], dim=-2)
+            values = torch.cat([self.sink_v, deq_v, self.recent_v, read_v], dim=-2)
         # file the new tokens: sink first, then the recent window; tokens that will be older than the window at
         # the next call leave it now, quantized once
         if to_sink:
@@ -127,13 +188,31 @@ class Int2Layer(CacheLayerMixin):
             self.recent_k, self.recent_v = self.recent_k[..., leave:, :], self.recent_v[..., leave:, :]
         return keys, values
 
+    def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """The fused decode step the last update prepared: query [B, H, 1, d] -> [B, 1, H, d] through
+        :func:`kvtool.kernels.int2_kv.int2_decode_attention` (INT2 history from the pool + the 16-bit segment)."""
+        from kvtool.kernels.int2_kv import int2_decode_attention
+
+        fk, fv, n_q = self.pending
+        self.pending = None
+        b = query.shape[0]
+        lens = torch.full((b,), n_q, dtype=torch.int32, device=query.device)
+        fp_lens = torch.full((b,), fk.shape[2], dtype=torch.int32, device=query.device)
+        out = int2_decode_attention(query[:, :, 0], self.paged("k"), self.paged("v"), self.block_table, lens,
+                                    self.rot_dev[0], self.rot_dev[1], scaling, max_seq_len=n_q,
+                                    fp_segment=(fk, fv), fp_lens=fp_lens)
+        return out[:, None].to(query.dtype)
+
     def _append_quantized(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        ck, sk, zk = _pack(k, self.k_rot, self.k_clip, self.k_quantile, self.group_size)
-        cv, sv, zv = _pack(v, self.v_rot, self.v_clip, self.v_quantile, self.group_size)
-        self.codes_k, self.scale_k, self.zero_k = (torch.cat([a, b], dim=-2) for a, b in
-                                                   ((self.codes_k, ck), (self.scale_k, sk), (self.zero_k, zk)))
-        self.codes_v, self.scale_v, self.zero_v = (torch.cat([a, b], dim=-2) for a, b in
-                                                   ((self.codes_v, cv), (self.scale_v, sv), (self.zero_v, zv)))
+        n = k.shape[-2]
+        self._grow(self.n_quantized + n)
+        t = torch.arange(self.n_quantized, self.n_quantized + n, device=self.device)
+        block, offset = t // BLOCK, t % BLOCK
+        for kind, x, rot, clip, quantile in (("k", k, self.k_rot, self.k_clip, self.k_quantile),
+                                             ("v", v, self.v_rot, self.v_clip, self.v_quantile)):
+            for store, val in zip(self.pool[kind], _pack(x, rot, clip, quantile, self.group_size), strict=True):
+                store[:, block, :, offset] = val.permute(2, 0, 1, 3)  # [n, B, G, width]
+        self.n_quantized += n
 
     def get_seq_length(self) -> int:
         return self.length
@@ -147,41 +226,50 @@ class Int2Layer(CacheLayerMixin):
     def reset(self) -> None:
         self.is_initialized = False
         self.length = 0
+        self.pending = None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
-            for name in ("sink_k", "sink_v", "recent_k", "recent_v", "codes_k", "codes_v", "scale_k", "zero_k",
-                         "scale_v", "zero_v"):
-                setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.device)))
+            idx = beam_idx.to(self.device)
+            for name in ("sink_k", "sink_v", "recent_k", "recent_v"):
+                setattr(self, name, getattr(self, name).index_select(0, idx))
+            self.pool = {kind: tuple(t.index_select(0, idx) for t in ts) for kind, ts in self.pool.items()}
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held: full-precision tokens (sink + recent) and the 2-bit part (codes + scales + zeros)."""
+        """Bytes held: full-precision tokens (sink + recent), the 2-bit tokens (codes + scales + zeros) and the
+        2-bit pool as allocated (it grows by doubling, in blocks of 16 tokens)."""
         if not self.is_initialized:
-            return {"full_precision": 0, "int2": 0}
+            return {"full_precision": 0, "int2": 0, "int2_allocated": 0}
         fp = sum(t.numel() * t.element_size() for t in (self.sink_k, self.sink_v, self.recent_k, self.recent_v))
-        q = sum(t.numel() * t.element_size() for t in (self.codes_k, self.codes_v, self.scale_k, self.zero_k,
-                                                       self.scale_v, self.zero_v))
-        return {"full_precision": fp, "int2": q}
+        q = sum(t.numel() * t.element_size() for kind in ("k", "v") for t in self._history(kind))
+        alloc = sum(t.numel() * t.element_size() for ts in self.pool.values() for t in ts)
+        return {"full_precision": fp, "int2": q, "int2_allocated": alloc}
 
 
 class Int2Cache(Cache):
-    """2-bit KV cache built from a ``kvtool export`` folder (OSCAR rotations, clips, windows)."""
+    """2-bit KV cache built from a ``kvtool export`` folder (OSCAR rotations, clips, windows).
 
-    def __init__(self, spec: KVQuantSpec, num_layers: int):
+    ``fused``: decode steps through the fused INT2 kernel once the cache is bound to a model (:meth:`bind`;
+    :meth:`from_export` binds the model it is given): True, False, or None = on a CUDA device (the default fast
+    path; the PyTorch path, which dequantizes the history for the model's own attention, stays the CPU's and the
+    reference).
+    """
+
+    def __init__(self, spec: KVQuantSpec, num_layers: int, fused: bool | None = None):
         if spec.bits != 2:
             raise KvtoolError(f"Int2Cache stores 2-bit codes; {spec.source} was exported with --bits {spec.bits}: "
                               "re-export with --bits 2")
         if spec.group_size % 4:
             raise KvtoolError(f"the INT2 packing needs a group size divisible by 4, the export has {spec.group_size}")
         self.spec = spec
-        super().__init__(layers=[Int2Layer(spec, i) for i in range(num_layers)])
+        super().__init__(layers=[Int2Layer(spec, i, fused) for i in range(num_layers)])
 
     @classmethod
     def from_export(cls, path: str | Path, model: Any = None, *, residual_window: int | None = None,
-                    sink: int | None = None) -> Int2Cache:
+                    sink: int | None = None, fused: bool | None = None) -> Int2Cache:
         """The cache an export describes. With ``model`` (a loaded HF model or kvtool ``LoadedModel``) the export
-        is checked against it: same shapes, and made from the same weights (kvtool.json's model hash) unless the
-        model is the export's own folded checkpoint."""
+        is checked against it (same shapes, and made from the same weights — kvtool.json's model hash — unless the
+        model is the export's own folded checkpoint) and the cache is bound to it (:meth:`bind`)."""
         path = Path(path).expanduser()
         cfg_file = path / "quantization_config.json"
         if not cfg_file.is_file():
@@ -192,15 +280,56 @@ class Int2Cache(Cache):
             check_export_matches(path, model)
         spec = load_oscar_spec(path, head_dim=shapes[2], num_layers=shapes[0], num_kv_heads=shapes[1],
                                residual_window=residual_window, sink=sink)
-        return cls(spec, shapes[0])
+        cache = cls(spec, shapes[0], fused)
+        if model is not None:
+            cache.bind(model.model if hasattr(model, "model_hash") else model)
+        return cache
+
+    def bind(self, model: Any) -> Int2Cache:
+        """Let ``model``'s attention decode through this cache's fused kernel: each attention module reads its
+        layer, and the model's attention implementation becomes :func:`int2_attention` (which runs the model's
+        previous implementation for everything but a fused decode step). Returns the cache."""
+        _register()
+        config = model.config
+        previous = config._attn_implementation
+        for layer, attn in zip(self.layers, (block.self_attn for block in model.model.layers), strict=True):
+            if previous != FUSED_IMPL:
+                attn._kvtool_int2_fallback = previous
+            attn._kvtool_int2_layer = layer
+            layer.bound = True
+        config._attn_implementation_internal = FUSED_IMPL
+        return self
 
     def nbytes(self) -> dict[str, int]:
-        """Bytes held by all layers: full precision and 2-bit parts."""
-        out = {"full_precision": 0, "int2": 0}
+        """Bytes held by all layers: full precision, the 2-bit tokens, and the 2-bit pool as allocated."""
+        out = {"full_precision": 0, "int2": 0, "int2_allocated": 0}
         for layer in self.layers:
             for k, v in layer.nbytes().items():
                 out[k] += v
         return out
+
+
+def int2_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                   attention_mask: torch.Tensor | None, scaling: float | None = None, **kwargs: Any
+                   ) -> tuple[torch.Tensor, None]:
+    """transformers attention interface: a decode step the bound Int2Cache prepared runs the fused INT2 kernel;
+    anything else (prefill, an unbound cache, another cache) runs the model's previous implementation."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    layer = getattr(module, "_kvtool_int2_layer", None)
+    if layer is not None and layer.pending is not None:
+        return layer.attend(query, scaling), None
+    previous = getattr(module, "_kvtool_int2_fallback", "sdpa")
+    fn = ALL_ATTENTION_FUNCTIONS.get(previous) or ALL_ATTENTION_FUNCTIONS["sdpa"]
+    return fn(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(FUSED_IMPL, int2_attention)
+    AttentionMaskInterface.register(FUSED_IMPL, sdpa_mask)
 
 
 def check_export_matches(export: Path, model: Any) -> None:
