@@ -53,7 +53,7 @@ def build(layout: str, quick: bool, device: str):
     cfg._attn_implementation = "sdpa"
     g, d, n_l = s["num_key_value_heads"], s["head_dim"], s["num_hidden_layers"]
     torch.manual_seed(0)
-    if layout == "original":
+    if layout in ("original", "int2"):
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
         widths = (g * d, g * d)  # per head-slot: G heads of d in each of K and V
@@ -162,6 +162,8 @@ def step_ms(model, cache, batch: int, context: int, device: str, repeats: int) -
     def one():
         model(input_ids=ids, position_ids=pos, use_cache=True, **kw)
         for layer in cache.layers:  # back to `context` tokens (crop()'s argument changed meaning in 5.25)
+            if layer.keys is None:  # Int2Cache: one more token per step (its windows move; not cropped)
+                continue
             layer.keys, layer.values = layer.keys[..., :context, :], layer.values[..., :context, :]
             if isinstance(getattr(layer, "cumulative_length", None), int):
                 layer.cumulative_length = context
@@ -186,8 +188,50 @@ def step_ms(model, cache, batch: int, context: int, device: str, repeats: int) -
     return times[len(times) // 2]
 
 
+INT2_SINK, INT2_RECENT = 64, 256  # the default export's 16-bit windows (OSCAR's)
+
+
+def int2_bytes_per_token(n_layers: int, g: int, d: int, group: int) -> int:
+    """K+V bytes of one token in the 2-bit part: codes + fp16 scale and zero per group."""
+    return 2 * n_layers * g * (d // 4 + 4 * (d // group))
+
+
+def fill_int2_cache(model, batch: int, context: int, device: str):
+    """A bound Int2Cache (the default export: group = head_dim, 64 sink + 256 recent tokens in bf16) holding
+    ``context`` tokens: random codes, scales and zeros in the pool, random 16-bit sink and recent tokens."""
+    from kvtool.runtime import Int2Cache
+    from kvtool.runtime.kvquant import KVQuantSpec
+
+    cfg = model.config
+    g, d, n_l = cfg.num_key_value_heads, cfg.head_dim, cfg.num_hidden_layers
+    sink, recent = (INT2_SINK, INT2_RECENT) if context > 4 * (INT2_SINK + INT2_RECENT) else (4, 16)  # --quick
+    spec = KVQuantSpec(method="oscar", bits=2, group_size=d, sink=sink, residual_window=recent)
+    gen = torch.Generator().manual_seed(0)
+    for i in range(n_l):
+        spec.k_rotation[i] = torch.stack([torch.linalg.qr(torch.randn(d, d, generator=gen))[0] for _ in range(g)])
+        spec.v_rotation[i] = torch.stack([torch.linalg.qr(torch.randn(d, d, generator=gen))[0] for _ in range(g)])
+    cache = Int2Cache(spec, n_l).bind(model)
+    n_q = context - (sink + recent - 1)
+    for layer in cache.layers:
+        x = torch.zeros(batch, g, 1, d, device=device, dtype=torch.bfloat16)
+        layer.lazy_initialization(x, x)
+        layer._grow(n_q + 64)  # headroom: no pool doubling inside the timed steps
+        for data, scale, zero in layer.pool.values():
+            data.random_(0, 256)
+            scale.uniform_(0.01, 0.05)
+            zero.uniform_(-0.1, 0.0)
+        layer.n_quantized, layer.length = n_q, context
+        rnd = lambda n: torch.randn(batch, g, n, d, device=device, dtype=torch.bfloat16)  # noqa: E731
+        layer.sink_k, layer.sink_v = rnd(sink), rnd(sink)
+        layer.recent_k, layer.recent_v = rnd(recent - 1), rnd(recent - 1)
+    return cache
+
+
 def run_step(model, batch: int, context: int, widths: tuple[int, int], slots: int, dev: str, args):
     """(cache, ms per decode step) in the chosen mode."""
+    if getattr(model, "_bench_int2", False):  # Int2Cache: eager (its history grows by Python-side appends)
+        cache = fill_int2_cache(model, batch, context, dev)
+        return cache, step_ms(model, cache, batch, context, dev, args.repeats)
     if args.mode == "graph":
         if not hasattr(model.config, "mla_kv_ranks"):  # the original: cuDNN SDPA over the valid tokens only
             use_strongest_baseline(model, context + 1)
@@ -216,9 +260,9 @@ def main() -> None:
         if not all(x.strip().isdigit() and int(x) > 0 for x in part.split(",")):
             ap.error(f"--batch/--context take positive integers separated by commas, got {part!r}")
     layouts = args.layouts.split(",")
-    bad = [x for x in layouts if x != "original" and not (x.startswith(("mla-keep-", "mla-decoupled-")))]
+    bad = [x for x in layouts if x not in ("original", "int2") and not x.startswith(("mla-keep-", "mla-decoupled-"))]
     if bad:
-        ap.error(f"unknown layouts {bad}: use original, mla-keep-R, mla-decoupled-R (R = KV ratio)")
+        ap.error(f"unknown layouts {bad}: use original, int2, mla-keep-R, mla-decoupled-R (R = KV ratio)")
     dev = args.device
     batches = [int(x) for x in args.batch.split(",")]
     contexts = [int(x) for x in args.context.split(",")]
@@ -241,6 +285,13 @@ def main() -> None:
         params = sum(p.numel() for p in model.parameters())
         w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         per_token = 2 * n_l * (widths[0] + widths[1])  # bf16
+        if layout == "int2":
+            if args.mode == "graph":
+                print("| int2 | skipped in graph mode: Int2Cache is not a static-shape cache |", flush=True)
+                continue
+            model._bench_int2 = True
+            cfg = model.config
+            per_token = int2_bytes_per_token(n_l, cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim)
         workspace = {}
         for context in contexts:
             for batch in batches:
