@@ -227,6 +227,25 @@ def fill_int2_cache(model, batch: int, context: int, device: str):
     return cache
 
 
+def profile_step(model, cache, batch: int, context: int, device: str, layout: str) -> None:
+    """torch.profiler over three eager decode steps: the top operators by host and by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from kvtool.runtime.hf_cache import cache_kwarg
+
+    ids = torch.randint(0, model.config.vocab_size, (batch, 1), device=device)
+    pos = torch.full((batch, 1), context, device=device, dtype=torch.long)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.startswith("cuda") else [])
+    with torch.no_grad(), profile(activities=acts) as prof:
+        for _ in range(3):
+            model(input_ids=ids, position_ids=pos, use_cache=True, **{cache_kwarg(): cache})
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+    print(f"\nprofile: {layout}, batch {batch}, context {context}, 3 eager steps", flush=True)
+    for key in ("self_cpu_time_total",) + (("self_device_time_total",) if device.startswith("cuda") else ()):
+        print(prof.key_averages().table(sort_by=key, row_limit=12), flush=True)
+
+
 def run_step(model, batch: int, context: int, widths: tuple[int, int], slots: int, dev: str, args):
     """(cache, ms per decode step) in the chosen mode."""
     if getattr(model, "_bench_int2", False):  # Int2Cache: eager (its history grows by Python-side appends)
@@ -251,6 +270,8 @@ def main() -> None:
     ap.add_argument("--budget-gib", type=float, default=120.0)
     ap.add_argument("--repeats", type=int, default=10)
     ap.add_argument("--json", default=None, help="also write the rows here")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile three eager steps of each layout at the first batch and context")
     ap.add_argument("--mode", default="eager", choices=("eager", "graph"),
                     help="eager: DynamicCache, eager steps (what generate does by default); graph: transformers' "
                          "StaticCache and the decode step captured in a CUDA graph (a serving loop; the original's "
@@ -304,6 +325,8 @@ def main() -> None:
                 cache, ms = run_step(model, batch, context, widths, slots, dev, args)
                 peak = torch.cuda.max_memory_allocated() if dev.startswith("cuda") else 0
                 workspace[(batch, context)] = max(0, peak - w_bytes - cache_bytes)
+                if args.profile and (batch, context) == (batches[0], contexts[0]):
+                    profile_step(model, cache, batch, context, dev, layout)
                 del cache
                 row = dict(mode=args.mode, layout=layout, params=params, weight_bytes=w_bytes,
                            cache_bytes_per_token=per_token,

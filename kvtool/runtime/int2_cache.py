@@ -108,6 +108,10 @@ class Int2Layer(CacheLayerMixin):
             fused = self.device.type == "cuda"
         self.fused = bool(fused) and fused_supported(d, self.group_size) and self.window >= 1
         self.rot_dev = tuple(None if r is None else r.to(self.device, torch.float32) for r in (self.k_rot, self.v_rot))
+        # fused: the sink and recent tokens also kept rotated (float32), as the kernel reads them, so a decode step
+        # rotates only its new token
+        self.rot_sink = (empty(d, torch.float32), empty(d, torch.float32))
+        self.rot_recent = (empty(d, torch.float32), empty(d, torch.float32))
         self.is_initialized = True
 
     # the 2-bit pool: [B, blocks, G, BLOCK, width] per tensor; row b's block j is block b*blocks + j of the paged
@@ -152,13 +156,15 @@ class Int2Layer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         n_new = key_states.shape[-2]
         to_sink = max(0, min(self.sink - self.length, n_new))
+        rot_new = None
+        if self.fused:
+            rot_new = (rotate_rows(key_states.float(), self.rot_dev[0]),
+                       rotate_rows(value_states.float(), self.rot_dev[1]))
         if self.bound and self.fused and n_new == 1 and self.length:
             # fused decode: the attention reads the packed history from the pool and, in 16 bits, the sink, the
-            # recent window and the new token (stored rotated, as the kernel wants them); nothing is dequantized
-            fp_k = torch.cat([self.sink_k, self.recent_k, key_states], dim=-2)
-            fp_v = torch.cat([self.sink_v, self.recent_v, value_states], dim=-2)
-            self.pending = (rotate_rows(fp_k.float(), self.rot_dev[0]), rotate_rows(fp_v.float(), self.rot_dev[1]),
-                            self.n_quantized)
+            # recent window and the new token (rotated, as the kernel wants them); nothing is dequantized
+            self.pending = tuple(torch.cat([s, r, n], dim=-2) for s, r, n in
+                                 zip(self.rot_sink, self.rot_recent, rot_new, strict=True)) + (self.n_quantized,)
             keys, values = key_states, value_states  # not read by the fused attention
         else:
             deq_k, deq_v = self._quantized()
@@ -180,12 +186,19 @@ class Int2Layer(CacheLayerMixin):
             self.sink_v = torch.cat([self.sink_v, value_states[..., :to_sink, :]], dim=-2)
         self.recent_k = torch.cat([self.recent_k, key_states[..., to_sink:, :]], dim=-2)
         self.recent_v = torch.cat([self.recent_v, value_states[..., to_sink:, :]], dim=-2)
+        if rot_new is not None:
+            if to_sink:
+                self.rot_sink = tuple(torch.cat([a, n[..., :to_sink, :]], dim=-2)
+                                      for a, n in zip(self.rot_sink, rot_new, strict=True))
+            self.rot_recent = tuple(torch.cat([a, n[..., to_sink:, :]], dim=-2)
+                                    for a, n in zip(self.rot_recent, rot_new, strict=True))
         self.length += n_new
         # at the next call (first position = self.length) token j stays full precision iff self.length - j < W
         leave = max(0, self.recent_k.shape[-2] - max(self.window - 1, 0))
         if leave:
             self._append_quantized(self.recent_k[..., :leave, :], self.recent_v[..., :leave, :])
             self.recent_k, self.recent_v = self.recent_k[..., leave:, :], self.recent_v[..., leave:, :]
+            self.rot_recent = tuple(a[..., leave:, :] for a in self.rot_recent)
         return keys, values
 
     def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
@@ -233,6 +246,8 @@ class Int2Layer(CacheLayerMixin):
             idx = beam_idx.to(self.device)
             for name in ("sink_k", "sink_v", "recent_k", "recent_v"):
                 setattr(self, name, getattr(self, name).index_select(0, idx))
+            self.rot_sink = tuple(t.index_select(0, idx) for t in self.rot_sink)
+            self.rot_recent = tuple(t.index_select(0, idx) for t in self.rot_recent)
             self.pool = {kind: tuple(t.index_select(0, idx) for t in ts) for kind, ts in self.pool.items()}
 
     def nbytes(self) -> dict[str, int]:
