@@ -224,6 +224,9 @@ def fill_int2_cache(model, batch: int, context: int, device: str):
         rnd = lambda n: torch.randn(batch, g, n, d, device=device, dtype=torch.bfloat16)  # noqa: E731
         layer.sink_k, layer.sink_v = rnd(sink), rnd(sink)
         layer.recent_k, layer.recent_v = rnd(recent - 1), rnd(recent - 1)
+        if layer.fused:  # the rotated copies the fused path reads
+            layer.rot_sink = (rnd(sink).float(), rnd(sink).float())
+            layer.rot_recent = (rnd(recent - 1).float(), rnd(recent - 1).float())
     return cache
 
 
