@@ -84,8 +84,8 @@ def rope_stride(layers: list[MlaLayer]) -> int:
 
 
 def deepseek_v3_checkpoint(weights: dict[str, torch.Tensor], layers: list[MlaLayer], spec: ArchSpec,
-                           source_config: Any, norm_weights: list[torch.Tensor],
-                           dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
+                           source_config: Any, norm_weights: list[torch.Tensor], dtype: torch.dtype,
+                           q_lora: str = "none") -> tuple[dict[str, torch.Tensor], dict[str, Any], dict[str, Any]]:
     """(state dict, config.json dict, export report) of the DeepSeek-V3 layout.
 
     ``norm_weights[i]`` is kv_a_layernorm's weight of layer i ([kv_lora_rank], see :func:`latent_norm_weights`).
@@ -115,6 +115,8 @@ def deepseek_v3_checkpoint(weights: dict[str, torch.Tensor], layers: list[MlaLay
             [la.k_down.double(), la.v_down.double(), pad, _interleave(la.k_pe.double())])
         state[pre + "kv_a_layernorm.weight"] = norm_weights[i].to(torch.float64)
         state[pre + "kv_b_proj.weight"] = kv_b.reshape(-1, kv_lora_rank)
+    if q_lora == "identity":
+        fold_input_norm_into_q_lora(state, spec)
     state = {k: v.to(dtype) for k, v in state.items()}
     src = source_config
     # DeepSeek's rotary of width rope_dim has inv_freq_i = θ'^(-2i/rope_dim); the kept pairs are i·stride of the
@@ -128,7 +130,7 @@ def deepseek_v3_checkpoint(weights: dict[str, torch.Tensor], layers: list[MlaLay
         # dense MLPs everywhere: every layer is below first_k_dense_replace (transformers and vLLM build an MoE
         # block only at layer_idx >= first_k_dense_replace); expert counts keep transformers' defaults, unused
         "first_k_dense_replace": spec.num_layers,
-        "kv_lora_rank": kv_lora_rank, "q_lora_rank": None,
+        "kv_lora_rank": kv_lora_rank, "q_lora_rank": spec.hidden_size if q_lora == "identity" else None,
         "qk_rope_head_dim": rope_dim, "qk_nope_head_dim": d, "v_head_dim": d, "head_dim": rope_dim,
         "rope_interleave": True, "hidden_act": getattr(src, "hidden_act", "silu"),
         "max_position_embeddings": spec.max_positions, "rms_norm_eps": src.rms_norm_eps,
@@ -146,6 +148,26 @@ def deepseek_v3_checkpoint(weights: dict[str, torch.Tensor], layers: list[MlaLay
                         "approximation; its weight is a per-channel least-squares fit (bench/care_quality.py)",
                         "vLLM hard-codes attention biases off and rewrites non-default RoPE scaling"]}
     return state, config, report
+
+
+def fold_input_norm_into_q_lora(state: dict[str, torch.Tensor], spec: ArchSpec) -> None:
+    """The exact q_lora path (in place): q_a_proj = I (q_lora_rank = hidden size), q_a_layernorm weight 1, q_b_proj
+    = q_proj·diag(g) and kv_a_proj_with_mqa·diag(g) with g the input norm's weight, which becomes 1.
+
+    The input norm then hands the attention unit-RMS rows x = h/rms(h), so q_a_layernorm(x) = x up to its eps
+    (rms(x)² = m/(m + eps), m the mean square of h): q_b_proj(x) is the old q_proj(g·x) and the latent is unchanged.
+    """
+    hidden = spec.hidden_size
+    for i in range(spec.num_layers):
+        pre = f"model.layers.{i}."
+        g = state[pre + "input_layernorm.weight"].to(torch.float64)
+        attn = pre + "self_attn."
+        state[attn + "q_b_proj.weight"] = state.pop(attn + "q_proj.weight").to(torch.float64) * g[None]
+        state[attn + "q_a_proj.weight"] = torch.eye(hidden, dtype=torch.float64)
+        state[attn + "q_a_layernorm.weight"] = torch.ones(hidden, dtype=torch.float64)
+        kv_a = attn + "kv_a_proj_with_mqa.weight"
+        state[kv_a] = state[kv_a].to(torch.float64) * g[None]
+        state[pre + "input_layernorm.weight"] = torch.ones_like(g)
 
 
 def add_ballast(layers: list[MlaLayer], samples: list[torch.Tensor], first: list[torch.Tensor] | None = None,

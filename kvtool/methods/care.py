@@ -69,6 +69,10 @@ class ConvertMlaOptions(Options):
                               choices=("ballast", "lsq", "mean-rms", "inv-mean-inv-rms", "rms"))
     format: str = option("kvtool", "kvtool (per-layer ranks, exact) or deepseek-v3 (stock transformers "
                                    "DeepseekV3ForCausalLM).", choices=FORMATS)
+    q_lora: str = option("none", "deepseek-v3: the query path. none: q_proj, q_lora_rank null (transformers, vLLM); "
+                                 "identity: q_lora_rank = hidden size, q_a_proj the identity and the input norm's "
+                                 "weight folded into q_b_proj and kv_a_proj_with_mqa (llama.cpp loads it for any "
+                                 "layer count; exact up to the norm's eps).", choices=("none", "identity"))
     heal_steps: int = option(0, "Then heal the output (kvtool heal with its defaults): Adam steps per layer; 0 = "
                                 "off.", low=0)
 
@@ -116,6 +120,9 @@ class ConvertMla(Method):
         from kvtool.convert.deepseek_export import check_exportable
 
         r = opts.resolved()
+        if r.q_lora != "none" and r.format != "deepseek-v3":
+            raise KvtoolError(f"--q-lora {r.q_lora} shapes the DeepSeek-V3 export's query path: add --format "
+                              "deepseek-v3 or drop --q-lora")
         if r.format == "deepseek-v3":
             check_exportable(spec, r.rope, r.rope_select, r.rank_alloc)
         if spec is not None:
@@ -163,7 +170,7 @@ class ConvertMla(Method):
                                                           for i in range(spec.num_layers)],
                                         float(loaded.model.config.rms_norm_eps), rule)
             state, config, export = deepseek_v3_checkpoint(weights, layers, spec, loaded.model.config, norms,
-                                                           torch_dtype)
+                                                           torch_dtype, q_lora=opts.q_lora)
             export["latent_norm"] = opts.latent_norm
             if spread is not None:
                 export["ballast_relative_spread"] = spread

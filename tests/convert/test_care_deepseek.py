@@ -230,3 +230,35 @@ def test_ballast_channel_flattens_the_latent_rms_and_leaves_values_alone():
 
     assert rms_spread(out) < 0.9 * rms_spread(layer)
     assert spread < 10
+
+
+def test_identity_q_lora_export_equals_the_plain_one_in_stock_transformers(tiny_checkpoint, tmp_path):
+    """--q-lora identity (what llama.cpp loads for any layer count): q_lora_rank = hidden size, q_a_proj = I, the
+    input norm folded into q_b_proj and kv_a_proj_with_mqa; the logits are the q_proj export's, up to the norm's eps
+    against the hidden states' mean square (rms(x)² = m/(m + eps)): embeddings of std 0.2 keep eps/m near 2.5e-5
+    (at the default 0.02 it is 2.5e-3 and the logits move 4e-4)."""
+    from transformers import AutoModelForCausalLM
+
+    model_dir = tiny_checkpoint("llama", **ENGINE, initializer_range=0.2)
+    common = ["--kv-ratio", 0.5, "--device", "cpu", "--samples", 2, "--seq-len", 64, "--format", "deepseek-v3",
+              "--no-progress"]
+    for name, extra in (("plain", []), ("qlora", ["--q-lora", "identity"])):
+        res = run("convert-mla", model_dir, "-o", tmp_path / name, *common, *extra)
+        assert res.exit_code == 0, res.output
+    cfg = json.loads((tmp_path / "qlora" / "config.json").read_text())
+    assert cfg["q_lora_rank"] == ENGINE["hidden_size"]
+    plain, qlora = (AutoModelForCausalLM.from_pretrained(str(tmp_path / n), dtype=torch.float32).eval()
+                    for n in ("plain", "qlora"))
+    attn = qlora.model.layers[0].self_attn
+    assert torch.equal(attn.q_a_proj.weight, torch.eye(ENGINE["hidden_size"]))
+    x = torch.randint(0, 300, (2, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain(x).logits, qlora(x).logits
+    assert float((a - b).norm() / a.norm()) < 1e-4
+
+
+def test_q_lora_needs_the_deepseek_format(tiny_checkpoint, tmp_path):
+    res = run("convert-mla", tiny_checkpoint("llama"), "-o", tmp_path / "x", "--q-lora", "identity", "--device",
+              "cpu")
+    assert res.exit_code == 2 and "error: --q-lora identity" in res.output and "--format deepseek-v3" in res.output
+    assert not (tmp_path / "x").exists()
