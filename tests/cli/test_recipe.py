@@ -56,6 +56,11 @@ def test_statistics_union_over_steps(tmp_path):
     ({"steps": [{"care": {"format": "deepseek-v3", "rope": "keep"}}]}, "needs --rope decoupled"),
     ({"dataset": {"samples": 4}, "steps": [{"care": {}}]}, "unknown key 'dataset'"),
     ({"steps": []}, "no steps"),
+    ({"steps": [{"generate": {"target": "mla"}}]}, "not 'original' or an earlier step that wrote a model"),
+    ({"steps": [{"oscar": {"name": "q"}}, {"generate": {"target": "q"}}]}, "an earlier step that wrote a model"),
+    ({"steps": [{"generate": {"max_new_tokens": 0}}]}, "max_new_tokens 0 must be in 1..4096"),
+    ({"steps": [{"generate": {"prompt": 3}}]}, "prompt must be str"),
+    ({"steps": [{"care": {"q_lora": "identity"}}]}, "--q-lora identity shapes the DeepSeek-V3 export"),
 ])
 def test_bad_recipes_fail_cleanly(tmp_path, data, fragment):
     with pytest.raises(KvtoolError, match=fragment):
@@ -79,11 +84,15 @@ def test_run_care_recipe_then_resume_reuses_statistics(tiny_checkpoint, tmp_path
     recipe = write(tmp_path, {
         "model": str(model), "data": {"samples": 4, "seq_len": 64}, "device": "cpu",
         "steps": [{"care": {"name": "mla", "kv_ratio": 0.5}}, {"validate": {"target": "mla"}},
-                  {"eval": {"targets": ["original", "mla"], "max_tokens": 512, "seq_len": 128}}]})
+                  {"eval": {"targets": ["original", "mla"], "max_tokens": 512, "seq_len": 128}},
+                  {"generate": {"target": "mla", "prompt": "def f(x):", "max_new_tokens": 6}}]})
     out = tmp_path / "out"
     res = runner.invoke(app, ["run", str(recipe), "-o", str(out), "--no-progress"])
     assert res.exit_code == 0, res.output
     report = json.loads((out / "report.json").read_text())
+    (gen,) = report["generations"]
+    assert gen["target"] == "mla" and gen["prompt"] == "def f(x):" and isinstance(gen["text"], str)
+    assert "Greedy generation, mla: 'def f(x):'" in (out / "report.md").read_text()
     assert report["steps"][0]["kind"] == "calibrate" and report["steps"][0]["reused"] is False
     assert report["steps"][0]["statistics"] == ["attn_in"]
     assert set(report["perplexity"]) == {"original", "mla"}
