@@ -26,17 +26,12 @@ def graph_time_us(fn: Callable[[], Any], rep_ms: int = 200) -> float:
     """Median microseconds of ``fn`` replayed from a CUDA graph (eager when capture fails)."""
     import triton.testing
 
+    from kvtool.runtime.graphs import capture_graph
+
     fn()
     torch.cuda.synchronize()
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph, _ = capture_graph(fn)
         run = graph.replay
     except Exception as exc:  # noqa: BLE001
         print(f"(CUDA graph capture failed: {type(exc).__name__}: {exc}; timing eagerly)", flush=True)

@@ -65,6 +65,7 @@ def test_static_cache_decode_step_captures_in_a_cuda_graph(rope):
     step's logits (the kernels read each row's valid length on the device)."""
     from transformers import StaticCache
 
+    from kvtool.runtime.graphs import capture_graph
     from kvtool.runtime.hf_cache import cache_kwarg
 
     model = mla_model(rope)
@@ -83,14 +84,7 @@ def test_static_cache_decode_step_captures_in_a_cuda_graph(rope):
             return model(input_ids=step_ids, position_ids=pos, use_cache=True, **kw(cache)).logits
 
         eager = step()[:, -1].float()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            step()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        graph, out = capture_graph(step)
         graph.replay()
         torch.cuda.synchronize()
     assert ((eager - full).norm() / full.norm()) < 1e-3

@@ -92,14 +92,19 @@ def test_padded_rows_read_in_place():
     assert rel(out, mla_decode_absorbed_reference(q, kv, v, 0.2)) < 1e-5
 
 
-@pytest.mark.parametrize("bias,knorm", [(False, False), (True, False), (False, True)])
-def test_keep_matches_reference(bias, knorm):
-    g = torch.Generator().manual_seed(3)
-    bsz, groups, nrep, d, r_k, r_v, length = 2, 3, 3, 32, 20, 27, 45
+def keep_inputs(g, bsz, groups, nrep, d, r_k, r_v, length):
+    """Random (q, c_k, c_v, w_kb, inv_freq) of the keep kernel's shapes."""
     q = torch.randn(bsz, groups * nrep, d, generator=g)
     c_k, c_v = torch.randn(bsz, length, r_k, generator=g), torch.randn(bsz, length, r_v, generator=g)
     w_kb = torch.randn(groups, r_k, d, generator=g) / r_k ** 0.5
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    return q, c_k, c_v, w_kb, 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+
+
+@pytest.mark.parametrize("bias,knorm", [(False, False), (True, False), (False, True)])
+def test_keep_matches_reference(bias, knorm):
+    g = torch.Generator().manual_seed(3)
+    groups, d = 3, 32
+    q, c_k, c_v, w_kb, inv_freq = keep_inputs(g, 2, groups, 3, d, 20, 27, 45)
     b_k = torch.randn(groups, d, generator=g) if bias else None
     k_norm = torch.rand(d, generator=g) + 0.5 if knorm else None
     out = mla_decode_keep(q, c_k, c_v, w_kb, inv_freq, 0.18, b_k=b_k, k_norm=k_norm, num_splits=2, block_n=16,
@@ -141,12 +146,7 @@ def test_absorbed_static_cache_lengths(tile):
 
 
 def test_keep_static_cache_lengths():
-    g = torch.Generator().manual_seed(6)
-    bsz, groups, nrep, d, r_k, r_v, length = 2, 2, 2, 32, 20, 27, 50
-    q = torch.randn(bsz, groups * nrep, d, generator=g)
-    c_k, c_v = torch.randn(bsz, length, r_k, generator=g), torch.randn(bsz, length, r_v, generator=g)
-    w_kb = torch.randn(groups, r_k, d, generator=g) / r_k ** 0.5
-    inv_freq = 1.0 / (10000 ** (torch.arange(0, d, 2).float() / d))
+    q, c_k, c_v, w_kb, inv_freq = keep_inputs(torch.Generator().manual_seed(6), 2, 2, 2, 32, 20, 27, 50)
     lens = torch.tensor([23, 50])
     out = mla_decode_keep(q, c_k, c_v, w_kb, inv_freq, 0.18, num_splits=3, block_n=16, block_rk=16, seq_lens=lens)
     for b, n in enumerate(lens.tolist()):
