@@ -83,10 +83,24 @@ def new_paged_cache(num_blocks: int, num_kv_heads: int, block_size: int, head_di
     return data, scale, torch.zeros_like(scale)
 
 
+def _head_dim_ok(head_dim: int) -> bool:
+    return head_dim >= 64 and not head_dim & (head_dim - 1)
+
+
+def _group_ok(head_dim: int, group_size: int) -> bool:
+    return group_size >= 4 and not head_dim % group_size and not group_size & (group_size - 1)
+
+
+def shapes_supported(head_dim: int, group_size: int) -> bool:
+    """Whether the INT2 kernels take these shapes (power-of-two head_dim >= 64, power-of-two group >= 4 dividing
+    it); :func:`_check_shapes` raises where not."""
+    return _head_dim_ok(head_dim) and _group_ok(head_dim, group_size)
+
+
 def _check_shapes(head_dim: int, group_size: int) -> None:
-    if head_dim < 64 or head_dim & (head_dim - 1):
+    if not _head_dim_ok(head_dim):
         raise KvtoolError(f"the INT2 kernels need a power-of-two head_dim >= 64, got {head_dim}")
-    if group_size < 4 or head_dim % group_size or group_size & (group_size - 1):
+    if not _group_ok(head_dim, group_size):
         raise KvtoolError(f"the INT2 kernels need a power-of-two group size >= 4 dividing head_dim, got {group_size}")
 
 

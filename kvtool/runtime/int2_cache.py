@@ -68,12 +68,6 @@ BLOCK = 16  # tokens per block of the paged 2-bit pool (the layout the fused dec
 FUSED_IMPL = "kvtool_int2"  # the attention implementation a bound model decodes through
 
 
-def fused_supported(head_dim: int, group_size: int) -> bool:
-    """Whether the fused INT2 decode kernel takes these shapes (power-of-two head_dim >= 64 and group >= 4)."""
-    pow2 = lambda n: n > 0 and n & (n - 1) == 0  # noqa: E731
-    return head_dim >= 64 and pow2(head_dim) and group_size >= 4 and pow2(group_size) and head_dim % group_size == 0
-
-
 class Int2Layer(CacheLayerMixin):
     """One decoder layer's 2-bit cache (see the module docstring)."""
 
@@ -94,6 +88,8 @@ class Int2Layer(CacheLayerMixin):
         self.pending: tuple[torch.Tensor, torch.Tensor, int] | None = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        from kvtool.kernels.int2_kv import shapes_supported
+
         self.dtype, self.device = key_states.dtype, key_states.device
         b, g, _, d = key_states.shape
         empty = lambda width, dt: torch.zeros(b, g, 0, width, dtype=dt, device=self.device)  # noqa: E731
@@ -106,8 +102,11 @@ class Int2Layer(CacheLayerMixin):
         fused = self.fused_option
         if fused is None:  # the default: the fused kernel on a CUDA device
             fused = self.device.type == "cuda"
-        self.fused = bool(fused) and fused_supported(d, self.group_size) and self.window >= 1
-        self.rot_dev = tuple(None if r is None else r.to(self.device, torch.float32) for r in (self.k_rot, self.v_rot))
+        self.fused = bool(fused) and shapes_supported(d, self.group_size) and self.window >= 1
+        # rotations and clips on the cache's device once, not at every token's packing
+        self.k_rot, self.v_rot, self.k_clip, self.v_clip = (
+            None if t is None else t.to(self.device, torch.float32)
+            for t in (self.k_rot, self.v_rot, self.k_clip, self.v_clip))
         # fused: the sink and recent tokens also kept rotated (float32), as the kernel reads them, so a decode step
         # rotates only its new token
         self.rot_sink = (empty(d, torch.float32), empty(d, torch.float32))
@@ -158,8 +157,7 @@ class Int2Layer(CacheLayerMixin):
         to_sink = max(0, min(self.sink - self.length, n_new))
         rot_new = None
         if self.fused:
-            rot_new = (rotate_rows(key_states.float(), self.rot_dev[0]),
-                       rotate_rows(value_states.float(), self.rot_dev[1]))
+            rot_new = (rotate_rows(key_states.float(), self.k_rot), rotate_rows(value_states.float(), self.v_rot))
         if self.bound and self.fused and n_new == 1 and self.length:
             # fused decode: the attention reads the packed history from the pool and, in 16 bits, the sink, the
             # recent window and the new token (rotated, as the kernel wants them); nothing is dequantized
@@ -212,7 +210,7 @@ class Int2Layer(CacheLayerMixin):
         lens = torch.full((b,), n_q, dtype=torch.int32, device=query.device)
         fp_lens = torch.full((b,), fk.shape[2], dtype=torch.int32, device=query.device)
         out = int2_decode_attention(query[:, :, 0], self.paged("k"), self.paged("v"), self.block_table, lens,
-                                    self.rot_dev[0], self.rot_dev[1], scaling, max_seq_len=n_q,
+                                    self.k_rot, self.v_rot, scaling, max_seq_len=n_q,
                                     fp_segment=(fk, fv), fp_lens=fp_lens)
         return out[:, None].to(query.dtype)
 
