@@ -124,6 +124,13 @@ def _step_name(path: Path, i: int, name: Any, names: set[str]) -> str:
     return name
 
 
+def _wrote_model(name: str, steps: list[Step]) -> bool:
+    """Whether the earlier method step ``name`` writes a loadable checkpoint (eval and generate targets)."""
+    from kvtool.methods import METHODS
+
+    return METHODS[next(s.kind for s in steps if s.name == name)].writes_model
+
+
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     """Read, override and validate a recipe; every problem is a KvtoolError naming the key."""
     from kvtool.methods import ALIASES, METHODS
@@ -184,7 +191,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             for t in options["targets"]:
                 if t != "original" and t not in names:
                     raise KvtoolError(f"{where} target {t!r} is not 'original' or an earlier step")
-                if t != "original" and not METHODS[next(s.kind for s in steps if s.name == t)].writes_model:
+                if t != "original" and not _wrote_model(t, steps):
                     raise KvtoolError(f"{where} target {t!r} wrote no model to evaluate (an export is evaluated "
                                       f"with `kv_quant: {t}` on the original model)")
             kv = options.get("kv_quant")
@@ -197,16 +204,15 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
             name = f"eval-{i}"
         elif kind == "generate":
             options = _check_keys(where, opts, GENERATE_KEYS)
-            target = options.setdefault("target", "original")
-            if target != "original" and (target not in names or not METHODS[
-                    next(s.kind for s in steps if s.name == target)].writes_model):
-                raise KvtoolError(f"{where} target {target!r} is not 'original' or an earlier step that wrote a model")
+            model_target = options.setdefault("target", "original")
+            if model_target != "original" and (model_target not in names or not _wrote_model(model_target, steps)):
+                raise KvtoolError(f"{where} target {model_target!r} is not 'original' or an earlier step that wrote a "
+                                  "model")
             options.setdefault("prompt", GENERATE_PROMPT)
             options.setdefault("max_new_tokens", 32)
             if not 1 <= options["max_new_tokens"] <= 4096:
                 raise KvtoolError(f"{where} max_new_tokens {options['max_new_tokens']} must be in 1..4096")
             name = f"generate-{i}"
-            target = None
         else:
             raise KvtoolError(f"{path}: steps[{i}] has unknown kind {kind!r}: use {kinds}")
         steps.append(Step(kind, name, options, target))
