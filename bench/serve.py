@@ -41,7 +41,8 @@ def shapes(quick: bool) -> dict:
 
 
 def build(layout: str, quick: bool, device: str):
-    """(model, cache-width fn) for a layout: original | mla-keep-R | mla-decoupled-R (R = KV ratio)."""
+    """(model, cache widths, cache heads) for a layout: original | int2 | mla-keep-R | mla-decoupled-R | deepseek-R
+    (R = KV ratio)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     import kvtool  # noqa: F401  (registers kvtool's classes)
@@ -53,7 +54,26 @@ def build(layout: str, quick: bool, device: str):
     cfg._attn_implementation = "sdpa"
     g, d, n_l = s["num_key_value_heads"], s["head_dim"], s["num_hidden_layers"]
     torch.manual_seed(0)
-    if layout in ("original", "int2"):
+    if layout.startswith("deepseek-"):  # the DeepSeek-V3 export's layout, run by kvtool.runtime.deepseek
+        from transformers import DeepseekV3Config
+
+        from kvtool.runtime.deepseek import use_latent_attention
+
+        rope_dim = min(ROPE, d // 2)
+        kv_lora_rank = int(float(layout.split("-")[1]) * 2 * g * d) - rope_dim
+        dcfg = DeepseekV3Config(
+            vocab_size=s["vocab_size"], hidden_size=s["hidden_size"], intermediate_size=s["intermediate_size"],
+            moe_intermediate_size=s["intermediate_size"], num_hidden_layers=n_l,
+            num_attention_heads=s["num_attention_heads"], num_key_value_heads=s["num_attention_heads"],
+            first_k_dense_replace=n_l, kv_lora_rank=kv_lora_rank, q_lora_rank=None, qk_rope_head_dim=rope_dim,
+            qk_nope_head_dim=d, v_head_dim=d, head_dim=rope_dim, rope_interleave=True, max_position_embeddings=262144,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)
+        dcfg._attn_implementation = "sdpa"
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(dcfg, dtype=torch.bfloat16)
+        use_latent_attention(model)
+        widths, slots = (kv_lora_rank, rope_dim), 1  # cache "key" slot: c_KV; "value" slot: k_pe
+    elif layout in ("original", "int2"):
         with torch.device(device):
             model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
         widths = (g * d, g * d)  # per head-slot: G heads of d in each of K and V
@@ -255,7 +275,7 @@ def run_step(model, batch: int, context: int, widths: tuple[int, int], slots: in
         cache = fill_int2_cache(model, batch, context, dev)
         return cache, step_ms(model, cache, batch, context, dev, args.repeats)
     if args.mode == "graph":
-        if not hasattr(model.config, "mla_kv_ranks"):  # the original: cuDNN SDPA over the valid tokens only
+        if model.config.model_type == "llama":  # the original: cuDNN SDPA over the valid tokens only
             use_strongest_baseline(model, context + 1)
         cache = fill_static_cache(model, batch, context, widths, slots, dev)
         return cache, graph_step_ms(model, cache, batch, context, dev)
@@ -284,9 +304,10 @@ def main() -> None:
         if not all(x.strip().isdigit() and int(x) > 0 for x in part.split(",")):
             ap.error(f"--batch/--context take positive integers separated by commas, got {part!r}")
     layouts = args.layouts.split(",")
-    bad = [x for x in layouts if x not in ("original", "int2") and not x.startswith(("mla-keep-", "mla-decoupled-"))]
+    bad = [x for x in layouts
+           if x not in ("original", "int2") and not x.startswith(("mla-keep-", "mla-decoupled-", "deepseek-"))]
     if bad:
-        ap.error(f"unknown layouts {bad}: use original, int2, mla-keep-R, mla-decoupled-R (R = KV ratio)")
+        ap.error(f"unknown layouts {bad}: use original, int2, mla-keep-R, mla-decoupled-R, deepseek-R (R = KV ratio)")
     dev = args.device
     batches = [int(x) for x in args.batch.split(",")]
     contexts = [int(x) for x in args.context.split(",")]

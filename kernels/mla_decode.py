@@ -1,6 +1,6 @@
 """Decode attention over an MLA latent cache (one new query token per sequence), in Triton.
 
-Two forms, matching ``--rope`` of ``kvtool convert-mla``:
+Three forms: two matching ``--rope`` of ``kvtool convert-mla``, one for the DeepSeek-V3 export:
 
 ``absorbed`` (rope=decoupled): all heads share one latent "key" row [c_K | RoPE(k_pe)] (width r_K + d_rope) and
     one latent "value" row c_V (width r_V) per token. Queries arrive already absorbed: [q_nope·W_kb | q_pe].
@@ -13,7 +13,10 @@ Two forms, matching ``--rope`` of ``kvtool convert-mla``:
     computed in registers), then scores against the group's queries (already RoPE'd). Values stay absorbed:
     out_lat = softmax · c_V, the caller applies W_vb[g].
 
-Both kernels split the context over programs (flash-decoding) and combine the partial softmax sums in PyTorch.
+``shared`` (the DeepSeek-V3 export, ``kvtool.runtime.deepseek``): one normalized latent c_KV per token is both the
+    nope key and the value, plus a shared RoPE key k_pe; each c_KV tile is read once for both products.
+
+All kernels split the context over programs (flash-decoding) and combine the partial softmax sums in PyTorch.
 """
 
 from __future__ import annotations
@@ -328,6 +331,104 @@ def mla_decode_absorbed_reference(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: 
     """PyTorch reference of :func:`mla_decode_absorbed` (float32)."""
     s = _length_mask(torch.einsum("bhd,bsd->bhs", q.float(), kv_lat.float()) * scale, seq_lens)
     return torch.einsum("bhs,bsd->bhd", torch.softmax(s, -1), v_lat.float())
+
+
+# ------------------------------------------------------------------------------------------------ shared latent
+
+@triton.jit
+def _shared_kernel(QC, QR, C, PE, ACC, M, L, S, LENS, H, DV_A, DR, split_len, scale,
+                   s_qb, s_qh_a, s_rb, s_rh, s_cb, s_cn_a, s_pb, s_pn, s_ab, s_ah, s_as, s_mb, s_mh,
+                   BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_DR: tl.constexpr,
+                   ALIGN: tl.constexpr, STAGES: tl.constexpr, HAS_LENS: tl.constexpr):
+    # DeepSeek's one latent per token: the normalized c_KV row is both the nope key and the value, k_pe the rope
+    # key. Each token tile of c_KV is loaded once and feeds both products (scores through its transpose, the value
+    # accumulation directly); the absorbed kernel would read the value columns a second time.
+    DV = DV_A * ALIGN
+    s_qh = s_qh_a * ALIGN
+    s_cn = s_cn_a * ALIGN
+    b = tl.program_id(0)
+    hb = tl.program_id(1)
+    sp = tl.program_id(2)
+    offs_h = hb * BLOCK_H + tl.arange(0, BLOCK_H)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    offs_dr = tl.arange(0, BLOCK_DR)
+    hmask = offs_h < H
+    dvmask = offs_dv < DV
+    drmask = offs_dr < DR
+    qc = tl.load(QC + b * s_qb + offs_h[:, None] * s_qh + offs_dv[None, :], mask=hmask[:, None] & dvmask[None, :],
+                 other=0.0)
+    qr = tl.load(QR + b * s_rb + offs_h[:, None] * s_rh + offs_dr[None, :], mask=hmask[:, None] & drmask[None, :],
+                 other=0.0)
+    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_H], tl.float32)
+    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
+    if HAS_LENS:  # a static cache: row b holds LENS[b] valid tokens of its S slots
+        S = tl.load(LENS + b)
+    start = sp * split_len
+    end = tl.minimum(start + split_len, S)
+    for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        nmask = offs_n < end
+        c = tl.load(C + b * s_cb + offs_n[:, None] * s_cn + offs_dv[None, :], mask=nmask[:, None] & dvmask[None, :],
+                    other=0.0)
+        pe = tl.load(PE + b * s_pb + offs_n[:, None] * s_pn + offs_dr[None, :], mask=nmask[:, None] & drmask[None, :],
+                     other=0.0)
+        s = tl.dot(qc, tl.trans(c)) + tl.dot(qr, tl.trans(pe))
+        s = tl.where(nmask[None, :], s * scale, float("-inf"))
+        p, alpha, m_i, l_i = softmax_step(s, m_i, l_i)
+        acc = acc * alpha[:, None] + tl.dot(p.to(c.dtype), c)
+    _absorbed_store(ACC, M, L, acc, m_i, l_i, b, sp, offs_h, offs_dv, hmask, DV, s_ab, s_ah, s_as, s_mb, s_mh)
+
+
+def shared_config(batch: int, heads: int, dv: int) -> dict:
+    """The shared-latent kernel's default launch: the absorbed full-tile kernel's budgets (fp32 accumulator of at
+    most 32 heads x 512, 32-token tiles up to a 512-wide latent, 16 past it), 4 warps, 3 stages (2 past 512: the
+    c_KV tiles of three stages would not fit in shared memory), one wave of programs at batch 1, two above."""
+    block_dv = _pow2(dv)
+    block_h = min(64, _pow2(heads), max(16, _ACC_BUDGET // block_dv))
+    return {"block_h": block_h, "block_n": 32 if block_dv <= 512 else 16, "num_warps": 4,
+            "num_stages": 3 if block_dv <= 512 else 2, "waves": 1 if batch * triton.cdiv(heads, block_h) < 8 else 2}
+
+
+def mla_decode_shared(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, scale: float,
+                      seq_lens: torch.Tensor | None = None, num_splits: int | None = None, block_n: int | None = None,
+                      num_warps: int | None = None, num_stages: int | None = None,
+                      block_h: int | None = None) -> torch.Tensor:
+    """Decode over one shared latent (DeepSeek-V3's MLA): q_lat [B, H, r] (each head's nope query through its
+    W_UK), q_pe [B, H, d_rope] (RoPE'd), c_kv [B, S, r] (normalized latent: nope key and value), k_pe [B, S, d_rope]
+    -> out_lat [B, H, r] (float32; the caller applies each head's W_UV). ``seq_lens`` as in
+    :func:`mla_decode_absorbed`. Launch options left at None take :func:`shared_config`'s defaults."""
+    bsz, heads, dv = q_lat.shape
+    _, length, dr = k_pe.shape
+    assert c_kv.shape == (bsz, length, dv) and q_pe.shape == (bsz, heads, dr)
+    q_lat, q_pe, c_kv, k_pe = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_lat, q_pe, c_kv, k_pe))
+    cfg = shared_config(bsz, heads, dv)
+    block_h = block_h or cfg["block_h"]
+    block_n = block_n or cfg["block_n"]
+    align = _align(dv, q_lat.stride(1), c_kv.stride(1))
+    hblocks = triton.cdiv(heads, block_h)
+    splits = num_splits or _num_splits(bsz, hblocks, length, block_n, cfg["waves"])
+    split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
+    splits = triton.cdiv(length, split_len)
+    acc = torch.empty(bsz, heads, splits, dv, device=q_lat.device, dtype=torch.float32)
+    m = torch.empty(bsz, heads, splits, device=q_lat.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    lens = seq_lens.to(torch.int32) if seq_lens is not None else q_lat
+    _shared_kernel[(bsz, hblocks, splits)](
+        q_lat, q_pe, c_kv, k_pe, acc, m, l, length, lens, heads, dv // align, dr, split_len, scale * LOG2E,
+        q_lat.stride(0), q_lat.stride(1) // align, q_pe.stride(0), q_pe.stride(1), c_kv.stride(0),
+        c_kv.stride(1) // align, k_pe.stride(0), k_pe.stride(1), acc.stride(0), acc.stride(1), acc.stride(2),
+        m.stride(0), m.stride(1), BLOCK_H=block_h, BLOCK_N=block_n, BLOCK_DV=_pow2(dv), BLOCK_DR=_pow2(dr),
+        ALIGN=align, STAGES=num_stages or cfg["num_stages"], HAS_LENS=seq_lens is not None,
+        num_warps=num_warps or cfg["num_warps"])
+    return _combine(acc, m, l)
+
+
+def mla_decode_shared_reference(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor,
+                                scale: float, seq_lens: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch reference of :func:`mla_decode_shared` (float32)."""
+    q = torch.cat([q_lat, q_pe], -1)
+    return mla_decode_absorbed_reference(q, torch.cat([c_kv, k_pe], -1), c_kv, scale, seq_lens)
 
 
 # ------------------------------------------------------------------------------------------------ keep

@@ -356,6 +356,10 @@ def load_model(model: str | None = None, *, dtype: str | torch.dtype | None = No
         hf_logging.set_verbosity(verbosity)
     hf_model.to(device)
     hf_model.eval()
+    if getattr(hf_model.config, "model_type", None) == "deepseek_v3":  # DeepSeek-V3 exports: kvtool's latent runtime
+        from kvtool.runtime.deepseek import use_latent_attention  # (same parameters; decode through the kernel)
+
+        use_latent_attention(hf_model)
     if digest is None:
         digest = state_dict_digest(hf_model)
     try:

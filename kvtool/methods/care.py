@@ -208,56 +208,73 @@ class ConvertMla(Method):
         return f"CARE -> {out} ({report['format']})", cols, [row], notes
 
     def validate(self, out: Path, manifest: dict[str, Any], options: dict[str, Any]) -> dict[str, Any]:
-        """Cached decode vs the full forward (every format), then, for the kvtool format, decode held-out tokens
-        twice, PyTorch path vs Triton kernels, and compare logits."""
+        """Cached decode vs the full forward (every format; the DeepSeek-V3 export both in stock transformers and
+        through kvtool's latent runtime), then decode held-out tokens twice, PyTorch path vs Triton kernels, and
+        compare logits and greedy tokens."""
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-        from kvtool.data import TextSource, heldout_tokens
-        from kvtool.runtime.hf_cache import cache_kwarg, output_cache
-        from kvtool.runtime.mla import set_decode_kernel
-
         device = options.get("device", "cpu")
         tokenizer = AutoTokenizer.from_pretrained(str(out))
-        if manifest.get("options", {}).get("format") != "kvtool":  # deepseek-v3: stock transformers, no kernel
+        fmt = manifest.get("options", {}).get("format")
+        if fmt != "kvtool":  # deepseek-v3: as users load it (stock transformers), then through kvtool's runtime
+            from kvtool.runtime.deepseek import use_latent_attention
+
             model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).to(device).eval()
-            return merge_decode_report({"format": manifest["options"]["format"]},
-                                       cached_decode_report(model, tokenizer, device))
+            stock = cached_decode_report(model, tokenizer, device)
+            use_latent_attention(model)
+            report = _kernel_vs_pytorch(model, tokenizer, device, {"format": fmt})
+            report["stock_transformers_decode_passed"] = stock["decode_passed"]
+            report["stock_transformers_decode_rel_err"] = stock["cached_vs_full_max_rel_err"]
+            report["passed"] = bool(report["passed"] and stock["decode_passed"])
+            return report
         cfg = AutoConfig.from_pretrained(str(out))
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         if cfg.mla_rope == "keep" and (head_dim < 32 or head_dim & (head_dim - 1)):
             raise KvtoolError(f"the rope=keep MLA decode kernel needs a power-of-two head_dim >= 32 (this model has "
                               f"{head_dim}): kernel validation is not available; `kvtool eval` still scores it")
         model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32).to(device).eval()
-        set_decode_kernel(model, False)
-        decode = cached_decode_report(model, tokenizer, device)
-        tokens = heldout_tokens(tokenizer, TextSource(split="heldout"), 2 * 36)
-        ids = tokens.view(2, 36).to(device)
-        prefill, steps = 32, 4  # the Triton interpreter on a CPU runs each layer's kernel per step: keep it short
-        runs = {}
-        with torch.no_grad():
-            for use in (False, True):
-                n = set_decode_kernel(model, use)
-                out_ = model(input_ids=ids[:, :prefill], use_cache=True)
-                cache, logits = output_cache(out_), []
-                for t in range(prefill, prefill + steps):
-                    step = model(input_ids=ids[:, t:t + 1], use_cache=True, **{cache_kwarg(): cache})
-                    cache = output_cache(step)
-                    logits.append(step.logits[:, -1].float())
-                runs[use] = torch.stack(logits)
-            gen = {}
-            prompt = ids[:1, :prefill]
-            for use in (False, True):  # greedy generate through each path: the same tokens
-                set_decode_kernel(model, use)
-                gen[use] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                          max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)[0, prefill:]
-        set_decode_kernel(model, None)
-        same_tokens = bool(torch.equal(gen[True], gen[False]))
-        diff = (runs[True] - runs[False]).abs().max().item()
-        rel = ((runs[True] - runs[False]).norm() / runs[False].norm()).item()
-        agree = (runs[True].argmax(-1) == runs[False].argmax(-1)).float().mean().item()
-        return merge_decode_report({"passed": bool(rel < 1e-3 and agree == 1.0 and same_tokens),
-                                    "generate_kernel_vs_pytorch_same_tokens": same_tokens, "layers_through_kernel": n,
-                                    "decode_steps": steps, "batch": 2, "prefill": prefill,
-                                    "max_abs_logit_diff": diff, "rel_logit_diff": rel, "argmax_agreement": agree,
-                                    "rope": manifest["options"]["rope"]}, decode)
+        return _kernel_vs_pytorch(model, tokenizer, device, {"rope": manifest["options"]["rope"]})
+
+
+def _kernel_vs_pytorch(model: Any, tokenizer: Any, device: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """Cached decode vs the full forward on the PyTorch path, then held-out tokens decoded twice (PyTorch path vs
+    the Triton kernels: logits and greedy ``generate`` tokens), for kvtool MLA and DeepSeek-V3 latent models."""
+    import torch
+
+    from kvtool.data import TextSource, heldout_tokens
+    from kvtool.runtime.hf_cache import cache_kwarg, output_cache
+    from kvtool.runtime.mla import set_decode_kernel
+
+    set_decode_kernel(model, False)
+    decode = cached_decode_report(model, tokenizer, device)
+    tokens = heldout_tokens(tokenizer, TextSource(split="heldout"), 2 * 36)
+    ids = tokens.view(2, 36).to(device)
+    prefill, steps = 32, 4  # the Triton interpreter on a CPU runs each layer's kernel per step: keep it short
+    runs = {}
+    with torch.no_grad():
+        for use in (False, True):
+            n = set_decode_kernel(model, use)
+            out_ = model(input_ids=ids[:, :prefill], use_cache=True)
+            cache, logits = output_cache(out_), []
+            for t in range(prefill, prefill + steps):
+                step = model(input_ids=ids[:, t:t + 1], use_cache=True, **{cache_kwarg(): cache})
+                cache = output_cache(step)
+                logits.append(step.logits[:, -1].float())
+            runs[use] = torch.stack(logits)
+        gen = {}
+        prompt = ids[:1, :prefill]
+        for use in (False, True):  # greedy generate through each path: the same tokens
+            set_decode_kernel(model, use)
+            gen[use] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                      max_new_tokens=steps, min_new_tokens=steps, pad_token_id=0)[0, prefill:]
+    set_decode_kernel(model, None)
+    same_tokens = bool(torch.equal(gen[True], gen[False]))
+    diff = (runs[True] - runs[False]).abs().max().item()
+    rel = ((runs[True] - runs[False]).norm() / runs[False].norm()).item()
+    agree = (runs[True].argmax(-1) == runs[False].argmax(-1)).float().mean().item()
+    return merge_decode_report({"passed": bool(rel < 1e-3 and agree == 1.0 and same_tokens),
+                                "generate_kernel_vs_pytorch_same_tokens": same_tokens, "layers_through_kernel": n,
+                                "decode_steps": steps, "batch": 2, "prefill": prefill,
+                                "max_abs_logit_diff": diff, "rel_logit_diff": rel, "argmax_agreement": agree,
+                                **extra}, decode)

@@ -229,9 +229,12 @@ def _static_lengths(cache: Any, layer_idx: int, batch: int) -> torch.Tensor | No
 
 
 def set_decode_kernel(model: nn.Module, enabled: bool | None = True) -> int:
-    """Route every MLA layer's single-token decode steps through the Triton kernels (True), the PyTorch path
-    (False) or the default (None: the kernels on a CUDA device outside autograd); returns the layer count."""
-    layers = [m for m in model.modules() if isinstance(m, MlaAttention)]
+    """Route every latent-attention layer's single-token decode steps (kvtool MLA, and DeepSeek-V3 models run by
+    :mod:`kvtool.runtime.deepseek`) through the Triton kernels (True), the PyTorch path (False) or the default
+    (None: the kernels on a CUDA device outside autograd); returns the layer count."""
+    from kvtool.runtime.deepseek import LatentAttention
+
+    layers = [m for m in model.modules() if isinstance(m, (MlaAttention, LatentAttention))]
     for m in layers:
         m.use_kernel = enabled
     return len(layers)

@@ -89,3 +89,81 @@ def test_static_cache_decode_step_captures_in_a_cuda_graph(rope):
         torch.cuda.synchronize()
     assert ((eager - full).norm() / full.norm()) < 1e-3
     assert ((out[:, -1].float() - eager).norm() / eager.norm()) < 1e-5
+
+
+def deepseek_model():
+    """A DeepSeek-V3 model (the export's layout: q_lora none, nope 128 + rope 64, v 128) run by kvtool's latent
+    runtime, random float32 weights on the GPU."""
+    from transformers import AutoModelForCausalLM, DeepseekV3Config
+
+    from kvtool.runtime.deepseek import use_latent_attention
+
+    cfg = DeepseekV3Config(vocab_size=1000, hidden_size=512, intermediate_size=1024, moe_intermediate_size=1024,
+                           num_hidden_layers=4, num_attention_heads=16, num_key_value_heads=16,
+                           first_k_dense_replace=4, kv_lora_rank=448, q_lora_rank=None, qk_rope_head_dim=64,
+                           qk_nope_head_dim=128, v_head_dim=128, head_dim=64, rope_interleave=True,
+                           max_position_embeddings=4096, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    assert use_latent_attention(model) == 4
+    return model
+
+
+def test_deepseek_default_path_is_the_shared_latent_kernel():
+    from kvtool.runtime.decode_check import check_cached_decode
+    from kvtool.runtime.deepseek import LatentAttention
+    from kvtool.runtime.mla import set_decode_kernel
+
+    model = deepseek_model()
+    calls = []
+    import kvtool.kernels.mla_decode as mla_decode
+
+    original = mla_decode.mla_decode_shared
+    mla_decode.mla_decode_shared = lambda *a, **k: calls.append(1) or original(*a, **k)
+    try:
+        assert all(m.use_kernel is None for m in model.modules() if isinstance(m, LatentAttention))
+        ids = torch.randint(0, 1000, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+        report = check_cached_decode(model, ids, prefill=24, tolerance=1e-3)  # TF32 dots in the kernel
+        assert calls, "the default decode step did not go through the shared-latent kernel"
+        assert report["passed"], report
+        tokens = {}
+        for use in (None, False):
+            set_decode_kernel(model, use)
+            tokens[use] = model.generate(input_ids=ids[:, :24], attention_mask=torch.ones_like(ids[:, :24]),
+                                         do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
+        assert torch.equal(tokens[None], tokens[False])
+    finally:
+        mla_decode.mla_decode_shared = original
+
+
+def test_deepseek_static_cache_step_captures_in_a_cuda_graph():
+    from transformers import StaticCache
+
+    from kvtool.runtime.graphs import capture_graph
+    from kvtool.runtime.hf_cache import cache_kwarg
+
+    model = deepseek_model()
+    ids = torch.randint(0, 1000, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
+    with torch.no_grad():
+        full = model(input_ids=ids).logits[:, -1].float()
+        cache = StaticCache(config=model.config, max_cache_len=64)
+        model(input_ids=ids[:, :39], use_cache=True, **{cache_kwarg(): cache})
+        step_ids, pos = ids[:, 39:40].clone(), torch.full((2, 1), 39, device="cuda")
+        counts = [layer.cumulative_length.clone() for layer in cache.layers]
+
+        def step():
+            for layer, n in zip(cache.layers, counts, strict=True):
+                layer.cumulative_length.copy_(n)
+            return model(input_ids=step_ids, position_ids=pos, use_cache=True, **{cache_kwarg(): cache}).logits
+
+        eager = step()[:, -1].float()
+        graph, out = capture_graph(step)
+        graph.replay()
+        torch.cuda.synchronize()
+    assert ((eager - full).norm() / full.norm()) < 1e-3
+    assert ((out[:, -1].float() - eager).norm() / eager.norm()) < 1e-5

@@ -152,3 +152,29 @@ def test_keep_static_cache_lengths():
     for b, n in enumerate(lens.tolist()):
         ref = mla_decode_keep_reference(q[b:b + 1], c_k[b:b + 1, :n], c_v[b:b + 1, :n], w_kb, inv_freq, 0.18)
         assert rel(out[b:b + 1], ref) < 1e-5
+
+
+@pytest.mark.parametrize("heads,dv,dr,length,splits", [(9, 40, 16, 70, None), (16, 48, 24, 33, 2), (4, 16, 16, 5, 1)])
+def test_shared_latent_matches_reference(heads, dv, dr, length, splits):
+    from kvtool.kernels.mla_decode import mla_decode_shared, mla_decode_shared_reference
+
+    g = torch.Generator().manual_seed(heads * length)
+    q_lat, q_pe = torch.randn(2, heads, dv, generator=g), torch.randn(2, heads, dr, generator=g)
+    c, pe = torch.randn(2, length, dv, generator=g), torch.randn(2, length, dr, generator=g)
+    out = mla_decode_shared(q_lat, q_pe, c, pe, 0.2, num_splits=splits, block_n=16)
+    assert out.shape == (2, heads, dv)
+    assert rel(out, mla_decode_shared_reference(q_lat, q_pe, c, pe, 0.2)) < 1e-5
+    # a static cache: rows attend to their first seq_lens tokens only (the slots past them hold garbage)
+    lens = torch.tensor([length // 2, length])
+    junk = c.clone()
+    junk[0, length // 2:] = 1e4
+    out = mla_decode_shared(q_lat, q_pe, junk, pe, 0.2, seq_lens=lens, num_splits=splits, block_n=16)
+    assert rel(out, mla_decode_shared_reference(q_lat, q_pe, c, pe, 0.2, seq_lens=lens)) < 1e-5
+
+
+def test_shared_latent_default_launch():
+    from kvtool.kernels.mla_decode import shared_config
+
+    # DeepSeek-V3's 512-wide latent at 128 heads, and the Llama-8B export at KV ratio 0.5 (kv_lora_rank 960)
+    assert shared_config(32, 128, 512) == {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 3, "waves": 2}
+    assert shared_config(1, 32, 960)["block_h"] == 16 and shared_config(1, 32, 960)["num_stages"] == 2

@@ -68,6 +68,33 @@ def test_deepseek_v3_export_cached_decode_equals_full_forward(tiny_checkpoint, t
     assert_decodes(model)
 
 
+@pytest.mark.parametrize("q_lora", ["none", "identity"])
+def test_deepseek_v3_latent_runtime_decodes_like_stock(tiny_checkpoint, tmp_path, q_lora):
+    # kvtool's latent runtime on the export: the same parameters (state dict unchanged), cached decode equal to the
+    # full forward through the PyTorch path and through the shared-latent kernel (Triton interpreter), and the same
+    # greedy tokens as stock transformers
+    from kvtool.runtime.deepseek import LatentAttention, use_latent_attention
+    from kvtool.runtime.mla import set_decode_kernel
+
+    src = tiny_checkpoint("llama")
+    out = convert(["convert-mla", src, "--format", "deepseek-v3", "--kv-ratio", 0.5, "--q-lora", q_lora], tmp_path,
+                  "ds")
+    stock, model = load(out), load(out)
+    keys = {k: v.clone() for k, v in model.state_dict().items()}
+    assert use_latent_attention(model) == model.config.num_hidden_layers
+    assert all(isinstance(layer.self_attn, LatentAttention) for layer in model.model.layers)
+    assert model.state_dict().keys() == keys.keys()
+    prompt = ids(1, 10)
+    with torch.no_grad():
+        want = stock.generate(input_ids=prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+    for use in (False, True):
+        set_decode_kernel(model, use)
+        report = assert_decodes(model)
+        with torch.no_grad():
+            got = model.generate(input_ids=prompt, max_new_tokens=12, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, want), (use, report)
+
+
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_ladder_cached_decode_equals_full_forward(tiny_checkpoint, tmp_path, arch):
     src = tiny_checkpoint(arch)
@@ -155,6 +182,24 @@ def test_static_cache_decode_equals_full_forward(tiny_checkpoint, tmp_path, rope
 
     src = tiny_checkpoint("llama", head_dim=32)
     model = load(convert(["convert-mla", src, "--rope", rope, "--kv-ratio", 0.5], tmp_path, "mla"))
+    set_decode_kernel(model, use_kernel)
+    report = check_cached_decode(model, ids(2, 14), prefill=8, new_tokens=6,
+                                 new_cache=lambda: StaticCache(config=model.config, max_cache_len=40))
+    assert report["passed"], report
+
+
+@pytest.mark.parametrize("use_kernel", [False, True])
+def test_deepseek_latent_runtime_static_cache(tiny_checkpoint, tmp_path, use_kernel):
+    """The DeepSeek-V3 export through kvtool's latent runtime over a StaticCache: the shared-latent kernel reads each
+    row's valid length on the device (CUDA-graph capture needs it)."""
+    from transformers import StaticCache
+
+    from kvtool.runtime.deepseek import use_latent_attention
+    from kvtool.runtime.mla import set_decode_kernel
+
+    model = load(convert(["convert-mla", tiny_checkpoint("llama"), "--format", "deepseek-v3", "--kv-ratio", 0.5],
+                         tmp_path, "ds"))
+    use_latent_attention(model)
     set_decode_kernel(model, use_kernel)
     report = check_cached_decode(model, ids(2, 14), prefill=8, new_tokens=6,
                                  new_cache=lambda: StaticCache(config=model.config, max_cache_len=40))
