@@ -165,7 +165,10 @@ def graph_step_ms(model, cache, batch: int, context: int, device: str) -> float:
 
     def one():
         for layer in cache.layers:
-            layer.cumulative_length.fill_(context)
+            if hasattr(layer, "set_length"):  # a static Int2Cache layer
+                layer.set_length(context)
+            else:
+                layer.cumulative_length.fill_(context)
         model(input_ids=ids, position_ids=pos, use_cache=True, **kw)
 
     with torch.no_grad():
@@ -216,9 +219,10 @@ def int2_bytes_per_token(n_layers: int, g: int, d: int, group: int) -> int:
     return 2 * n_layers * g * (d // 4 + 4 * (d // group))
 
 
-def fill_int2_cache(model, batch: int, context: int, device: str):
+def fill_int2_cache(model, batch: int, context: int, device: str, static: bool = False):
     """A bound Int2Cache (the default export: group = head_dim, 64 sink + 256 recent tokens in bf16) holding
-    ``context`` tokens: random codes, scales and zeros in the pool, random 16-bit sink and recent tokens."""
+    ``context`` tokens: random codes, scales and zeros in the pool, random 16-bit sink and recent tokens.
+    ``static``: the fixed-shape cache (``max_cache_len``) whose decode step a CUDA graph captures."""
     from kvtool.runtime import Int2Cache
     from kvtool.runtime.kvquant import KVQuantSpec
 
@@ -230,6 +234,19 @@ def fill_int2_cache(model, batch: int, context: int, device: str):
     for i in range(n_l):
         spec.k_rotation[i] = torch.stack([torch.linalg.qr(torch.randn(d, d, generator=gen))[0] for _ in range(g)])
         spec.v_rotation[i] = torch.stack([torch.linalg.qr(torch.randn(d, d, generator=gen))[0] for _ in range(g)])
+    if static:
+        cache = Int2Cache(spec, n_l, max_cache_len=context + 16).bind(model)
+        for layer in cache.layers:
+            x = torch.zeros(batch, g, 1, d, device=device, dtype=torch.bfloat16)
+            layer.lazy_initialization(x, x)
+            for data, scale, zero in layer.pool.values():
+                data.random_(0, 256)
+                scale.uniform_(0.01, 0.05)
+                zero.uniform_(-0.1, 0.0)
+            for seg in layer.segment:
+                seg.normal_()
+            layer.set_length(context)
+        return cache
     cache = Int2Cache(spec, n_l).bind(model)
     n_q = context - (sink + recent - 1)
     for layer in cache.layers:
@@ -271,8 +288,11 @@ def profile_step(model, cache, batch: int, context: int, device: str, layout: st
 
 def run_step(model, batch: int, context: int, widths: tuple[int, int], slots: int, dev: str, args):
     """(cache, ms per decode step) in the chosen mode."""
-    if getattr(model, "_bench_int2", False):  # Int2Cache: eager (its history grows by Python-side appends)
-        cache = fill_int2_cache(model, batch, context, dev)
+    if getattr(model, "_bench_int2", False):
+        if args.mode == "graph":  # the static Int2Cache (max_cache_len), its decode step in a CUDA graph
+            cache = fill_int2_cache(model, batch, context, dev, static=True)
+            return cache, graph_step_ms(model, cache, batch, context, dev)
+        cache = fill_int2_cache(model, batch, context, dev)  # eager: the dynamic cache (Python-side appends)
         return cache, step_ms(model, cache, batch, context, dev, args.repeats)
     if args.mode == "graph":
         if model.config.model_type == "llama":  # the original: cuDNN SDPA over the valid tokens only
@@ -331,9 +351,6 @@ def main() -> None:
         w_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         per_token = 2 * n_l * (widths[0] + widths[1])  # bf16
         if layout == "int2":
-            if args.mode == "graph":
-                print("| int2 | skipped in graph mode: Int2Cache is not a static-shape cache |", flush=True)
-                continue
             model._bench_int2 = True
             cfg = model.config
             per_token = int2_bytes_per_token(n_l, cfg.num_key_value_heads, cfg.head_dim, cfg.head_dim)

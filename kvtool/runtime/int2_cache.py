@@ -259,27 +259,172 @@ class Int2Layer(CacheLayerMixin):
         return {"full_precision": fp, "int2": q, "int2_allocated": alloc}
 
 
+class Int2StaticLayer(Int2Layer):
+    """A fixed-shape 2-bit layer (``Int2Cache(..., max_cache_len=N)``): every buffer is allocated once for ``N``
+    tokens and the step's bookkeeping (position, 2-bit and 16-bit counts, where the new token goes, which token
+    leaves the recent window) lives in device tensors, so a one-token decode step can be captured in a CUDA graph
+    and replayed. The 16-bit sink and recent tokens sit rotated (float32) in one [B, G, sink + window, d] segment,
+    the recent window as a ring (attention does not depend on the order of its tokens: RoPE is in the keys); the
+    token that will leave the window at the next step is packed at this one, with the same reference packing as
+    :class:`Int2Layer`, into its pool slot (a scratch block when none leaves). The prompt is filed in one call;
+    after it, one token per call. Decode attention is always the fused kernel (CUDA, or Triton's interpreter)."""
+
+    def __init__(self, spec: KVQuantSpec, layer: int, max_cache_len: int):
+        super().__init__(spec, layer, fused=True)
+        self.max_cache_len = int(max_cache_len)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        from kvtool.kernels.int2_kv import shapes_supported
+
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, g, _, d = key_states.shape
+        if not shapes_supported(d, self.group_size) or self.window < 1:
+            raise KvtoolError(f"a static Int2Cache decodes through the fused kernel, which needs a power-of-two "
+                              f"head_dim >= 64, a power-of-two group dividing it and a recent window >= 1 (here "
+                              f"head_dim {d}, group {self.group_size}, window {self.window}): drop max_cache_len")
+        self.shape = (b, g, d)
+        self.fused = True
+        self.k_rot, self.v_rot, self.k_clip, self.v_clip = (
+            None if t is None else t.to(self.device, torch.float32)
+            for t in (self.k_rot, self.v_rot, self.k_clip, self.v_clip))
+        self.n_quantized, self.max_blocks, self.pool = 0, 0, {}
+        self._grow(max(0, self.max_cache_len - self.sink) + BLOCK)  # the last block: scratch for "none leaves"
+        self.scratch = (self.max_blocks - 1) * BLOCK
+        width = self.sink + self.window
+        self.segment = tuple(torch.zeros(b, g, width, d, dtype=torch.float32, device=self.device) for _ in "kv")
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)  # of the next token
+        self.quantized_lens = torch.zeros(b, dtype=torch.int32, device=self.device)
+        self.segment_lens = torch.zeros(b, dtype=torch.int32, device=self.device)
+        self.is_initialized = True
+
+    def _file_quantized(self, x: tuple[torch.Tensor, torch.Tensor], slot: torch.Tensor) -> None:
+        """Pack rotated rows x = (k, v) [B, G, n, d] into pool slots ``slot`` [n] (device tensor)."""
+        block, offset = slot // BLOCK, slot % BLOCK
+        for kind, rows, clip, quantile in (("k", x[0], self.k_clip, self.k_quantile),
+                                           ("v", x[1], self.v_clip, self.v_quantile)):
+            for store, val in zip(self.pool[kind], _pack(rows, None, clip, quantile, self.group_size), strict=True):
+                store[:, block, :, offset] = val.permute(2, 0, 1, 3)  # [n, B, G, width]
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        n_new = key_states.shape[-2]
+        if self.length + n_new > self.max_cache_len:
+            raise KvtoolError(f"the static Int2Cache holds {self.max_cache_len} tokens; this call would make "
+                              f"{self.length + n_new}: build it with a larger max_cache_len")
+        rot = (rotate_rows(key_states.float(), self.k_rot), rotate_rows(value_states.float(), self.v_rot))
+        sink, window = self.sink, self.window
+        if self.length == 0:  # the prompt: attends over itself in 16 bits (as Int2Layer's first call)
+            head = min(sink, n_new)
+            ring = list(range(max(sink, n_new - window), n_new))
+            # packed: up to the token that leaves at the first decode step (position n_new - window, still in the
+            # ring until that step overwrites its slot)
+            old = list(range(sink, max(sink, n_new - window + 1)))
+            for seg, r in zip(self.segment, rot, strict=True):
+                seg[:, :, :head] = r[:, :, :head]
+                if ring:
+                    seg[:, :, [sink + (j - sink) % window for j in ring]] = r[:, :, ring]
+            if old:
+                self._file_quantized(tuple(r[:, :, old] for r in rot),
+                                     torch.arange(len(old), device=self.device))
+            self.position.fill_(n_new)
+            self.length = n_new
+            self.n_quantized = max(0, n_new - window - sink)
+            return key_states, value_states
+        if n_new != 1:
+            raise KvtoolError("a static Int2Cache takes the prompt in one call, then one token per call: decode "
+                              "one token at a time, or drop max_cache_len")
+        if not self.bound:
+            raise KvtoolError("a static Int2Cache decodes through the model's fused attention: bind it first "
+                              "(Int2Cache.bind(model) or Int2Cache.from_export(path, model))")
+        p = self.position
+        # the new token's slot: a sink slot, or its ring slot (which held token p - window, packed a step ago)
+        slot = torch.where(p < sink, p, sink + (p - sink) % window)
+        for seg, r in zip(self.segment, rot, strict=True):
+            seg.index_copy_(2, slot, r)
+        self.quantized_lens.copy_((p - window - sink + 1).clamp_min(0).to(torch.int32).expand_as(self.quantized_lens))
+        self.segment_lens.copy_((p + 1).clamp_max(sink + window).to(torch.int32).expand_as(self.segment_lens))
+        # the token that leaves the window at the next step (position p + 1 - window) is packed now, from its ring
+        # slot, which this step did not write: replaying a step from the same position is idempotent
+        leaving = p + 1 - window
+        leaves = leaving >= sink
+        src = torch.where(leaves, sink + (leaving - sink).clamp_min(0) % window, torch.zeros_like(p))
+        pool_slot = torch.where(leaves, leaving - sink, torch.full_like(p, self.scratch))
+        self._file_quantized(tuple(seg.index_select(2, src) for seg in self.segment), pool_slot)
+        p.add_(1)
+        self.length += 1
+        self.n_quantized = max(0, self.length - window - sink)
+        if self.bound:
+            self.pending = (*self.segment, self.quantized_lens)
+        return key_states, value_states
+
+    def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
+        """The fused decode step over the pool (``quantized_lens`` tokens, read on the device) and the 16-bit
+        segment (``segment_lens``); its launch is sized for ``max_cache_len``, so it is the same at every step."""
+        from kvtool.kernels.int2_kv import int2_decode_attention
+
+        fk, fv, lens = self.pending
+        self.pending = None
+        out = int2_decode_attention(query[:, :, 0], self.paged("k"), self.paged("v"), self.block_table, lens,
+                                    self.k_rot, self.v_rot, scaling, max_seq_len=self.scratch,
+                                    fp_segment=(fk, fv), fp_lens=self.segment_lens)
+        return out[:, None].to(query.dtype)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            idx = beam_idx.to(self.device)
+            self.segment = tuple(t.index_select(0, idx) for t in self.segment)
+            self.pool = {kind: tuple(t.index_select(0, idx) for t in ts) for kind, ts in self.pool.items()}
+
+    def set_length(self, length: int) -> None:
+        """Put the write position back at ``length`` tokens (device ops only: can run inside a captured graph, so
+        each replay decodes the same step; a benchmark's reset)."""
+        self.position.fill_(length)
+        self.length = length
+
+    def nbytes(self) -> dict[str, int]:
+        if not self.is_initialized:
+            return {"full_precision": 0, "int2": 0, "int2_allocated": 0}
+        b, g, d = self.shape
+        per_token = sum(t[0, 0, 0, 0].numel() * t.shape[-1] * t.element_size() for ts in self.pool.values()
+                        for t in ts)
+        fp = sum(t.numel() * t.element_size() for t in self.segment)
+        alloc = sum(t.numel() * t.element_size() for ts in self.pool.values() for t in ts)
+        return {"full_precision": fp, "int2": per_token * b * g * self.n_quantized, "int2_allocated": alloc}
+
+
 class Int2Cache(Cache):
     """2-bit KV cache built from a ``kvtool export`` folder (OSCAR rotations, clips, windows).
 
     ``fused``: decode steps through the fused INT2 kernel once the cache is bound to a model (:meth:`bind`;
     :meth:`from_export` binds the model it is given): True, False, or None = on a CUDA device (the default fast
     path; the PyTorch path, which dequantizes the history for the model's own attention, stays the CPU's and the
-    reference).
+    reference). ``max_cache_len``: fixed shapes for that many tokens (:class:`Int2StaticLayer`): a decode step can be
+    captured in a CUDA graph (:func:`kvtool.runtime.graphs.capture_graph`).
     """
 
-    def __init__(self, spec: KVQuantSpec, num_layers: int, fused: bool | None = None):
+    def __init__(self, spec: KVQuantSpec, num_layers: int, fused: bool | None = None,
+                 max_cache_len: int | None = None):
         if spec.bits != 2:
             raise KvtoolError(f"Int2Cache stores 2-bit codes; {spec.source} was exported with --bits {spec.bits}: "
                               "re-export with --bits 2")
         if spec.group_size % 4:
             raise KvtoolError(f"the INT2 packing needs a group size divisible by 4, the export has {spec.group_size}")
         self.spec = spec
-        super().__init__(layers=[Int2Layer(spec, i, fused) for i in range(num_layers)])
+        if max_cache_len is not None:  # fixed shapes: decode steps capturable in a CUDA graph (Int2StaticLayer)
+            if fused is False:
+                raise KvtoolError("a static Int2Cache (max_cache_len) decodes through the fused kernel: drop "
+                                  "fused=False or max_cache_len")
+            layers: list[Int2Layer] = [Int2StaticLayer(spec, i, max_cache_len) for i in range(num_layers)]
+        else:
+            layers = [Int2Layer(spec, i, fused) for i in range(num_layers)]
+        super().__init__(layers=layers)
 
     @classmethod
     def from_export(cls, path: str | Path, model: Any = None, *, residual_window: int | None = None,
-                    sink: int | None = None, fused: bool | None = None) -> Int2Cache:
+                    sink: int | None = None, fused: bool | None = None,
+                    max_cache_len: int | None = None) -> Int2Cache:
         """The cache an export describes. With ``model`` (a loaded HF model or kvtool ``LoadedModel``) the export
         is checked against it (same shapes, and made from the same weights — kvtool.json's model hash — unless the
         model is the export's own folded checkpoint) and the cache is bound to it (:meth:`bind`)."""
@@ -293,7 +438,7 @@ class Int2Cache(Cache):
             check_export_matches(path, model)
         spec = load_oscar_spec(path, head_dim=shapes[2], num_layers=shapes[0], num_kv_heads=shapes[1],
                                residual_window=residual_window, sink=sink)
-        cache = cls(spec, shapes[0], fused)
+        cache = cls(spec, shapes[0], fused, max_cache_len)
         if model is not None:
             cache.bind(model.model if hasattr(model, "model_hash") else model)
         return cache

@@ -8,10 +8,9 @@ import torch
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def test_fused_is_the_default_on_cuda_and_follows_the_reference_path():
+def model_and_spec():
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    from kvtool.runtime import Int2Cache
     from kvtool.runtime.kvquant import KVQuantSpec
 
     g, d, layers = 2, 128, 3
@@ -25,6 +24,13 @@ def test_fused_is_the_default_on_cuda_and_follows_the_reference_path():
     for i in range(layers):
         spec.k_rotation[i] = torch.stack([torch.linalg.qr(torch.randn(d, d, generator=gen))[0] for _ in range(g)])
         spec.v_rotation[i] = torch.stack([torch.linalg.qr(torch.randn(d, d, generator=gen))[0] for _ in range(g)])
+    return model, spec, layers
+
+
+def test_fused_is_the_default_on_cuda_and_follows_the_reference_path():
+    from kvtool.runtime import Int2Cache
+
+    model, spec, layers = model_and_spec()
     ids = torch.randint(0, 1000, (2, 200), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
     kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
               output_logits=True, return_dict_in_generate=True)
@@ -37,3 +43,37 @@ def test_fused_is_the_default_on_cuda_and_follows_the_reference_path():
     assert float((got - ref).norm() / ref.norm()) < 1e-2, float((got - ref).norm() / ref.norm())
     agree = (fused.sequences == reference.sequences).float().mean().item()
     assert agree >= 0.95, agree
+
+
+def test_static_int2_cache_step_captures_in_a_cuda_graph():
+    """max_cache_len: the decode step (pack the token leaving the window, file the new one, fused attention) is
+    captured in a CUDA graph; replays give the eager step's logits, and generate gives the dynamic cache's tokens."""
+    from kvtool.runtime import Int2Cache
+    from kvtool.runtime.graphs import capture_graph
+    from kvtool.runtime.hf_cache import cache_kwarg
+
+    model, spec, layers = model_and_spec()
+    ids = torch.randint(0, 1000, (2, 200), device="cuda", generator=torch.Generator("cuda").manual_seed(1))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, do_sample=False,
+              output_logits=True, return_dict_in_generate=True)
+    dynamic = model.generate(**kw, **{cache_kwarg(): Int2Cache(spec, layers).bind(model)})
+    static = model.generate(**kw, **{cache_kwarg(): Int2Cache(spec, layers, max_cache_len=256).bind(model)})
+    assert torch.equal(static.sequences, dynamic.sequences)
+    want, got = torch.cat(dynamic.logits), torch.cat(static.logits)
+    assert float((got - want).norm() / want.norm()) < 1e-3
+    cache = Int2Cache(spec, layers, max_cache_len=256).bind(model)
+    with torch.no_grad():
+        model(input_ids=ids[:, :199], use_cache=True, **{cache_kwarg(): cache})
+        step_ids, pos = ids[:, 199:].clone(), torch.full((2, 1), 199, device="cuda")
+
+        def step():
+            for layer in cache.layers:
+                layer.set_length(199)
+            return model(input_ids=step_ids, position_ids=pos, use_cache=True, **{cache_kwarg(): cache}).logits
+
+        eager = step()[:, -1].float()
+        graph, out = capture_graph(step)
+        for _ in range(3):
+            graph.replay()
+        torch.cuda.synchronize()
+    assert ((out[:, -1].float() - eager).norm() / eager.norm()) < 1e-5

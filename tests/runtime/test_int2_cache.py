@@ -150,3 +150,44 @@ def test_fused_decode_reads_the_packed_history_and_matches_the_reference_path():
     ref_logits, got = torch.cat(reference.logits), torch.cat(fused.logits)
     assert float((got - ref_logits).norm() / ref_logits.norm()) < 1e-2  # the kernel's fp16 operands
     assert torch.equal(fused.sequences, reference.sequences)
+
+
+@pytest.mark.parametrize("sink,window,prompt", [(2, 3, 10), (4, 8, 5), (0, 5, 12)])
+def test_static_int2_cache_decodes_like_the_dynamic_one(sink, window, prompt):
+    """max_cache_len: fixed buffers and device-side bookkeeping (what a CUDA graph needs). The same codes (one
+    reference packing), the same fused kernel: the logits of the dynamic fused cache and the same greedy tokens,
+    through windows longer and shorter than the prompt and a cache without a sink."""
+    d = 64
+    model = tiny_model("llama", seed=4, head_dim=d)
+    spec = KVQuantSpec(method="oscar", bits=2, group_size=16, sink=sink, residual_window=window, k_quantile=0.95)
+    for i in range(LAYERS):
+        spec.k_rotation[i] = torch.stack([torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(
+            10 * i + g)))[0] for g in range(G)])
+        spec.v_rotation[i] = torch.stack([torch.linalg.qr(torch.randn(d, d, generator=torch.Generator().manual_seed(
+            100 + 10 * i + g)))[0] for g in range(G)])
+    ids = torch.randint(0, 300, (2, prompt), generator=torch.Generator().manual_seed(1))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=14, do_sample=False,
+              output_logits=True, return_dict_in_generate=True)
+    dynamic = model.generate(**kw, past_key_values=Int2Cache(spec, LAYERS, fused=True).bind(model))
+    static_cache = Int2Cache(spec, LAYERS, max_cache_len=prompt + 20).bind(model)
+    static = model.generate(**kw, past_key_values=static_cache)
+    want, got = torch.cat(dynamic.logits), torch.cat(static.logits)
+    assert float((got - want).norm() / want.norm()) < 1e-4
+    assert torch.equal(static.sequences, dynamic.sequences)
+    layer = static_cache.layers[0]
+    n = prompt + 13  # tokens cached after the last step
+    assert int(layer.position) == n and layer.n_quantized == max(0, n - window - sink)
+    assert int(layer.quantized_lens[0]) == layer.n_quantized
+
+
+def test_static_int2_cache_refuses_what_it_cannot_hold():
+    d = 64
+    model = tiny_model("llama", seed=4, head_dim=d)
+    spec = KVQuantSpec(method="oscar", bits=2, group_size=16, sink=2, residual_window=3)
+    ids = torch.randint(0, 300, (1, 6), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(KvtoolError, match="holds 8 tokens"):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                       past_key_values=Int2Cache(spec, LAYERS, max_cache_len=8).bind(model))
+    with pytest.raises(KvtoolError, match="bind it first"):
+        model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                       past_key_values=Int2Cache(spec, LAYERS, max_cache_len=16))
