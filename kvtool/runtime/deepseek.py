@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from kvtool.runtime.hf_cache import take_cache
-from kvtool.runtime.mla import _static_lengths
+from kvtool.runtime.mla import static_lengths
 
 _MODULE_PARTS = ("q_proj", "q_a_proj", "q_a_layernorm", "q_b_proj", "kv_a_proj_with_mqa", "kv_a_layernorm",
                  "kv_b_proj", "o_proj")
@@ -66,7 +66,7 @@ class LatentAttention(nn.Module):
         lens = None
         if cache is not None:
             c_kv, k_pe = cache.update(c_kv, k_pe, self.layer_idx)
-            lens = _static_lengths(cache, self.layer_idx, b)
+            lens = static_lengths(cache, self.layer_idx, b)
         w = self.kv_b_proj.weight.view(self.num_heads, self.qk_nope_head_dim + self.v_head_dim, self.kv_lora_rank)
         w_uk, w_uv = w[:, : self.qk_nope_head_dim], w[:, self.qk_nope_head_dim:]
         if length == 1 and cache is not None and self._decode_through_kernel(hidden_states):

@@ -140,7 +140,7 @@ class MlaAttention(nn.Module):
         if cache is not None:
             c_k, c_v = cache.update(c_k[:, None], c_v[:, None], self.layer_idx)
             c_k, c_v = c_k[:, 0], c_v[:, 0]
-            lens = _static_lengths(cache, self.layer_idx, b)
+            lens = static_lengths(cache, self.layer_idx, b)
         total = c_k.shape[1]
         if length == 1 and cache is not None and self._decode_through_kernel(hidden_states):
             return self._kernel_decode(hidden_states, cos, sin, c_k, c_v, lens), None
@@ -218,7 +218,7 @@ class MlaAttention(nn.Module):
         return out.flatten(-3, -2)
 
 
-def _static_lengths(cache: Any, layer_idx: int, batch: int) -> torch.Tensor | None:
+def static_lengths(cache: Any, layer_idx: int, batch: int) -> torch.Tensor | None:
     """Valid tokens per row [B] of a static cache layer after its update (its ``cumulative_length`` tensor, read
     on the device); None for a cache that returns only the valid tokens (DynamicCache)."""
     layers = getattr(cache, "layers", None)
