@@ -179,6 +179,13 @@ print(type(ds).__name__, exact, approx)
     assert name == "DeepseekV3ForCausalLM"
     assert float(exact) < 1e-4  # the layout is exact; only kv_a_layernorm approximates
     assert float(approx) > float(exact)
+    # validate: cached decode in stock transformers, then kvtool's latent runtime, kernel vs PyTorch path
+    res = run("validate", out, "--device", "cpu", "--json")
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{"):])
+    assert report["passed"] and report["stock_transformers_decode_passed"], report
+    assert report["layers_through_kernel"] == 3 and report["rel_logit_diff"] < 1e-3
+    assert report["generate_kernel_vs_pytorch_same_tokens"]
 
 
 @pytest.mark.parametrize("args,fragment", [
