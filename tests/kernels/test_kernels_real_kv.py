@@ -84,3 +84,21 @@ def test_mla_absorbed_on_real_kv(embedded):
     out = mla_decode_absorbed(ql, kv_lat, v_lat, d ** -0.5, num_splits=3, block_n=16)
     ref = mla_decode_absorbed_reference(ql, kv_lat, v_lat, d ** -0.5)
     torch.testing.assert_close(out, ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
+
+
+def test_mla_shared_latent_on_real_kv(embedded):
+    """The shared-latent kernel (DeepSeek-V3 exports) on real activations: the layer's keys side by side as the
+    latent c_KV (key and value), the first KV head's values as the rope key, real queries."""
+    from kvtool.kernels.mla_decode import mla_decode_shared, mla_decode_shared_reference
+
+    q, k, v = _layer_qkv(embedded)
+    t, g, d = k.shape
+    rep = q.shape[0] // g
+    c, pe = k.reshape(1, t, g * d), v[None, :, 0]
+    q_lat = torch.zeros(1, q.shape[0], g * d)
+    for h in range(q.shape[0]):
+        q_lat[0, h, (h // rep) * d:(h // rep + 1) * d] = q[h]
+    q_pe = q[None] * 0.1
+    out = mla_decode_shared(q_lat, q_pe, c, pe, d ** -0.5, num_splits=3, block_n=16)
+    ref = mla_decode_shared_reference(q_lat, q_pe, c, pe, d ** -0.5)
+    torch.testing.assert_close(out, ref, atol=2e-3 * ref.abs().max().item(), rtol=2e-3)
