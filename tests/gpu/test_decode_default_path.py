@@ -167,3 +167,17 @@ def test_deepseek_static_cache_step_captures_in_a_cuda_graph():
         torch.cuda.synchronize()
     assert ((eager - full).norm() / full.norm()) < 1e-3
     assert ((out[:, -1].float() - eager).norm() / eager.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("which", ["mla-decoupled", "deepseek"])
+def test_generate_with_a_static_cache_gives_the_dynamic_caches_tokens(which):
+    """`generate(cache_implementation="static")` on CUDA: transformers compiles the forward
+    (torch.compile, mode reduce-overhead: CUDA graphs) around kvtool's kernels; the tokens must be the dynamic
+    cache's."""
+    model = mla_model("decoupled") if which == "mla-decoupled" else deepseek_model()
+    ids = torch.randint(0, 1000, (2, 24), device="cuda", generator=torch.Generator("cuda").manual_seed(4))
+    kw = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=16,
+              min_new_tokens=16, pad_token_id=0)
+    dynamic = model.generate(**kw)
+    static = model.generate(**kw, cache_implementation="static")
+    assert torch.equal(static, dynamic)
