@@ -102,6 +102,23 @@ def combine_reference(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> to
 # ------------------------------------------------------------------------------------------------ absorbed
 
 @triton.jit
+def _softmax_state(BLOCK_H: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """A split's empty online-softmax state: running max, running sum, output accumulator (float32)."""
+    return (tl.full([BLOCK_H], float("-inf"), tl.float32), tl.zeros([BLOCK_H], tl.float32),
+            tl.zeros([BLOCK_H, BLOCK_DV], tl.float32))
+
+
+@triton.jit
+def _split_range(S, LENS, b, sp, split_len, HAS_LENS: tl.constexpr):
+    """Token range [start, end) of split ``sp`` of row ``b``; with HAS_LENS (a static cache of S slots) row b holds
+    LENS[b] valid tokens."""
+    if HAS_LENS:
+        S = tl.load(LENS + b)
+    start = sp * split_len
+    return start, tl.minimum(start + split_len, S)
+
+
+@triton.jit
 def _aligned(DK_A, DV_A, s_qh_a, s_kn_a, s_vn_a, ALIGN: tl.constexpr):
     """Widths and row strides passed divided by ALIGN, multiplied back (see the absorbed kernels)."""
     return DK_A * ALIGN, DV_A * ALIGN, s_qh_a * ALIGN, s_kn_a * ALIGN, s_vn_a * ALIGN
@@ -144,13 +161,8 @@ def _absorbed_kernel(Q, KV, V, ACC, M, L, S, LENS, H, DK_A, DV_A, split_len, sca
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = dvp * BLOCK_DV + tl.arange(0, BLOCK_DV)
     hmask = offs_h < H
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
-    if HAS_LENS:  # a static cache: row b holds LENS[b] valid tokens of its S slots
-        S = tl.load(LENS + b)
-    start = sp * split_len
-    end = tl.minimum(start + split_len, S)
+    m_i, l_i, acc = _softmax_state(BLOCK_H, BLOCK_DV)
+    start, end = _split_range(S, LENS, b, sp, split_len, HAS_LENS)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
@@ -188,13 +200,8 @@ def _absorbed_full_kernel(Q, KV, V, ACC, M, L, S, LENS, H, DK_A, DV_A, split_len
                  mask=hmask[:, None] & (offs_d1[None, :] < DK), other=0.0)
     q2 = tl.load(Q + b * s_qb + offs_h[:, None] * s_qh + offs_d2[None, :],
                  mask=hmask[:, None] & (offs_d2[None, :] < DK), other=0.0)
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
-    if HAS_LENS:  # a static cache: row b holds LENS[b] valid tokens of its S slots
-        S = tl.load(LENS + b)
-    start = sp * split_len
-    end = tl.minimum(start + split_len, S)
+    m_i, l_i, acc = _softmax_state(BLOCK_H, BLOCK_DV)
+    start, end = _split_range(S, LENS, b, sp, split_len, HAS_LENS)
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
@@ -359,13 +366,8 @@ def _shared_kernel(QC, QR, C, PE, ACC, M, L, S, LENS, H, DV_A, DR, split_len, sc
                  other=0.0)
     qr = tl.load(QR + b * s_rb + offs_h[:, None] * s_rh + offs_dr[None, :], mask=hmask[:, None] & drmask[None, :],
                  other=0.0)
-    m_i = tl.full([BLOCK_H], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_H], tl.float32)
-    acc = tl.zeros([BLOCK_H, BLOCK_DV], tl.float32)
-    if HAS_LENS:  # a static cache: row b holds LENS[b] valid tokens of its S slots
-        S = tl.load(LENS + b)
-    start = sp * split_len
-    end = tl.minimum(start + split_len, S)
+    m_i, l_i, acc = _softmax_state(BLOCK_H, BLOCK_DV)
+    start, end = _split_range(S, LENS, b, sp, split_len, HAS_LENS)
     for n0 in tl.range(start, end, BLOCK_N, num_stages=STAGES):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end
@@ -457,13 +459,8 @@ def _keep_kernel(Q, CK, CV, WKB, BK, INV_FREQ, KNW, ACC, M, L,
     if HAS_KNORM:
         n1 = tl.load(KNW + offs_half)
         n2 = tl.load(KNW + HALF + offs_half)
-    m_i = tl.full([BLOCK_REP], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_REP], tl.float32)
-    acc = tl.zeros([BLOCK_REP, BLOCK_RV], tl.float32)
-    if HAS_LENS:  # a static cache: row b holds LENS[b] valid tokens of its S slots
-        S = tl.load(LENS + b)
-    start = sp * split_len
-    end = tl.minimum(start + split_len, S)
+    m_i, l_i, acc = _softmax_state(BLOCK_REP, BLOCK_RV)
+    start, end = _split_range(S, LENS, b, sp, split_len, HAS_LENS)
     for n0 in range(start, end, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         nmask = offs_n < end

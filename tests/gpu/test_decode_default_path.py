@@ -34,10 +34,23 @@ def mla_model(rope: str, ratio: float = 0.5):
     return model
 
 
+def assert_same_tokens_both_paths(model, prompt):
+    """Greedy generate through the default path (the kernels on CUDA) and the PyTorch path: the same tokens."""
+    from kvtool.runtime.mla import set_decode_kernel
+
+    tokens = {}
+    for use in (None, False):
+        set_decode_kernel(model, use)
+        tokens[use] = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
+                                     max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
+    set_decode_kernel(model, None)
+    assert torch.equal(tokens[None], tokens[False])
+
+
 @pytest.mark.parametrize("rope", ["keep", "decoupled"])
 def test_default_path_is_the_kernel_and_decodes_like_the_full_forward(rope):
     from kvtool.runtime.decode_check import check_cached_decode
-    from kvtool.runtime.mla import MlaAttention, set_decode_kernel
+    from kvtool.runtime.mla import MlaAttention
 
     model = mla_model(rope)
     calls = []
@@ -51,12 +64,7 @@ def test_default_path_is_the_kernel_and_decodes_like_the_full_forward(rope):
     report = check_cached_decode(model, ids, prefill=24, tolerance=1e-3)
     assert calls, "the default decode step did not go through the kernels"
     assert report["passed"], report
-    tokens = {}
-    for use in (None, False):
-        set_decode_kernel(model, use)
-        tokens[use] = model.generate(input_ids=ids[:, :24], attention_mask=torch.ones_like(ids[:, :24]),
-                                     do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
-    assert torch.equal(tokens[None], tokens[False])
+    assert_same_tokens_both_paths(model, ids[:, :24])
 
 
 @pytest.mark.parametrize("rope", ["keep", "decoupled"])
@@ -117,7 +125,6 @@ def deepseek_model():
 def test_deepseek_default_path_is_the_shared_latent_kernel():
     from kvtool.runtime.decode_check import check_cached_decode
     from kvtool.runtime.deepseek import LatentAttention
-    from kvtool.runtime.mla import set_decode_kernel
 
     model = deepseek_model()
     calls = []
@@ -131,12 +138,7 @@ def test_deepseek_default_path_is_the_shared_latent_kernel():
         report = check_cached_decode(model, ids, prefill=24, tolerance=1e-3)  # TF32 dots in the kernel
         assert calls, "the default decode step did not go through the shared-latent kernel"
         assert report["passed"], report
-        tokens = {}
-        for use in (None, False):
-            set_decode_kernel(model, use)
-            tokens[use] = model.generate(input_ids=ids[:, :24], attention_mask=torch.ones_like(ids[:, :24]),
-                                         do_sample=False, max_new_tokens=16, min_new_tokens=16, pad_token_id=0)
-        assert torch.equal(tokens[None], tokens[False])
+        assert_same_tokens_both_paths(model, ids[:, :24])
     finally:
         mla_decode.mla_decode_shared = original
 
