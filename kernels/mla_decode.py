@@ -80,6 +80,17 @@ def _combine(acc: torch.Tensor, m: torch.Tensor, l: torch.Tensor) -> torch.Tenso
     return combine_reference(acc, m, l)
 
 
+def _split_buffers(bsz: int, heads: int, length: int, dv: int, block_n: int, splits: int, device: torch.device
+                   ) -> tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(tokens per split, a multiple of block_n; splits; partial outputs [B, H, splits, dv], maxima and sums
+    [B, H, splits]) of a split-K decode launch asked for ``splits`` splits."""
+    split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
+    splits = triton.cdiv(length, split_len)
+    acc = torch.empty(bsz, heads, splits, dv, device=device, dtype=torch.float32)
+    m = torch.empty(bsz, heads, splits, device=device, dtype=torch.float32)
+    return split_len, splits, acc, m, torch.empty_like(m)
+
+
 def _align(*sizes: int) -> int:
     """8 when every width/stride is a multiple of 8 elements (passed to kernels divided by it, see ALIGN), else 1."""
     return 8 if all(x % 8 == 0 for x in sizes) else 1
@@ -290,12 +301,9 @@ def mla_decode_absorbed(q: torch.Tensor, kv_lat: torch.Tensor, v_lat: torch.Tens
     block_h = block_h or auto_h
     align = _align(dk, dv, q.stride(1), kv_lat.stride(1), v_lat.stride(1))
     hblocks = triton.cdiv(heads, block_h)
-    splits = num_splits or _num_splits(bsz, hblocks * dv_parts, length, block_n, cfg["waves"])
-    split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
-    splits = triton.cdiv(length, split_len)
-    acc = torch.empty(bsz, heads, splits, dv, device=q.device, dtype=torch.float32)
-    m = torch.empty(bsz, heads, splits, device=q.device, dtype=torch.float32)
-    l = torch.empty_like(m)
+    split_len, splits, acc, m, l = _split_buffers(
+        bsz, heads, length, dv, block_n, num_splits or _num_splits(bsz, hblocks * dv_parts, length, block_n,
+                                                                   cfg["waves"]), q.device)
     lens = seq_lens.to(torch.int32) if seq_lens is not None else q
     args = (q, kv_lat, v_lat, acc, m, l, length, lens, heads, dk // align, dv // align, split_len, scale * LOG2E,
             q.stride(0), q.stride(1) // align, kv_lat.stride(0), kv_lat.stride(1) // align, v_lat.stride(0),
@@ -409,12 +417,9 @@ def mla_decode_shared(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tenso
     block_n = block_n or cfg["block_n"]
     align = _align(dv, q_lat.stride(1), c_kv.stride(1))
     hblocks = triton.cdiv(heads, block_h)
-    splits = num_splits or _num_splits(bsz, hblocks, length, block_n, cfg["waves"])
-    split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
-    splits = triton.cdiv(length, split_len)
-    acc = torch.empty(bsz, heads, splits, dv, device=q_lat.device, dtype=torch.float32)
-    m = torch.empty(bsz, heads, splits, device=q_lat.device, dtype=torch.float32)
-    l = torch.empty_like(m)
+    split_len, splits, acc, m, l = _split_buffers(
+        bsz, heads, length, dv, block_n, num_splits or _num_splits(bsz, hblocks, length, block_n, cfg["waves"]),
+        q_lat.device)
     lens = seq_lens.to(torch.int32) if seq_lens is not None else q_lat
     _shared_kernel[(bsz, hblocks, splits)](
         q_lat, q_pe, c_kv, k_pe, acc, m, l, length, lens, heads, dv // align, dr, split_len, scale * LOG2E,
@@ -518,12 +523,8 @@ def mla_decode_keep(q: torch.Tensor, c_k: torch.Tensor, c_v: torch.Tensor, w_kb:
     assert d & (d - 1) == 0 and d >= 32, "head_dim must be a power of two >= 32"
     nrep = heads // groups
     q, c_k, c_v, w_kb = q.contiguous(), c_k.contiguous(), c_v.contiguous(), w_kb.contiguous()
-    splits = num_splits or _num_splits(bsz, groups, length, block_n)
-    split_len = triton.cdiv(triton.cdiv(length, splits), block_n) * block_n
-    splits = triton.cdiv(length, split_len)
-    acc = torch.empty(bsz, heads, splits, r_v, device=q.device, dtype=torch.float32)
-    m = torch.empty(bsz, heads, splits, device=q.device, dtype=torch.float32)
-    l = torch.empty_like(m)
+    split_len, splits, acc, m, l = _split_buffers(bsz, heads, length, r_v, block_n,
+                                                  num_splits or _num_splits(bsz, groups, length, block_n), q.device)
     dummy = inv_freq
     _keep_kernel[(bsz, groups, splits)](
         q, c_k, c_v, w_kb, b_k if b_k is not None else dummy, inv_freq.float().contiguous(),

@@ -67,16 +67,14 @@ def test_default_path_is_the_kernel_and_decodes_like_the_full_forward(rope):
     assert_same_tokens_both_paths(model, ids[:, :24])
 
 
-@pytest.mark.parametrize("rope", ["keep", "decoupled"])
-def test_static_cache_decode_step_captures_in_a_cuda_graph(rope):
+def assert_graph_step_matches_eager(model):
     """StaticCache + the default kernel path: a decode step captured in a CUDA graph and replayed gives the eager
-    step's logits (the kernels read each row's valid length on the device)."""
+    step's logits, and the eager step the full forward's (the kernels read each row's valid length on the device)."""
     from transformers import StaticCache
 
     from kvtool.runtime.graphs import capture_graph
     from kvtool.runtime.hf_cache import cache_kwarg
 
-    model = mla_model(rope)
     ids = torch.randint(0, 1000, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
     kw = lambda c: {cache_kwarg(): c}  # noqa: E731
     with torch.no_grad():
@@ -97,6 +95,11 @@ def test_static_cache_decode_step_captures_in_a_cuda_graph(rope):
         torch.cuda.synchronize()
     assert ((eager - full).norm() / full.norm()) < 1e-3
     assert ((out[:, -1].float() - eager).norm() / eager.norm()) < 1e-5
+
+
+@pytest.mark.parametrize("rope", ["keep", "decoupled"])
+def test_static_cache_decode_step_captures_in_a_cuda_graph(rope):
+    assert_graph_step_matches_eager(mla_model(rope))
 
 
 def deepseek_model():
@@ -144,31 +147,7 @@ def test_deepseek_default_path_is_the_shared_latent_kernel():
 
 
 def test_deepseek_static_cache_step_captures_in_a_cuda_graph():
-    from transformers import StaticCache
-
-    from kvtool.runtime.graphs import capture_graph
-    from kvtool.runtime.hf_cache import cache_kwarg
-
-    model = deepseek_model()
-    ids = torch.randint(0, 1000, (2, 40), device="cuda", generator=torch.Generator("cuda").manual_seed(2))
-    with torch.no_grad():
-        full = model(input_ids=ids).logits[:, -1].float()
-        cache = StaticCache(config=model.config, max_cache_len=64)
-        model(input_ids=ids[:, :39], use_cache=True, **{cache_kwarg(): cache})
-        step_ids, pos = ids[:, 39:40].clone(), torch.full((2, 1), 39, device="cuda")
-        counts = [layer.cumulative_length.clone() for layer in cache.layers]
-
-        def step():
-            for layer, n in zip(cache.layers, counts, strict=True):
-                layer.cumulative_length.copy_(n)
-            return model(input_ids=step_ids, position_ids=pos, use_cache=True, **{cache_kwarg(): cache}).logits
-
-        eager = step()[:, -1].float()
-        graph, out = capture_graph(step)
-        graph.replay()
-        torch.cuda.synchronize()
-    assert ((eager - full).norm() / full.norm()) < 1e-3
-    assert ((out[:, -1].float() - eager).norm() / eager.norm()) < 1e-5
+    assert_graph_step_matches_eager(deepseek_model())
 
 
 @pytest.mark.parametrize("which", ["mla-decoupled", "deepseek"])
