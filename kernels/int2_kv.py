@@ -189,13 +189,40 @@ def _rotate_rows_kernel(x_ptr, rot_ptr, out_ptr, H, REP, D: tl.constexpr, TRANSP
 
 
 @triton.jit
-def code_planes(x, ASM: tl.constexpr):
+def code_planes(x, ASM: tl.constexpr, FOLD: tl.constexpr = False):
     """The four 2-bit code planes of uint8 bytes ``x`` as fp16 (plane t: bits 2t..2t+1 of each byte).
 
     ``ASM``: packed bit operations (PTX, GPU only; the comment above); otherwise shifts and conversions (also what
-    the interpreter runs). Both give the same exact values 0..3.
+    the interpreter runs). Both give the same exact values 0..3, or with ``FOLD`` 1024 + code (the 1024 left in:
+    no sub.f16x2, 16 instead of 24 instructions per 16 codes; the caller subtracts 1024 through the zero term).
     """
-    if ASM:
+    if ASM and FOLD:
+        c0, c1, c2, c3 = tl.inline_asm_elementwise(
+            ("{\n"
+            ".reg .b32 lo, hi, t, m, k, z;\n"
+            "mov.b32 z, 0;\n"
+            "mov.b32 m, 0x00030003;\n"
+            "mov.b32 k, 0x64006400;\n"
+            "prmt.b32 lo, $8, z, 0x4140;\n"
+            "prmt.b32 hi, $8, z, 0x4342;\n"
+            "lop3.b32 $0, lo, m, k, 0xea;\n"
+            "lop3.b32 $1, hi, m, k, 0xea;\n"
+            "shr.b32 t, lo, 2;\n"
+            "lop3.b32 $2, t, m, k, 0xea;\n"
+            "shr.b32 t, hi, 2;\n"
+            "lop3.b32 $3, t, m, k, 0xea;\n"
+            "shr.b32 t, lo, 4;\n"
+            "lop3.b32 $4, t, m, k, 0xea;\n"
+            "shr.b32 t, hi, 4;\n"
+            "lop3.b32 $5, t, m, k, 0xea;\n"
+            "shr.b32 t, lo, 6;\n"
+            "lop3.b32 $6, t, m, k, 0xea;\n"
+            "shr.b32 t, hi, 6;\n"
+            "lop3.b32 $7, t, m, k, 0xea;\n"
+            "}\n"),
+            "=r,=r,=r,=r,=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
+            is_pure=True, pack=4)
+    elif ASM:
         c0, c1, c2, c3 = tl.inline_asm_elementwise(
             ("{\n"
             ".reg .b32 lo, hi, t, m, k, z;\n"
@@ -235,6 +262,8 @@ def code_planes(x, ASM: tl.constexpr):
         c1 = ((xi >> 2) & 3).to(tl.float16)
         c2 = ((xi >> 4) & 3).to(tl.float16)
         c3 = ((xi >> 6) & 3).to(tl.float16)
+        if FOLD:
+            c0, c1, c2, c3 = c0 + 1024.0, c1 + 1024.0, c2 + 1024.0, c3 + 1024.0
     return c0, c1, c2, c3
 
 
@@ -244,7 +273,7 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
                                  TOKENS_PER_SPLIT, NUM_SPLITS,
                                  D: tl.constexpr, GS: tl.constexpr, GP: tl.constexpr, BLOCK_N: tl.constexpr,
                                  ASM: tl.constexpr, NUM_STAGES: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-                                 IDX64: tl.constexpr):
+                                 IDX64: tl.constexpr, FOLD: tl.constexpr = False):
     # BLOCK_SIZE (tokens per page) is a compile-time power of two: page and offset are a shift and a mask, not a
     # signed division (ncu: integer address arithmetic was ~40% of the instructions with a runtime page size).
     # IDX64: 64-bit token offsets only when the cache has 2**29 elements or more (a 4x margin below 2**31).
@@ -289,14 +318,18 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
             # one scale/zero per token: q.(z + s*code) = s * (q.code) + z * sum(q); codes are exact in fp16
             ksc = tl.load(ks_ptr + tok, mask=ok, other=0.0).to(tl.float32)
             kze = tl.load(kz_ptr + tok, mask=ok, other=0.0).to(tl.float32)
-            k0, k1, k2, k3 = code_planes(kb, ASM)
+            k0, k1, k2, k3 = code_planes(kb, ASM, FOLD)
             s = (tl.dot(q0, tl.trans(k0)) + tl.dot(q1, tl.trans(k1)) + tl.dot(q2, tl.trans(k2))
                  + tl.dot(q3, tl.trans(k3)))
+            if FOLD:  # planes hold 1024 + code: q.(1024 + code) = q.code + 1024 sum(q) (qsum of the fp16 q)
+                kze = kze - 1024.0 * ksc
             s = s * ksc[None, :] + qsum[:, None] * kze[None, :]
         else:
             ksc = tl.load(ks_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             kze = tl.load(kz_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-            c0, c1, c2, c3 = code_planes(kb, ASM)
+            c0, c1, c2, c3 = code_planes(kb, ASM, FOLD)
+            if FOLD:
+                kze = kze - 1024.0 * ksc
             k0 = (kze + ksc * c0.to(tl.float32)).to(tl.float16)
             k1 = (kze + ksc * c1.to(tl.float32)).to(tl.float16)
             k2 = (kze + ksc * c2.to(tl.float32)).to(tl.float16)
@@ -312,7 +345,9 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
             vze = tl.load(vz_ptr + tok, mask=ok, other=0.0).to(tl.float32)
             ps = (p * vsc[None, :]).to(tl.float16)
             pz = tl.sum(p * vze[None, :], axis=1)[:, None]
-            v0, v1, v2, v3 = code_planes(vb, ASM)
+            if FOLD:  # (p*s).(1024 + code): 1024 times the fp16 weights actually fed to the dot comes off
+                pz = pz - 1024.0 * tl.sum(ps.to(tl.float32), axis=1)[:, None]
+            v0, v1, v2, v3 = code_planes(vb, ASM, FOLD)
             acc0 = acc0 * alpha[:, None] + tl.dot(ps, v0) + pz
             acc1 = acc1 * alpha[:, None] + tl.dot(ps, v1) + pz
             acc2 = acc2 * alpha[:, None] + tl.dot(ps, v2) + pz
@@ -321,7 +356,9 @@ def _int2_attention_split_kernel(q_ptr, kd_ptr, ks_ptr, kz_ptr, vd_ptr, vs_ptr, 
             vsc = tl.load(vs_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             vze = tl.load(vz_ptr + tok[:, None] * NG + grp[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
             pf = p.to(tl.float16)
-            v0, v1, v2, v3 = code_planes(vb, ASM)
+            if FOLD:
+                vze = vze - 1024.0 * vsc
+            v0, v1, v2, v3 = code_planes(vb, ASM, FOLD)
             acc0 = acc0 * alpha[:, None] + tl.dot(pf, (vze + vsc * v0.to(tl.float32)).to(tl.float16))
             acc1 = acc1 * alpha[:, None] + tl.dot(pf, (vze + vsc * v1.to(tl.float32)).to(tl.float16))
             acc2 = acc2 * alpha[:, None] + tl.dot(pf, (vze + vsc * v2.to(tl.float32)).to(tl.float16))
@@ -388,13 +425,18 @@ def _merge_kernel(o_ptr, m_ptr, l_ptr, rot_ptr, out_ptr, H, REP, NUM_SPLITS,
     tl.store(out_ptr + pid * D + i, y)
 
 
-def _use_asm(unpack: str, device: torch.device) -> bool:
-    if unpack not in ("auto", "asm", "convert"):
-        raise KvtoolError(f"unpack must be auto, asm or convert, got {unpack!r}")
+UNPACK_MODES = ("auto", "asm", "convert", "asm-folded", "convert-folded")
+
+
+def _unpack_mode(unpack: str, device: torch.device) -> tuple[bool, bool]:
+    """(PTX unpack, 1024 bias folded into the zero term) of an ``unpack`` mode (see :func:`int2_decode_attention`)."""
+    if unpack not in UNPACK_MODES:
+        raise KvtoolError(f"unpack must be one of {', '.join(UNPACK_MODES)}, got {unpack!r}")
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if unpack == "asm" and (interpreted or device.type != "cuda"):
-        raise KvtoolError("unpack='asm' needs a CUDA device and no TRITON_INTERPRET")
-    return unpack == "asm" or (unpack == "auto" and device.type == "cuda" and not interpreted)
+    base, _, folded = unpack.partition("-")
+    if base == "asm" and (interpreted or device.type != "cuda"):
+        raise KvtoolError(f"unpack={unpack!r} needs a CUDA device and no TRITON_INTERPRET")
+    return base == "asm" or (base == "auto" and device.type == "cuda" and not interpreted), bool(folded)
 
 
 PROGRAMS_PER_SM = 4  # split-K programs per SM of the default launch (H200 sweep, docs/gpu-logs/int2_*h200*.log)
@@ -434,7 +476,10 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     ``block_n``/``num_stages`` None: 64 tokens per tile when fewer than 128 (sequence, KV head) pairs, else 128;
     3 stages — the H200 ablation's picks at batch 1 and 32 (2026-11-30, docs/gpu-logs/int2_ablation2_h200.log).
     ``unpack``: ``"asm"`` (packed PTX bit operations), ``"convert"`` (shifts + conversions) or ``"auto"`` (asm on a
-    CUDA device unless the Triton interpreter runs). ``target_programs`` None: :func:`default_target_programs`
+    CUDA device unless the Triton interpreter runs); ``"asm-folded"``/``"convert-folded"``: codes unpacked as
+    1024 + code (8 fewer instructions per 16 codes in PTX), the 1024 taken off through the zero term (not yet
+    timed on a GPU, so not the default; bench/gpu_int2_attention.py ``--unpack auto,asm-folded``).
+    ``target_programs`` None: :func:`default_target_programs`
     (4 per SM on CUDA; the split count then follows from batch, KV heads and length).
     """
     bsz, h, d = q.shape
@@ -444,6 +489,7 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     _check_shapes(d, gs)
     rep = h // g
     sm_scale = sm_scale if sm_scale is not None else d ** -0.5
+    asm, fold = _unpack_mode(unpack, q.device)
     qf = q.float().contiguous()
     if k_rot is not None:
         qr = torch.empty_like(qf)
@@ -465,8 +511,8 @@ def int2_decode_attention(q: torch.Tensor, k_cache: tuple[torch.Tensor, torch.Te
     _int2_attention_split_kernel[(bsz, g, splits)](
         qf, *k_cache, *v_cache, block_table.int().contiguous(), seq_lens.int().contiguous(),
         o_part, m_part, l_part, sm_scale * LOG2E, h, g, rep, block_table.shape[1], per_split, parts,
-        D=d, GS=gs, GP=gp, BLOCK_N=block_n, ASM=_use_asm(unpack, q.device), NUM_STAGES=num_stages,
-        BLOCK_SIZE=block_size, IDX64=data.numel() >= 2 ** 31 // 4, num_warps=num_warps)
+        D=d, GS=gs, GP=gp, BLOCK_N=block_n, ASM=asm, NUM_STAGES=num_stages,
+        BLOCK_SIZE=block_size, IDX64=data.numel() >= 2 ** 31 // 4, FOLD=fold, num_warps=num_warps)
     if fp_segment is not None:
         fk, fv = (t.contiguous() for t in fp_segment)
         if fk.shape[:2] != (bsz, g) or fk.shape[-1] != d or fv.shape != fk.shape or fp_lens is None:

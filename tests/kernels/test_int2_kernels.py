@@ -79,8 +79,9 @@ def test_quantize_pack_skips_negative_slots():
     assert kc[0][1, 0, 1].any() and not kc[0][0].any() and not kc[0][1, 0, [0, 2, 3]].any()
 
 
+@pytest.mark.parametrize("unpack", ["auto", "convert-folded"])
 @pytest.mark.parametrize("rotated,splits,gs", [(True, 3, 32), (True, 2, 64), (False, None, 64)])
-def test_decode_attention_matches_reference(rotated, splits, gs):
+def test_decode_attention_matches_reference(rotated, splits, gs, unpack):
     g, rep, d, block = 2, 3, 64, 8
     k_rot = _orth(g, d, 2) if rotated else None
     v_rot = _orth(g, d, 3) if rotated else None
@@ -88,7 +89,8 @@ def test_decode_attention_matches_reference(rotated, splits, gs):
     kc, vc, table, _ = _paged(lens, block, g, d, gs, seed=4, k_rot=k_rot, v_rot=v_rot)
     q = torch.randn(2, g * rep, d, generator=torch.Generator().manual_seed(6))
     seq_lens = torch.tensor(lens)
-    out = int2_decode_attention(q, kc, vc, table, seq_lens, k_rot, v_rot, block_n=16, num_splits=splits)
+    out = int2_decode_attention(q, kc, vc, table, seq_lens, k_rot, v_rot, block_n=16, num_splits=splits,
+                                unpack=unpack)
     ref = decode_attention_reference(q, kc, vc, table, seq_lens, k_rot, v_rot)
     assert out.shape == (2, g * rep, d)
     torch.testing.assert_close(out, ref, atol=3e-3, rtol=3e-3)  # fp16 operands inside the kernel
@@ -151,11 +153,13 @@ def test_full_precision_segment_merges_with_int2_history():
 
 def test_unpack_option_is_checked():
     from kvtool.errors import KvtoolError
-    from kvtool.kernels.int2_kv import _use_asm
+    from kvtool.kernels.int2_kv import _unpack_mode
 
-    with pytest.raises(KvtoolError, match="unpack must be auto, asm or convert"):
-        _use_asm("fast", torch.device("cpu"))
-    with pytest.raises(KvtoolError, match="needs a CUDA device"):
-        _use_asm("asm", torch.device("cpu"))
-    assert _use_asm("auto", torch.device("cpu")) is False
-    assert _use_asm("convert", torch.device("cpu")) is False
+    with pytest.raises(KvtoolError, match="unpack must be one of auto, asm, convert"):
+        _unpack_mode("fast", torch.device("cpu"))
+    for mode in ("asm", "asm-folded"):
+        with pytest.raises(KvtoolError, match="needs a CUDA device"):
+            _unpack_mode(mode, torch.device("cpu"))
+    assert _unpack_mode("auto", torch.device("cpu")) == (False, False)
+    assert _unpack_mode("convert", torch.device("cpu")) == (False, False)
+    assert _unpack_mode("convert-folded", torch.device("cpu")) == (False, True)
