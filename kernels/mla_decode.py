@@ -390,14 +390,20 @@ def _shared_kernel(QC, QR, C, PE, ACC, M, L, S, LENS, H, DV_A, DR, split_len, sc
     _absorbed_store(ACC, M, L, acc, m_i, l_i, b, sp, offs_h, offs_dv, hmask, DV, s_ab, s_ah, s_as, s_mb, s_mh)
 
 
-def shared_config(batch: int, heads: int, dv: int) -> dict:
+_STAGE_BYTES = 160 * 1024  # shared memory the pipelined c_KV + k_pe tiles may take (an H100/H200 SM has 228 KiB)
+
+
+def shared_config(batch: int, heads: int, dv: int, dr: int = 64, elem: int = 2) -> dict:
     """The shared-latent kernel's default launch: the absorbed full-tile kernel's budgets (fp32 accumulator of at
-    most 32 heads x 512, 32-token tiles up to a 512-wide latent, 16 past it), 4 warps, 3 stages (2 past 512: the
-    c_KV tiles of three stages would not fit in shared memory), one wave of programs at batch 1, two above."""
+    most 32 heads x 512, 32-token tiles up to a 512-wide latent, 16 past it), 4 warps, up to 3 pipeline stages of
+    c_KV + k_pe tiles within :data:`_STAGE_BYTES` (``elem``: bytes per cache element), one wave of programs at
+    batch 1, two above. Not yet tuned on a GPU (bench/gpu_mla_shared.py has the ablation)."""
     block_dv = _pow2(dv)
     block_h = min(64, _pow2(heads), max(16, _ACC_BUDGET // block_dv))
-    return {"block_h": block_h, "block_n": 32 if block_dv <= 512 else 16, "num_warps": 4,
-            "num_stages": 3 if block_dv <= 512 else 2, "waves": 1 if batch * triton.cdiv(heads, block_h) < 8 else 2}
+    block_n = 32 if block_dv <= 512 else 16
+    stage = block_n * (block_dv + _pow2(dr)) * elem
+    return {"block_h": block_h, "block_n": block_n, "num_warps": 4, "num_stages": max(1, min(3, _STAGE_BYTES // stage)),
+            "waves": 1 if batch * triton.cdiv(heads, block_h) < 8 else 2}
 
 
 def mla_decode_shared(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tensor, k_pe: torch.Tensor, scale: float,
@@ -412,7 +418,7 @@ def mla_decode_shared(q_lat: torch.Tensor, q_pe: torch.Tensor, c_kv: torch.Tenso
     _, length, dr = k_pe.shape
     assert c_kv.shape == (bsz, length, dv) and q_pe.shape == (bsz, heads, dr)
     q_lat, q_pe, c_kv, k_pe = (t if t.stride(-1) == 1 else t.contiguous() for t in (q_lat, q_pe, c_kv, k_pe))
-    cfg = shared_config(bsz, heads, dv)
+    cfg = shared_config(bsz, heads, dv, dr, c_kv.element_size())
     block_h = block_h or cfg["block_h"]
     block_n = block_n or cfg["block_n"]
     align = _align(dv, q_lat.stride(1), c_kv.stride(1))

@@ -177,4 +177,6 @@ def test_shared_latent_default_launch():
 
     # DeepSeek-V3's 512-wide latent at 128 heads, and the Llama-8B export at KV ratio 0.5 (kv_lora_rank 960)
     assert shared_config(32, 128, 512) == {"block_h": 32, "block_n": 32, "num_warps": 4, "num_stages": 3, "waves": 2}
-    assert shared_config(1, 32, 960)["block_h"] == 16 and shared_config(1, 32, 960)["num_stages"] == 2
+    assert shared_config(1, 32, 960)["block_h"] == 16 and shared_config(1, 32, 960)["num_stages"] == 3
+    # float32 caches: the stages' c_KV + k_pe tiles stay within the shared-memory budget
+    assert shared_config(1, 32, 448, elem=4)["num_stages"] == 2 and shared_config(1, 32, 960, elem=4)["num_stages"] == 2
