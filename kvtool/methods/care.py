@@ -214,6 +214,9 @@ class ConvertMla(Method):
         import torch
         from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+        from kvtool.runtime import register_auto_classes
+
+        register_auto_classes()  # kvtool's MLA config and model classes (AutoConfig below reads the output)
         device = options.get("device", "cpu")
         tokenizer = AutoTokenizer.from_pretrained(str(out))
         fmt = manifest.get("options", {}).get("format")
