@@ -31,6 +31,7 @@ import torch
 from kvtool.errors import KvtoolError
 
 OUT_TYPES = ("f16", "bf16", "f32")
+GGUF_FILE = "model.gguf"  # the file in an export-gguf / --format gguf output folder
 ARCHS = {"deepseek_v3": "deepseek2", "llama": "llama"}
 # the Llama-3 pre-tokenizer split (llama.cpp's "llama-bpe"), as tokenizer.json spells it
 LLAMA3_SPLIT = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*|"
@@ -285,3 +286,24 @@ def write_gguf(model_dir: Path, out_file: Path, out_type: str = "f16", pre_token
     return {"architecture": arch, "tensors": len(tensors), "tensor_bytes": n_bytes, "type": out_type,
             "pre_tokenizer": pre, "q_lora_rank": config.get("q_lora_rank") if arch == "deepseek2" else None,
             "layers": config["num_hidden_layers"], "file_bytes": out_file.stat().st_size}
+
+
+def source_pre_tokenizer(directory: Path, source: str) -> str | None:
+    """``tokenizer.ggml.pre`` of the GGUF the checkpoint came from (the model argument itself, or the source that
+    its kvtool.json names, followed through kvtool outputs), or None. transformers' GGUF tokenizer conversion drops
+    pre-tokenizer steps (SmolLM2's digit split), so the source file's own name is the one to keep."""
+    from kvtool.models import EMBEDDED_MODEL, embedded_gguf_path
+
+    seen = set()
+    while True:
+        if source == EMBEDDED_MODEL:
+            return gguf_pre_tokenizer(embedded_gguf_path())
+        if source.endswith(".gguf") and Path(source).is_file():
+            return gguf_pre_tokenizer(Path(source))
+        manifest = directory / "kvtool.json"
+        if directory in seen or not manifest.is_file():
+            return None
+        seen.add(directory)
+        model = json.loads(manifest.read_text()).get("model") or {}
+        source = str(model.get("source") or "")
+        directory = Path(source)

@@ -9,8 +9,7 @@ import typer
 
 from kvtool.commands.options import MODEL_HELP
 
-GGUF_FILE = "model.gguf"
-
+GGUF_FILE = "model.gguf"  # kvtool.convert.gguf_export.GGUF_FILE (not imported at CLI start-up)
 
 def export_gguf_(
     model: Annotated[str, typer.Argument(help=MODEL_HELP + " A convert-mla --format deepseek-v3 output (healed or "
@@ -38,7 +37,7 @@ def export_gguf_(
 
     from kvtool.checkpoint import atomic_dir, check_output_dir, provenance
     from kvtool.commands.console import print_json, print_table
-    from kvtool.convert.gguf_export import OUT_TYPES, write_gguf
+    from kvtool.convert.gguf_export import OUT_TYPES, source_pre_tokenizer, write_gguf
     from kvtool.errors import KvtoolError
     from kvtool.models import resolve_model_path
 
@@ -63,26 +62,3 @@ def export_gguf_(
                 [[report["architecture"], str(report["layers"]), str(report["tensors"]),
                   f"{report['file_bytes'] / 2**20:.1f}", str(report["q_lora_rank"]), report["pre_tokenizer"]]])
 
-
-def source_pre_tokenizer(directory: Path, source: str) -> str | None:
-    """``tokenizer.ggml.pre`` of the GGUF the checkpoint came from (the model argument itself, or the source that
-    its kvtool.json names, followed through kvtool outputs), or None. transformers' GGUF tokenizer conversion drops
-    pre-tokenizer steps (SmolLM2's digit split), so the source file's own name is the one to keep."""
-    import json
-
-    from kvtool.convert.gguf_export import gguf_pre_tokenizer
-    from kvtool.models import EMBEDDED_MODEL, embedded_gguf_path
-
-    seen = set()
-    while True:
-        if source == EMBEDDED_MODEL:
-            return gguf_pre_tokenizer(embedded_gguf_path())
-        if source.endswith(".gguf") and Path(source).is_file():
-            return gguf_pre_tokenizer(Path(source))
-        manifest = directory / "kvtool.json"
-        if directory in seen or not manifest.is_file():
-            return None
-        seen.add(directory)
-        model = json.loads(manifest.read_text()).get("model") or {}
-        source = str(model.get("source") or "")
-        directory = Path(source)

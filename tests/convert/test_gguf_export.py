@@ -137,3 +137,26 @@ def test_export_gguf_bad_input(tiny_checkpoint, tmp_path):
     res = run("export-gguf", llama, "-o", tmp_path / "w")
     assert res.exit_code == 2 and "--pre-tokenizer NAME" in res.output and not (tmp_path / "w").exists()
     assert {p.name: p.read_bytes() for p in llama.iterdir()} == before  # the input is never modified
+
+
+def test_convert_mla_format_gguf_writes_the_checkpoint_and_its_gguf(tiny_checkpoint, tmp_path):
+    """--format gguf: the deepseek-v3 checkpoint (still stock transformers) plus model.gguf beside it, the same
+    file export-gguf writes from that checkpoint."""
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_checkpoint("llama", num_hidden_layers=2)
+    res = run("convert-mla", src, "-o", tmp_path / "o", "--format", "gguf", "--kv-ratio", 0.5, "--device", "cpu",
+              "--samples", 2, "--seq-len", 32, "--no-progress")
+    assert res.exit_code == 0, res.output
+    out = tmp_path / "o"
+    assert type(AutoModelForCausalLM.from_pretrained(out)).__name__ == "DeepseekV3ForCausalLM"
+    manifest = json.loads((out / "kvtool.json").read_text())
+    assert manifest["options"]["format"] == "gguf" and "model.gguf" in manifest["checksums"]
+    fields, tensors = read(out / "model.gguf")
+    assert fields["deepseek2.attention.q_lora_rank"] == 0 and "blk.1.attn_q.weight" in tensors
+    res = run("export-gguf", out, "-o", tmp_path / "e", "--type", "f32")
+    assert res.exit_code == 0, res.output
+    _, again = read(tmp_path / "e" / "model.gguf")
+    assert set(again) == set(tensors)
+    for name, (kind, shape, data) in tensors.items():
+        assert again[name][:2] == (kind, shape) and np.array_equal(again[name][2], data), name
