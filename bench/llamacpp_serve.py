@@ -6,7 +6,8 @@ For each GGUF and context C: the KV cache bytes per token as llama.cpp allocates
 prompt tokens/s of one sequence of C - steps random tokens (one llama_decode per n_batch tokens), and the decode
 tokens/s at batch B (B sequences of that context each, their own cache streams: ``kv_unified = false``, the prompt's
 cache copied to the other streams with ``llama_memory_seq_cp``, then ``steps`` decode calls of one token per
-sequence). Random token ids, seeded; same threads for every model.
+sequence). Batch 1 decodes sequence 0 alone; the stream is trimmed back to the prompt after each batch size.
+Random token ids, seeded; the same threads for every model; the models run one after another at each context.
 
     python bench/llamacpp_serve.py --model original=out/orig-f16/model.gguf --model mla-0.5=out/ds05-gguf/model.gguf \\
         --contexts 2048,8192,32768 --batches 1,4 --json docs/results/llamacpp_serve_cpu_2026-12-04.json
@@ -18,10 +19,7 @@ import argparse
 import contextlib
 import ctypes
 import json
-import os
 import re
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,22 +28,26 @@ import numpy as np
 KV_LINE = re.compile(r"llama_kv_cache: size = +([\d.]+) MiB \( *(\d+) cells, +(\d+) layers, +(\d+)/(\d+) seqs\)")
 
 
+LOG: list[str] = []
+
+
 @contextlib.contextmanager
-def captured_stderr():
-    """Everything written to file descriptor 2 (llama.cpp's log) inside the block, as a list with one string."""
+def captured_log():
+    """llama.cpp's log lines written inside the block (through llama_log_set), as a list with one string."""
+    import llama_cpp as L
+
+    @L.llama_log_callback
+    def collect(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
+        LOG.append(text.decode(errors="replace"))
+
     out: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield out
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            out.append(tmp.read().decode(errors="replace"))
+    LOG.clear()
+    L.llama_log_set(collect, ctypes.c_void_p(0))
+    try:
+        yield out
+    finally:
+        out.append("".join(LOG))
+        captured_log.keep = collect  # the C side keeps the pointer: keep the callback alive
 
 
 class Engine:
@@ -55,8 +57,7 @@ class Engine:
         import llama_cpp as L
 
         self.L = L
-        with captured_stderr() as log:
-            L.llama_log_set(None, ctypes.c_void_p())  # llama.cpp's default logger: stderr
+        with captured_log() as log:
             mp = L.llama_model_default_params()
             self.model = L.llama_model_load_from_file(gguf.encode(), mp)
             cp = L.llama_context_default_params()
@@ -105,31 +106,36 @@ class Engine:
 
 def measure(gguf: str, context: int, batches: list[int], steps: int, threads: int, n_batch: int,
             seed: int) -> list[dict]:
-    """Rows (one per batch size) for one GGUF at one context; the prompt is processed once per engine."""
-    rows = []
+    """Rows (one per batch size) for one GGUF at one context: the prompt is processed once into sequence 0 of an
+    engine with max(batches) streams; batch B decodes sequences 0..B-1 (the prompt's cache copied to the others)."""
     rng = np.random.default_rng(seed)
-    for batch in batches:
-        eng = Engine(gguf, context, batch, threads, n_batch)
-        prompt = rng.integers(100, eng.vocab - 100, size=context - steps).tolist()
-        t0 = time.perf_counter()
-        for s in range(0, len(prompt), n_batch):
-            eng.decode(prompt[s:s + n_batch], s, [0])
-        prompt_s = time.perf_counter() - t0
-        mem = eng.L.llama_get_memory(eng.ctx)
-        for seq in range(1, batch):
+    eng = Engine(gguf, context, max(batches), threads, n_batch)
+    prompt = rng.integers(100, eng.vocab - 100, size=context - steps).tolist()
+    t0 = time.perf_counter()
+    for s in range(0, len(prompt), n_batch):
+        eng.decode(prompt[s:s + n_batch], s, [0])
+    prompt_s = time.perf_counter() - t0
+    mem = eng.L.llama_get_memory(eng.ctx)
+    copied = 1
+    rows = []
+    for batch in sorted(batches):
+        for seq in range(copied, batch):
             eng.L.llama_memory_seq_cp(mem, 0, seq, -1, -1)
+        copied = max(copied, batch)
         seqs = list(range(batch))
         eng.decode([int(rng.integers(100, 1000))] * batch, len(prompt), seqs)  # warm-up step (and the stream copy)
         t0 = time.perf_counter()
         for k in range(1, steps):
             eng.decode([int(rng.integers(100, 1000))] * batch, len(prompt) + k, seqs)
         step_s = (time.perf_counter() - t0) / (steps - 1)
+        for seq in seqs:  # back to the prompt alone
+            eng.L.llama_memory_seq_rm(mem, seq, len(prompt), -1)
         rows.append({"context": context, "batch": batch, "kv_bytes_per_token": eng.kv_bytes_per_token,
                      "kv_layers": eng.kv_layers, "prompt_tokens": len(prompt),
                      "prompt_tokens_per_s": len(prompt) / prompt_s, "decode_ms_per_step": 1000 * step_s,
                      "decode_tokens_per_s": batch / step_s, "flash_attn": eng.flash_attn})
-        eng.close()
         print(json.dumps({"gguf": gguf, **rows[-1]}), flush=True)
+    eng.close()
     return rows
 
 
@@ -139,7 +145,9 @@ def main() -> None:
     ap.add_argument("--contexts", default="2048,8192,32768")
     ap.add_argument("--batches", default="1,4")
     ap.add_argument("--steps", type=int, default=16, help="decode steps per row (the first is a warm-up)")
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1,
+                    help="threads for every model (1: on the shared 2-core machine two threads spin at ggml's "
+                         "barriers while other jobs hold a core, 2.5x slower than one)")
     ap.add_argument("--n-batch", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", type=Path)
@@ -148,13 +156,13 @@ def main() -> None:
 
     results = {"llama_cpp_python": llama_cpp.__version__, "threads": args.threads, "steps": args.steps,
                "models": {}}
-    for spec in args.model:
-        name, path = spec.split("=", 1)
-        rows = []
-        for c in (int(x) for x in args.contexts.split(",")):
-            rows += measure(path, c, [int(b) for b in args.batches.split(",")], args.steps, args.threads,
-                            args.n_batch, args.seed)
-        results["models"][name] = {"gguf": path, "file_bytes": Path(path).stat().st_size, "rows": rows}
+    models = dict(spec.split("=", 1) for spec in args.model)
+    for name, path in models.items():
+        results["models"][name] = {"gguf": path, "file_bytes": Path(path).stat().st_size, "rows": []}
+    for c in (int(x) for x in args.contexts.split(",")):  # the models one after another at each context
+        for name, path in models.items():
+            results["models"][name]["rows"] += measure(path, c, [int(b) for b in args.batches.split(",")],
+                                                       args.steps, args.threads, args.n_batch, args.seed)
     base = results["models"].get("original")
     if base:
         for m in results["models"].values():

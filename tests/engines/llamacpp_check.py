@@ -26,7 +26,7 @@ def llama_cpp_greedy(gguf: Path, prompt: list[int], n_new: int) -> list[int]:
     """Greedy continuation (argmax of each step's logits, no sampler) of ``prompt`` by llama.cpp."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=len(prompt) + n_new + 8, n_batch=512, logits_all=False, verbose=False,
+    llm = Llama(model_path=str(gguf), n_ctx=len(prompt) + n_new + 8, n_batch=512, logits_all=True, verbose=False,
                 seed=0, n_threads=2)
     llm.eval(prompt)
     out = []
