@@ -29,6 +29,12 @@ from llamacpp_check import agreement, compare_gguf  # noqa: E402
 ENGINE_OUT = os.environ.get("KVTOOL_ENGINE_OUT")
 LLAMA_CPP = os.environ.get("KVTOOL_LLAMA_CPP")
 TARGETS = {"rel_logprob_err": 1e-3, "argmax_agreement": 0.99, "ppl_rel_diff": 0.005}
+# llama.cpp's converter fills these MoE keys from transformers' DeepseekV3Config defaults (256 routed experts, ...);
+# every layer of the export is dense (leading_dense_block_count = block_count), so llama.cpp reads none of them and
+# kvtool's writer leaves them out (expert_shared_count: 0, no shared expert)
+MOE_ONLY = {f"deepseek2.{k}" for k in ("expert_count", "expert_group_count", "expert_group_used_count",
+                                       "expert_shared_count", "expert_used_count", "expert_weights_norm",
+                                       "expert_weights_scale")}
 runner = CliRunner()
 
 
@@ -89,8 +95,8 @@ def test_writer_equals_llama_cpp_converter_on_the_healed_export(healed, healed_g
     theirs = vendored_convert(healed, tmp_path / "theirs.gguf")
     diff = compare_gguf(healed_gguf, theirs)
     record("writer_vs_converter_embedded", diff)
-    assert diff["tensor_differences"] == [] and diff["tensors"] == 30 * 13 + 2
-    assert diff["key_differences"] == [], diff
+    assert diff["tensor_differences"] == [] and diff["tensors"] == 30 * 13 + 2  # q_a, q_a_norm, q_b: 13 a layer
+    assert set(diff["key_differences"]) <= MOE_ONLY, diff
 
 
 def test_llama_cpp_agrees_with_transformers_on_the_healed_embedded_export(healed, healed_gguf):
@@ -134,8 +140,11 @@ def test_llama_cpp_agrees_on_a_32_layer_model(tiny32, tmp_path, q_lora):
 
 
 def test_writer_equals_llama_cpp_converter_on_a_32_layer_model(tiny32, tmp_path):
-    run("export-gguf", tiny32["identity"], "-o", tmp_path / "g")
+    """The source folder has the embedded tokenizer's files but no GGUF behind it: its tokenizer.json (transformers'
+    conversion of the GGUF's) reads as gpt-2, which tokenizes like smollm with this vocabulary (no multi-digit
+    merges); llama.cpp's converter hashes the ids and says smollm, so the name is given here."""
+    run("export-gguf", tiny32["identity"], "-o", tmp_path / "g", "--pre-tokenizer", "smollm")
     diff = compare_gguf(tmp_path / "g" / "model.gguf",
                         vendored_convert(tiny32["identity"], tmp_path / "theirs.gguf"))
     record("writer_vs_converter_tiny32", diff)
-    assert diff["tensor_differences"] == [] and diff["key_differences"] == [], diff
+    assert diff["tensor_differences"] == [] and set(diff["key_differences"]) <= MOE_ONLY, diff
