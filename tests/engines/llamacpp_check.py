@@ -10,24 +10,27 @@ from typing import Any
 import numpy as np
 import torch
 
+KV_TYPES = {"f16": 1, "f32": 0}  # GGML_TYPE_F16, GGML_TYPE_F32: llama.cpp's KV cache (f16 by default)
 
-def llama_cpp_logits(gguf: Path, ids: list[int], n_ctx: int) -> np.ndarray:
+
+def llama_cpp_logits(gguf: Path, ids: list[int], n_ctx: int, kv_type: str = "f16") -> np.ndarray:
     """Logits [len(ids), vocab] of llama.cpp on ``ids`` in one sequence (float32)."""
     from llama_cpp import Llama
 
-    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, logits_all=True, verbose=False, seed=0, n_threads=2)
+    llm = Llama(model_path=str(gguf), n_ctx=n_ctx, n_batch=512, logits_all=True, verbose=False, seed=0, n_threads=2,
+                type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
     llm.eval(ids)
     out = np.array(llm.scores[: len(ids)], dtype=np.float32)
     llm.close()
     return out
 
 
-def llama_cpp_greedy(gguf: Path, prompt: list[int], n_new: int) -> list[int]:
+def llama_cpp_greedy(gguf: Path, prompt: list[int], n_new: int, kv_type: str = "f16") -> list[int]:
     """Greedy continuation (argmax of each step's logits, no sampler) of ``prompt`` by llama.cpp."""
     from llama_cpp import Llama
 
     llm = Llama(model_path=str(gguf), n_ctx=len(prompt) + n_new + 8, n_batch=512, logits_all=True, verbose=False,
-                seed=0, n_threads=2)
+                seed=0, n_threads=2, type_k=KV_TYPES[kv_type], type_v=KV_TYPES[kv_type])
     llm.eval(prompt)
     out = []
     for _ in range(n_new):
@@ -38,10 +41,12 @@ def llama_cpp_greedy(gguf: Path, prompt: list[int], n_new: int) -> list[int]:
     return out
 
 
-def agreement(model_dir: Path, gguf: Path, ids: torch.Tensor, window: int = 512, n_new: int = 32) -> dict[str, Any]:
+def agreement(model_dir: Path, gguf: Path, ids: torch.Tensor, window: int = 512, n_new: int = 32,
+              kv_type: str = "f16") -> dict[str, Any]:
     """llama.cpp vs transformers (float32) on held-out ``ids`` in windows of ``window`` tokens: relative log-prob
     error ‖lp_cpp − lp_hf‖/‖lp_hf‖ (log-softmax over the vocabulary, every position), argmax agreement, both
-    perplexities and their relative difference; then greedy generation of ``n_new`` tokens from the first 32 ids."""
+    perplexities and their relative difference; then greedy generation of ``n_new`` tokens from the first 32 ids.
+    ``kv_type``: llama.cpp's KV cache type (its default f16, or f32)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
@@ -53,7 +58,7 @@ def agreement(model_dir: Path, gguf: Path, ids: torch.Tensor, window: int = 512,
         chunk = ids[w * window:(w + 1) * window]
         with torch.no_grad():
             hf = model(chunk[None]).logits[0].double()
-        cpp = torch.from_numpy(llama_cpp_logits(gguf, chunk.tolist(), window + 8)).double()
+        cpp = torch.from_numpy(llama_cpp_logits(gguf, chunk.tolist(), window + 8, kv_type)).double()
         lp_hf, lp_cpp = hf.log_softmax(-1), cpp.log_softmax(-1)
         num += float((lp_cpp - lp_hf).pow(2).sum())
         den += float(lp_hf.pow(2).sum())
@@ -69,12 +74,12 @@ def agreement(model_dir: Path, gguf: Path, ids: torch.Tensor, window: int = 512,
         gen = model.generate(input_ids=prompt[None], attention_mask=torch.ones(1, 32, dtype=torch.long),
                              do_sample=False, max_new_tokens=n_new, min_new_tokens=n_new, pad_token_id=0)
     hf_tokens = gen[0, 32:].tolist()
-    cpp_tokens = llama_cpp_greedy(gguf, prompt.tolist(), n_new)
+    cpp_tokens = llama_cpp_greedy(gguf, prompt.tolist(), n_new, kv_type)
     first_diff = next((i for i, (a, b) in enumerate(zip(hf_tokens, cpp_tokens, strict=True)) if a != b), None)
     return {"tokens": total, "rel_logprob_err": math.sqrt(num / den), "argmax_agreement": agree / total,
             "ppl_transformers": ppl_hf, "ppl_llama_cpp": ppl_cpp, "ppl_rel_diff": abs(ppl_cpp / ppl_hf - 1),
             "greedy_identical": hf_tokens == cpp_tokens, "greedy_first_difference": first_diff,
-            "greedy_tokens": n_new}
+            "greedy_tokens": n_new, "kv_type": kv_type}
 
 
 def gguf_contents(path: Path) -> tuple[dict[str, Any], dict[str, tuple[str, tuple[int, ...], np.ndarray]]]:
