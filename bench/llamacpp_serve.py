@@ -75,6 +75,8 @@ class Engine:
         if m is None:
             raise RuntimeError(f"no llama_kv_cache size line in llama.cpp's log:\n{self.log[-2000:]}")
         mib, cells, layers, seqs = float(m.group(1)), int(m.group(2)), int(m.group(3)), int(m.group(5))
+        v_mib = re.search(r"V \([a-z0-9_]+\): +([\d.]+) MiB", self.log[m.start():])
+        self.has_v = v_mib is not None and float(v_mib.group(1)) > 0
         self.kv_bytes_per_token = mib * 2**20 / (cells * seqs)
         self.kv_layers = layers
         self.flash_attn = "flash_attn" in self.log and bool(re.search(r"flash_attn\s*=\s*(1|enabled|true)", self.log))
@@ -104,17 +106,89 @@ class Engine:
         self.L.llama_model_free(self.model)
 
 
+def replicate_state(blob: bytes, n_cells: int, has_v: bool) -> bytes:
+    """A one-sequence KV state (``llama_state_seq_get_data``: magic, seq id, n_stream, then per stream its cells (pos,
+    n_seq_id = 1, seq id) and per-layer K rows, V rows or transposed V) with its cells repeated to ``n_cells`` at
+    positions 0..n_cells-1: a long context without processing a long prompt (decode time does not depend on the
+    cached values)."""
+    import struct
+
+    off = 0
+
+    def take(fmt: str) -> tuple:
+        nonlocal off
+        vals = struct.unpack_from(fmt, blob, off)
+        off += struct.calcsize(fmt)
+        return vals
+
+    def rows(count: int, width: int) -> np.ndarray:
+        nonlocal off
+        a = np.frombuffer(blob, np.uint8, count * width, off).reshape(count, width)
+        off += count * width
+        return a
+
+    magic, seq_id, n_stream = take("<IiI")  # llama_context's io magic and the source sequence, then the cache's
+    out = [struct.pack("<IiI", magic, seq_id, n_stream)]
+    for _ in range(n_stream):
+        (cc,) = take("<I")
+        if cc == 0:
+            out.append(struct.pack("<I", 0))
+            continue
+        seq = None
+        for i in range(cc):
+            pos, n_seq = take("<iI")
+            (seq,) = take("<i")
+            if n_seq != 1 or pos != i:
+                raise RuntimeError(f"expected one sequence at positions 0..n-1, cell {i}: pos {pos}, n_seq {n_seq}")
+        out.append(struct.pack("<I", n_cells))
+        cells = np.zeros(n_cells, dtype=[("pos", "<i4"), ("n_seq", "<u4"), ("seq", "<i4")])
+        cells["pos"], cells["n_seq"], cells["seq"] = np.arange(n_cells), 1, seq
+        out.append(cells.tobytes())
+        v_trans, n_layer = take("<II")
+        out.append(struct.pack("<II", v_trans, n_layer))
+        for _ in range(n_layer):
+            k_type, row = take("<iQ")
+            out += [struct.pack("<iQ", k_type, row), np.resize(rows(cc, row), (n_cells, row)).tobytes()]
+        for _ in range(n_layer if has_v else 0):
+            if not v_trans:
+                v_type, row = take("<iQ")
+                out += [struct.pack("<iQ", v_type, row), np.resize(rows(cc, row), (n_cells, row)).tobytes()]
+            else:
+                v_type, el, n_embd = take("<iII")
+                v = rows(n_embd, cc * el).reshape(n_embd, cc, el)
+                reps = -(-n_cells // cc)
+                out += [struct.pack("<iII", v_type, el, n_embd), np.tile(v, (1, reps, 1))[:, :n_cells].tobytes()]
+    if off != len(blob):
+        raise RuntimeError(f"state not fully parsed ({off} of {len(blob)} bytes)")
+    return b"".join(out)
+
+
 def measure(gguf: str, context: int, batches: list[int], steps: int, threads: int, n_batch: int,
-            seed: int) -> list[dict]:
+            seed: int, max_prompt: int) -> list[dict]:
     """Rows (one per batch size) for one GGUF at one context: the prompt is processed once into sequence 0 of an
-    engine with max(batches) streams; batch B decodes sequences 0..B-1 (the prompt's cache copied to the others)."""
+    engine with max(batches) streams; batch B decodes sequences 0..B-1 (the prompt's cache copied to the others).
+    Above ``max_prompt`` tokens the cache is the first ``max_prompt`` tokens' repeated (:func:`replicate_state`)
+    and no prompt speed is reported."""
     rng = np.random.default_rng(seed)
     eng = Engine(gguf, context, max(batches), threads, n_batch)
-    prompt = rng.integers(100, eng.vocab - 100, size=context - steps).tolist()
+    n_prompt = context - steps
+    prompt = rng.integers(100, eng.vocab - 100, size=min(n_prompt, max_prompt)).tolist()
     t0 = time.perf_counter()
     for s in range(0, len(prompt), n_batch):
         eng.decode(prompt[s:s + n_batch], s, [0])
     prompt_s = time.perf_counter() - t0
+    prompt_tps = len(prompt) / prompt_s if len(prompt) == n_prompt else None
+    if len(prompt) < n_prompt:
+        L = eng.L
+        size = L.llama_state_seq_get_size(eng.ctx, 0)
+        buf = (ctypes.c_uint8 * size)()
+        got = L.llama_state_seq_get_data(eng.ctx, buf, size, 0)
+        state = replicate_state(bytes(buf)[:got], n_prompt, eng.has_v)
+        new = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if L.llama_state_seq_set_data(eng.ctx, new, len(state), 0) == 0:
+            raise RuntimeError("llama.cpp refused the replicated KV state")
+        prompt = prompt * (-(-n_prompt // len(prompt)))
+        prompt = prompt[:n_prompt]
     mem = eng.L.llama_get_memory(eng.ctx)
     copied = 1
     rows = []
@@ -132,7 +206,8 @@ def measure(gguf: str, context: int, batches: list[int], steps: int, threads: in
             eng.L.llama_memory_seq_rm(mem, seq, len(prompt), -1)
         rows.append({"context": context, "batch": batch, "kv_bytes_per_token": eng.kv_bytes_per_token,
                      "kv_layers": eng.kv_layers, "prompt_tokens": len(prompt),
-                     "prompt_tokens_per_s": len(prompt) / prompt_s, "decode_ms_per_step": 1000 * step_s,
+                     "prompt_tokens_per_s": prompt_tps, "cache_filled_from": min(n_prompt, max_prompt),
+                     "decode_ms_per_step": 1000 * step_s,
                      "decode_tokens_per_s": batch / step_s, "flash_attn": eng.flash_attn})
         print(json.dumps({"gguf": gguf, **rows[-1]}), flush=True)
     eng.close()
@@ -150,6 +225,8 @@ def main() -> None:
                          "barriers while other jobs hold a core, 2.5x slower than one)")
     ap.add_argument("--n-batch", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-prompt", type=int, default=1 << 30,
+                    help="longest prompt processed; longer contexts repeat its cache (no prompt speed reported)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import llama_cpp
@@ -162,7 +239,8 @@ def main() -> None:
     for c in (int(x) for x in args.contexts.split(",")):  # the models one after another at each context
         for name, path in models.items():
             results["models"][name]["rows"] += measure(path, c, [int(b) for b in args.batches.split(",")],
-                                                       args.steps, args.threads, args.n_batch, args.seed)
+                                                       args.steps, args.threads, args.n_batch, args.seed,
+                                                       args.max_prompt)
     base = results["models"].get("original")
     if base:
         for m in results["models"].values():
@@ -170,7 +248,8 @@ def main() -> None:
                 ref = next(r for r in base["rows"] if (r["context"], r["batch"]) == (row["context"], row["batch"]))
                 row["kv_vs_original"] = row["kv_bytes_per_token"] / ref["kv_bytes_per_token"]
                 row["decode_vs_original"] = row["decode_tokens_per_s"] / ref["decode_tokens_per_s"]
-                row["prompt_vs_original"] = row["prompt_tokens_per_s"] / ref["prompt_tokens_per_s"]
+                if row["prompt_tokens_per_s"] and ref["prompt_tokens_per_s"]:
+                    row["prompt_vs_original"] = row["prompt_tokens_per_s"] / ref["prompt_tokens_per_s"]
     text = json.dumps(results, indent=2) + "\n"
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
