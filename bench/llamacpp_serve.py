@@ -79,7 +79,7 @@ class Engine:
         self.has_v = v_mib is not None and float(v_mib.group(1)) > 0
         self.kv_bytes_per_token = mib * 2**20 / (cells * seqs)
         self.kv_layers = layers
-        self.flash_attn = "flash_attn" in self.log and bool(re.search(r"flash_attn\s*=\s*(1|enabled|true)", self.log))
+        self.flash_attn = "FLASH_ATTN_EXT" in self.log  # the graph's attention node (flash_attn = auto resolved)
         self.n_batch = n_batch
         self.batch = L.llama_batch_init(max(n_batch, n_seq), 0, 1)
         self.vocab = L.llama_n_vocab(L.llama_model_get_vocab(self.model))
