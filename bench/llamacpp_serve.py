@@ -53,7 +53,7 @@ def captured_log():
 class Engine:
     """One llama.cpp context over a GGUF: n_seq sequences of n_ctx_seq tokens each."""
 
-    def __init__(self, gguf: str, n_ctx_seq: int, n_seq: int, threads: int, n_batch: int):
+    def __init__(self, gguf: str, n_ctx_seq: int, n_seq: int, threads: int, n_batch: int, flash_attn: str = "auto"):
         import llama_cpp as L
 
         self.L = L
@@ -67,6 +67,7 @@ class Engine:
             cp.n_seq_max = n_seq
             cp.kv_unified = False
             cp.n_threads = cp.n_threads_batch = threads
+            cp.flash_attn_type = {"auto": -1, "off": 0, "on": 1}[flash_attn]
             self.ctx = L.llama_init_from_model(self.model, cp)
         self.log = log[0]
         if not self.model or not self.ctx:
@@ -164,13 +165,13 @@ def replicate_state(blob: bytes, n_cells: int, has_v: bool) -> bytes:
 
 
 def measure(gguf: str, context: int, batches: list[int], steps: int, threads: int, n_batch: int,
-            seed: int, max_prompt: int) -> list[dict]:
+            seed: int, max_prompt: int, flash_attn: str = "auto") -> list[dict]:
     """Rows (one per batch size) for one GGUF at one context: the prompt is processed once into sequence 0 of an
     engine with max(batches) streams; batch B decodes sequences 0..B-1 (the prompt's cache copied to the others).
     Above ``max_prompt`` tokens the cache is the first ``max_prompt`` tokens' repeated (:func:`replicate_state`)
     and no prompt speed is reported."""
     rng = np.random.default_rng(seed)
-    eng = Engine(gguf, context, max(batches), threads, n_batch)
+    eng = Engine(gguf, context, max(batches), threads, n_batch, flash_attn)
     n_prompt = context - steps
     prompt = rng.integers(100, eng.vocab - 100, size=min(n_prompt, max_prompt)).tolist()
     t0 = time.perf_counter()
@@ -227,11 +228,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--max-prompt", type=int, default=1 << 30,
                     help="longest prompt processed; longer contexts repeat its cache (no prompt speed reported)")
+    ap.add_argument("--flash-attn", choices=("auto", "on", "off"), default="auto",
+                    help="llama.cpp's flash_attn_type (auto enables it on this CPU)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     import llama_cpp
 
     results = {"llama_cpp_python": llama_cpp.__version__, "threads": args.threads, "steps": args.steps,
+               "flash_attn": args.flash_attn, "max_prompt": args.max_prompt,
                "models": {}}
     models = dict(spec.split("=", 1) for spec in args.model)
     for name, path in models.items():
@@ -240,7 +244,7 @@ def main() -> None:
         for name, path in models.items():
             results["models"][name]["rows"] += measure(path, c, [int(b) for b in args.batches.split(",")],
                                                        args.steps, args.threads, args.n_batch, args.seed,
-                                                       args.max_prompt)
+                                                       args.max_prompt, args.flash_attn)
     base = results["models"].get("original")
     if base:
         for m in results["models"].values():
