@@ -27,6 +27,9 @@ pytest.importorskip("llama_cpp", reason="needs llama-cpp-python (make test-engin
 from llamacpp_check import agreement, compare_gguf  # noqa: E402
 
 ENGINE_OUT = os.environ.get("KVTOOL_ENGINE_OUT")
+# minutes of llama.cpp on 2 cores: only under `make test-engines`, not in `make test` of a venv that has llama_cpp
+pytestmark = pytest.mark.skipif(not ENGINE_OUT, reason="engine tests run through make test-engines "
+                                                         "($KVTOOL_ENGINE_OUT unset)")
 LLAMA_CPP = os.environ.get("KVTOOL_LLAMA_CPP")
 TARGETS = {"rel_logprob_err": 1e-3, "argmax_agreement": 0.99, "ppl_rel_diff": 0.005}
 # llama.cpp's converter fills these MoE keys from transformers' DeepseekV3Config defaults (256 routed experts, ...);
@@ -54,11 +57,10 @@ def heldout(model_dir: Path, n: int) -> torch.Tensor:
 
 def record(name: str, result: dict) -> None:
     """Numbers go to $KVTOOL_ENGINE_OUT/agreement.json (make test-engines prints them)."""
-    if ENGINE_OUT:
-        path = Path(ENGINE_OUT) / "agreement.json"
-        data = json.loads(path.read_text()) if path.is_file() else {}
-        data[name] = result
-        path.write_text(json.dumps(data, indent=2) + "\n")
+    path = Path(ENGINE_OUT) / "agreement.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    data[name] = result
+    path.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def check(result: dict) -> None:
@@ -79,7 +81,7 @@ def vendored_convert(model_dir: Path, out: Path, out_type: str = "f16") -> Path:
 
 @pytest.fixture(scope="module")
 def healed():
-    if not ENGINE_OUT or not (Path(ENGINE_OUT) / "ds05-healed" / "kvtool.json").is_file():
+    if not (Path(ENGINE_OUT) / "ds05-healed" / "kvtool.json").is_file():
         pytest.skip("needs the healed embedded-model export in $KVTOOL_ENGINE_OUT/ds05-healed (make test-engines)")
     return Path(ENGINE_OUT) / "ds05-healed"
 
