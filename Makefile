@@ -110,7 +110,7 @@ $(ENGINE_STAMP): $(STAMP) $(LLAMA_CPP_WHEEL_STAMP)
 engines-setup: $(ENGINE_STAMP) $(LLAMA_CPP_SRC)/convert_hf_to_gguf.py
 
 # the healed embedded-model export the engine tests serve (kept between runs)
-$(ENGINE_OUT)/ds05-healed/kvtool.json: $(STAMP)
+$(ENGINE_OUT)/ds05-healed/kvtool.json: | $(STAMP)
 	$(KVTOOL) convert-mla smollm2-135m --format deepseek-v3 --q-lora identity --kv-ratio 0.5 --device cpu \
 		--no-progress -o $(ENGINE_OUT)/ds05 --overwrite
 	nice -n 10 $(KVTOOL) heal $(ENGINE_OUT)/ds05 --teacher smollm2-135m --device cpu --no-progress \
