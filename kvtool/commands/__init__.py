@@ -11,7 +11,7 @@ import typer
 
 def register_all(app: typer.Typer) -> None:
     """Add every verb to ``app``."""
-    from kvtool.commands import cache, calibrate, evaluate, method, run, stats, validate
+    from kvtool.commands import cache, calibrate, evaluate, gguf, method, run, stats, validate
     from kvtool.commands.console import fails_cleanly
     from kvtool.commands.options import keep_layout
     from kvtool.methods import METHODS
@@ -20,6 +20,7 @@ def register_all(app: typer.Typer) -> None:
     for m in METHODS.values():
         method.register(app, m)
     for name, fn in (("eval", evaluate.eval_), ("stats", stats.stats_), ("validate", validate.validate_),
-                     ("run", run.run_), ("cache", cache.cache_)):
+                     ("run", run.run_), ("cache", cache.cache_),
+                     ("export-gguf", gguf.export_gguf_)):
         fn.__doc__ = keep_layout(fn.__doc__)
         app.command(name)(fails_cleanly(fn))

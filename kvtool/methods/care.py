@@ -23,7 +23,8 @@ from kvtool.methods.base import (
 )
 from kvtool.options import Options, option
 
-FORMATS = ("kvtool", "deepseek-v3")
+FORMATS = ("kvtool", "deepseek-v3", "gguf")
+DEEPSEEK_FORMATS = ("deepseek-v3", "gguf")  # gguf: the deepseek-v3 checkpoint plus model.gguf for llama.cpp
 LATENT_SAMPLES = 2048  # calibration tokens per layer kept for the kv_a_layernorm fit (deepseek-v3)
 
 
@@ -67,8 +68,10 @@ class ConvertMlaOptions(Options):
                                      "to make the per-token RMS nearly constant, then lsq), mean-rms, "
                                      "inv-mean-inv-rms or rms (docs/benchmarks.md compares them).",
                               choices=("ballast", "lsq", "mean-rms", "inv-mean-inv-rms", "rms"))
-    format: str = option("kvtool", "kvtool (per-layer ranks, exact) or deepseek-v3 (stock transformers "
-                                   "DeepseekV3ForCausalLM).", choices=FORMATS)
+    format: str = option("kvtool", "kvtool (per-layer ranks, exact), deepseek-v3 (stock transformers "
+                                   "DeepseekV3ForCausalLM) or gguf (the deepseek-v3 checkpoint plus model.gguf for "
+                                   "llama.cpp in the output --dtype, written after --heal-steps; `kvtool export-gguf` "
+                                   "writes one from any deepseek-v3 output, f16 by default).", choices=FORMATS)
     q_lora: str = option("none", "deepseek-v3: the query path. none: q_proj, q_lora_rank null (transformers, vLLM); "
                                  "identity: q_lora_rank = hidden size, q_a_proj the identity and the input norm's "
                                  "weight folded into q_b_proj and kv_a_proj_with_mqa (llama.cpp loads it for any "
@@ -79,7 +82,7 @@ class ConvertMlaOptions(Options):
     def resolved(self) -> ConvertMlaOptions:
         """Defaults that depend on the format filled in (DeepSeek: decoupled RoPE on strided pairs, one width for all
         layers)."""
-        ds = self.format == "deepseek-v3"
+        ds = self.format in DEEPSEEK_FORMATS
         return dataclasses.replace(self, rope=self.rope or ("decoupled" if ds else "keep"),
                                    rank_alloc=self.rank_alloc or ("sensitivity-split" if ds else "sensitivity"),
                                    rope_select=self.rope_select or ("strided" if ds else "norm"),
@@ -109,7 +112,7 @@ class ConvertMla(Method):
         return self.required
 
     def visitors(self, opts: ConvertMlaOptions) -> dict[str, Any]:
-        if opts.format == "deepseek-v3" and opts.latent_norm != "rms":
+        if opts.format in DEEPSEEK_FORMATS and opts.latent_norm != "rms":
             from kvtool.calib.input_samples import AttnInputSampler
 
             return {"latent-inputs": AttnInputSampler(LATENT_SAMPLES)}
@@ -120,10 +123,10 @@ class ConvertMla(Method):
         from kvtool.convert.deepseek_export import check_exportable
 
         r = opts.resolved()
-        if r.q_lora != "none" and r.format != "deepseek-v3":
+        if r.q_lora != "none" and r.format not in DEEPSEEK_FORMATS:
             raise KvtoolError(f"--q-lora {r.q_lora} shapes the DeepSeek-V3 export's query path: add --format "
-                              "deepseek-v3 or drop --q-lora")
-        if r.format == "deepseek-v3":
+                              "deepseek-v3 (or gguf) or drop --q-lora")
+        if r.format in DEEPSEEK_FORMATS:
             check_exportable(spec, r.rope, r.rope_select, r.rank_alloc)
         if spec is not None:
             check_options(spec, opts.care_options())
@@ -190,6 +193,12 @@ class ConvertMla(Method):
                 from kvtool.methods.heal import heal_written
 
                 report["healing"] = heal_written(tmp, loaded, opts.heal_steps, ctx)
+            if opts.format == "gguf":
+                from kvtool.convert.gguf_export import GGUF_FILE, source_pre_tokenizer, write_gguf
+
+                # after healing (which rewrites the checkpoint); kvtool.json's report is the checkpoint's
+                write_gguf(tmp, tmp / GGUF_FILE, {"float16": "f16", "bfloat16": "bf16"}.get(dtype_name, "f32"),
+                           source_pre_tokenizer(tmp, loaded.source), name=Path(out).name)
         return report
 
     def summary(self, report: dict[str, Any], out: Path) -> tuple[str, list[str], list[list[str]], list[str]]:
