@@ -84,13 +84,15 @@ def main() -> None:
         store = calibrate(source, data.source(), ("attn_in",), samples=data.samples, seq_len=data.seq_len,
                           seed=data.seed)
         print(f"{dataset}: statistics in {time.perf_counter() - t0:.0f} s", flush=True)
-        stats_dir = tmp / f"stats-{dataset}"
-        stats_dir.mkdir(parents=True)
-        store.save(stats_dir)
-        heal_data = DataOptions(**{**Heal.data_defaults, "dataset": dataset,
-                                   **({"samples": args.heal_samples} if args.heal_samples else {})})
-        for ratio in [float(r) for r in args.ratios.split(",")]:
-            for layout in args.layouts.split(","):
+        (tmp / f"stats-{dataset}").mkdir(parents=True)
+        store.save(tmp / f"stats-{dataset}")
+    # each (ratio, layout) with every calibration text in turn: an interrupted run keeps whole comparisons
+    for ratio in [float(r) for r in args.ratios.split(",")]:
+        for layout in args.layouts.split(","):
+            for dataset in args.datasets.split(","):
+                stats_dir = tmp / f"stats-{dataset}"
+                heal_data = DataOptions(**{**Heal.data_defaults, "dataset": dataset,
+                                           **({"samples": args.heal_samples} if args.heal_samples else {})})
                 conv = tmp / f"{dataset}-{layout}-{ratio}"
                 # the CLI itself (the DeepSeek export's latent-norm fit rides the statistics pass as a visitor)
                 flags = [f"--{k.replace('_', '-')}={v}" for k, v in LAYOUTS[layout].items()]
