@@ -9,8 +9,18 @@ import math
 import pytest
 import torch
 
-from kvtool.data import (DOMAINS, SUITE, TextSource, allocate, calibration_windows, heldout_streams, load_text,
-                         mixture, part_documents, tokenize)
+from kvtool.data import (
+    DOMAINS,
+    SUITE,
+    TextSource,
+    allocate,
+    calibration_windows,
+    heldout_streams,
+    load_text,
+    mixture,
+    part_documents,
+    tokenize,
+)
 from kvtool.errors import KvtoolError
 
 
