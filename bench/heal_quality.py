@@ -41,6 +41,26 @@ def ratios(ppl, original):  # noqa: ANN001, ANN201
     return {d: ppl[d] / original[d] for d in ppl}
 
 
+NAMES = {"keep": "keep (exact RoPE)", "decoupled": "kvtool format, decoupled RoPE (absorbable)",
+         "deepseek-v3": "DeepSeek-V3 export"}
+
+
+def markdown(result: dict) -> str:
+    """docs/benchmarks.md's rows: one per (KV ratio, layout, calibration text), healed perplexity per domain."""
+    cols = [c for c in result["original"] if c != "geometric_mean"] + ["geometric_mean"]
+    head = ["KV ratio", "layout", "calibration + healing text", "one-shot (geo. mean)",
+            *[f"healed {c.replace('_', ' ')}" for c in cols], "heal s (load 1 min before/after)"]
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|",
+             "| - | original | - | - | " + " | ".join(f"{result['original'][c]:.2f}" for c in cols) + " | - |"]
+    for r in result["rows"]:
+        cells = [f"{r['after'][c]:.2f} ({r['after_x'][c]:.2f}x)" for c in cols]
+        load = "/".join(f"{v:.1f}" for v in r["load_1min_before_after"])
+        lines.append(f"| {r['kv_ratio']} | {NAMES[r['layout']]} | {r['dataset']} | {r['before']['geometric_mean']:.2f} "
+                     f"({r['before_x']['geometric_mean']:.2f}x) | " + " | ".join(cells) +
+                     f" | {r['heal_seconds']:.0f} ({load}) |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ratios", default="0.5")
@@ -58,7 +78,12 @@ def main() -> None:
                     "the layer-wise fit and the e2e stage (default: heal's)")
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--table", type=Path, default=None, help="print docs/benchmarks.md's table from a saved --json "
+                    "and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(json.loads(args.table.read_text())))
+        return
 
     from kvtool.calib.collect import calibrate
     from kvtool.data import TextSource, calibration_windows, describe_parts, heldout_streams
@@ -139,12 +164,7 @@ def main() -> None:
                 if args.json:  # after every row: a stopped run keeps what it measured
                     args.json.parent.mkdir(parents=True, exist_ok=True)
                     args.json.write_text(json.dumps(result, indent=2) + "\n")
-    cols = list(streams) + ["geometric_mean"]
-    print("\n| calibration | layout | KV ratio | " + " | ".join(f"healed {c}" for c in cols) + " | heal s |")
-    print("|---" * (len(cols) + 4) + "|")
-    for r in result["rows"]:
-        cells = " | ".join(f"{r['after'][c]:.2f} ({r['after_x'][c]:.2f}x)" for c in cols)
-        print(f"| {r['dataset']} | {r['layout']} | {r['kv_ratio']} | {cells} | {r['heal_seconds']:.0f} |")
+    print("\n" + markdown(result))
 
 
 if __name__ == "__main__":
