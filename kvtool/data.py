@@ -365,7 +365,7 @@ def _prefix_tokens(text: str, tokenizer: Any, max_tokens: int | None) -> torch.T
         while cut < len(text) and not text[cut].isspace():
             cut += 1
         tokens = tokenize(text[:cut], tokenizer)
-        if cut >= len(text) or tokens.numel() > max_tokens + 1:
+        if cut >= len(text) or tokens.numel() > max_tokens + 16:  # the tokens near the cut are dropped
             return tokens[:max_tokens]
         chars *= 2
 
