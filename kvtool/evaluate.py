@@ -18,6 +18,18 @@ import torch
 from torch import nn
 
 
+def geometric_mean(values: list[float]) -> float:
+    """The geometric mean of perplexities (the perplexity with every domain's mean NLL weighted equally)."""
+    return math.exp(sum(math.log(v) for v in values) / len(values))
+
+
+def by_domain(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """A mixture's perplexity result: every part's result under ``domains`` and their ``geometric_mean``."""
+    first = next(iter(results.values()))
+    return {"domains": results, "geometric_mean": geometric_mean([r["perplexity"] for r in results.values()]),
+            **{k: first[k] for k in ("mode", "seq_len", "stride") if k in first}}
+
+
 def _model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

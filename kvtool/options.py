@@ -106,8 +106,11 @@ class Options:
 class DataOptions(Options):
     """Which calibration text and windows: the same flags on every verb that reads text."""
 
-    dataset: str = option("embedded", "Text: 'embedded' (Python reference docs), a .txt/.jsonl/.json/.parquet file "
-                                      "or folder, or a hub dataset NAME[:CONFIG].")
+    dataset: str = option("embedded", "Text: 'suite' (the evaluation suite's domains, equal weights: embedded, prose, "
+                                      "code), 'embedded' (Python reference docs), 'prose' (World English Bible), "
+                                      "'code' (click's Python source), a .txt/.jsonl/.json/.parquet file or folder, a "
+                                      "hub dataset NAME[:CONFIG], or a mixture SOURCE=WEIGHT,SOURCE=WEIGHT,... of "
+                                      "these.")
     text_field: str = option("text", "Record field holding the text (jsonl/json/parquet).")
     split: str = option("calib", "Part of the text: calib (the calibration part), heldout, or all.",
                         choices=("calib", "heldout", "all"))
@@ -116,14 +119,16 @@ class DataOptions(Options):
     seed: int = option(0, "Seed for choosing windows.")
     batch_size: int = option(8, "Windows per forward call.", positive=True)
 
-    def following(self, recorded: dict[str, Any] | None) -> DataOptions:
-        """These options with every field left at its default replaced by the value a statistics folder recorded
-        (its ``dataset`` block), so passes that need text (sensitivity, visitors) read the statistics' own windows."""
+    def following(self, recorded: dict[str, Any] | None, defaults: dict[str, Any] | None = None) -> DataOptions:
+        """These options with every field left at its default (``defaults``: the verb's own, e.g. a method's
+        ``data_defaults``) replaced by the value a statistics folder recorded (its ``dataset`` block), so passes that
+        need text (sensitivity, visitors) read the statistics' own windows."""
         if not recorded:
             return self
         values = self.to_dict()
         for f in dataclasses.fields(self):
-            if f.name in recorded and values[f.name] == f.default and f.name != "batch_size":
+            default = (defaults or {}).get(f.name, f.default)
+            if f.name in recorded and values[f.name] == default and f.name != "batch_size":
                 values[f.name] = type(f.default)(recorded[f.name])
         return DataOptions(**values)
 

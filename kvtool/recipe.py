@@ -4,7 +4,8 @@ Format (every method step's keys are that method's Options, the same names as it
 
     model: smollm2-135m                 # any model argument kvtool accepts
     output: out/care-smoke              # optional; -o overrides
-    data: {dataset: embedded, samples: 16, seq_len: 256, seed: 0, batch_size: 8}   # the CLI's data flags
+    data: {dataset: suite, samples: 16, seq_len: 256, seed: 0, batch_size: 8}   # the CLI's data flags (default
+                                        #   dataset: suite, as calibrate / convert-mla / heal)
     device: auto
     dtype: auto
     statistics: []                      # extra statistics to collect beyond what the steps need
@@ -12,7 +13,8 @@ Format (every method step's keys are that method's Options, the same names as it
       - convert-mla: {name: mla, kv_ratio: 0.5, rope: keep}   # method steps: convert-mla (care), corda,
                                                              #   export (oscar), ladder
       - validate: {target: mla}                              # the step's Triton-kernel check
-      - eval: {targets: [original, mla], max_tokens: 4096, seq_len: 512}   # held-out part of data.dataset
+      - eval: {targets: [original, mla], max_tokens: 4096, seq_len: 512}   # held-out part of data.dataset (or of
+                                                    #   the step's dataset:); suite/a mixture: each part, 4096 tokens
       - eval: {targets: [original], kv_quant: oscar}         # OSCAR: a step name or int2/int4/hadamard-int2/kivi-int2
       - generate: {target: mla, prompt: "def fib(n):", max_new_tokens: 32}   # greedy text, in the report
 
@@ -46,7 +48,8 @@ TOP_KEYS = {"model": str | None, "output": str | None, "data": dict, "device": s
 VALIDATE_KEYS = {"target": str}
 GENERATE_KEYS = {"target": str, "prompt": str, "max_new_tokens": int}
 GENERATE_PROMPT = "The difference between a list and a tuple in Python is"
-EVAL_KEYS = {"targets": list, "max_tokens": int, "seq_len": int, "batch_size": int, "kv_quant": str | None,
+EVAL_KEYS = {"targets": list, "dataset": str, "max_tokens": int, "seq_len": int, "batch_size": int,
+             "kv_quant": str | None,
              "residual_window": int | None, "sink": int | None}
 STEP_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
 RESERVED_NAMES = {"stats", "original", "report.json", "report.md"}
@@ -148,7 +151,11 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
     for o in overrides or []:
         set_override(raw, o)
     top = _check_keys(str(path), raw, TOP_KEYS)
-    data = DataOptions.from_dict({"samples": 16, "seq_len": 256, **(top.get("data") or {})}, f"{path}: data")
+    data = DataOptions.from_dict({"dataset": "suite", "samples": 16, "seq_len": 256, **(top.get("data") or {})},
+                                 f"{path}: data")
+    from kvtool.data import mixture
+
+    mixture(data.dataset)
     if data.split != "calib":
         raise KvtoolError(f"{path}: data.split must be calib (recipes calibrate on the calibration part and "
                           "evaluate on the held-out part)")
@@ -188,6 +195,10 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
         elif kind == "eval":
             options = _check_keys(where, opts, EVAL_KEYS)
             options.setdefault("targets", ["original"])
+            if "dataset" in options:
+                from kvtool.data import mixture
+
+                mixture(options["dataset"])  # a malformed mixture fails when the recipe is read
             for t in options["targets"]:
                 if t != "original" and t not in names:
                     raise KvtoolError(f"{where} target {t!r} is not 'original' or an earlier step")
@@ -292,9 +303,9 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
     from kvtool.calib.runner import run_layers
     from kvtool.calib.stats import StatsStore
     from kvtool.checkpoint import atomic_dir, check_output_location, local_input, write_json
-    from kvtool.data import TextSource, calibration_windows, heldout_tokens
+    from kvtool.data import TextSource, calibration_windows, heldout_streams
     from kvtool.device import resolve_device
-    from kvtool.evaluate import perplexity
+    from kvtool.evaluate import geometric_mean, perplexity
     from kvtool.methods import METHODS, RunContext, validate
     from kvtool.models import load_model
     from kvtool.progress import progress_bar
@@ -340,7 +351,6 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
             report["steps"].append({"kind": "calibrate", "name": "stats", "seconds": time.perf_counter() - t0,
                                     "reused": False, "statistics": list(names), "tokens": store.meta["tokens"]})
     ctx = RunContext(device=device, dtype=recipe.dtype, data=data, overwrite=True, progress=False, inputs=inputs)
-    heldout = TextSource(data.dataset, "heldout", data.text_field)
     with progress_bar(progress) as bar:
         task = bar.add_task("recipe steps", total=len(recipe.steps))
         for step in recipe.steps:
@@ -367,22 +377,29 @@ def run_recipe(recipe: Recipe, out: Path, progress: bool = True) -> dict[str, An
                     raise KvtoolError(f"validation of {step.options['target']} failed: {entry['report']}")
             else:
                 seq_len, max_tokens = step.options.get("seq_len", 512), step.options.get("max_tokens", 4096)
+                heldout = TextSource(step.options.get("dataset", data.dataset), "heldout", data.text_field)
                 for target in step.options["targets"]:
                     model = _load_target(target, out, loaded)
-                    tokens = heldout_tokens(model.tokenizer or loaded.tokenizer, heldout, max_tokens)
                     kv = step.options.get("kv_quant")
-                    if kv:
-                        from kvtool.runtime.kvquant import eval_kv_quant
+                    key = f"{target} + kv {kv}" if kv else target
+                    ppl = {}
+                    for part, tokens in heldout_streams(model.tokenizer or loaded.tokenizer, heldout,
+                                                        max_tokens).items():
+                        if kv:
+                            from kvtool.runtime.kvquant import eval_kv_quant
 
-                        kv_arg = str(out / kv) if kv not in ("int2", "int4", "hadamard-int2", "kivi-int2") else kv
-                        res = eval_kv_quant(model, tokens, kv_arg, None, step.options.get("residual_window"),
-                                            step.options.get("sink"), seq_len=seq_len)
-                        key = f"{target} + kv {kv}"
-                    else:
-                        res = perplexity(model.model, tokens, seq_len, batch_size=step.options.get("batch_size", 4))
-                        key = target
-                    report["perplexity"][key] = res["perplexity"]
-                    entry.setdefault("results", {})[key] = res["perplexity"]
+                            kv_arg = str(out / kv) if kv not in ("int2", "int4", "hadamard-int2", "kivi-int2") else kv
+                            res = eval_kv_quant(model, tokens, kv_arg, None, step.options.get("residual_window"),
+                                                step.options.get("sink"), seq_len=seq_len)
+                        else:
+                            res = perplexity(model.model, tokens, seq_len,
+                                             batch_size=step.options.get("batch_size", 4))
+                        ppl[part] = res["perplexity"]
+                    # one text: its perplexity; a mixture (suite): every part's and their geometric mean
+                    value = next(iter(ppl.values())) if len(ppl) == 1 else {
+                        **ppl, "geometric_mean": geometric_mean(list(ppl.values()))}
+                    report["perplexity"][key] = value
+                    entry.setdefault("results", {})[key] = value
             entry["seconds"] = time.perf_counter() - t0
             report["steps"].append(entry)
             bar.advance(task)
@@ -416,11 +433,19 @@ def report_markdown(report: dict[str, Any]) -> str:
         if s.get("reused"):
             bits.append("reused saved statistics")
         if "results" in s:
-            bits += [f"ppl[{k}]={v:.3f}" for k, v in s["results"].items()]
+            bits += [f"ppl[{k}]={v['geometric_mean'] if isinstance(v, dict) else v:.3f}"
+                     for k, v in s["results"].items()]
         lines.append(f"| {s['name']} | {s['kind']} | {s.get('seconds', 0):.1f} | {', '.join(bits)} |")
-    if report["perplexity"]:
+    single = {k: v for k, v in report["perplexity"].items() if not isinstance(v, dict)}
+    mixed = {k: v for k, v in report["perplexity"].items() if isinstance(v, dict)}
+    if single:
         lines += ["", "| model | held-out perplexity |", "|---|---|"]
-        lines += [f"| {k} | {v:.3f} |" for k, v in report["perplexity"].items()]
+        lines += [f"| {k} | {v:.3f} |" for k, v in single.items()]
+    if mixed:  # one column per domain (part), then the geometric mean
+        cols = list(dict.fromkeys(c for v in mixed.values() for c in v if c != "geometric_mean"))
+        lines += ["", "| model | " + " | ".join(cols) + " | geometric mean |", "|---" * (len(cols) + 2) + "|"]
+        lines += [f"| {k} | " + " | ".join(f"{v[c]:.3f}" if c in v else "-" for c in cols) +
+                  f" | {v['geometric_mean']:.3f} |" for k, v in mixed.items()]
     for g in report.get("generations", []):
         lines += ["", f"Greedy generation, {g['target']}: {g['prompt']!r} ->", "", "```", g["prompt"] + g["text"],
                   "```"]

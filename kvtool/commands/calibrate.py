@@ -10,6 +10,7 @@ import typer
 from kvtool.commands.options import common_params, make_command, options_params, split_values
 from kvtool.options import DataOptions
 
+CALIBRATE_DATA = {"dataset": "suite", "samples": 64}  # the evaluation suite's calibration parts, equal weights
 HELP = """Collect per-layer activation second moments (float64 sums + token counts), layer by layer.
 
 Examples:
@@ -26,7 +27,7 @@ def register(app: typer.Typer) -> None:
     from kvtool.commands.console import fails_cleanly
 
     params = common_params(output_help="Folder to write statistics into.")
-    params += options_params(DataOptions, {"samples": 64})
+    params += options_params(DataOptions, CALIBRATE_DATA)
     kw = inspect.Parameter.KEYWORD_ONLY
     params += [
         inspect.Parameter("statistics", kw, default="attn_in,q,k,v,o_in,mlp_in", annotation=Annotated[str, typer.Option(

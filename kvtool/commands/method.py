@@ -44,7 +44,7 @@ def run_verb(method: Method, values: dict[str, Any]) -> None:
     output: Path = values["output"]
     stats_dir = values.get("stats_dir")
     if stats_dir is not None:
-        data = data.following(recorded_dataset(stats_dir))
+        data = data.following(recorded_dataset(stats_dir), method.data_defaults)
     method.check_data(opts, data)
     inputs = (local_input(values["model"]), stats_dir, local_input(data.dataset))
     check_output_dir(output, values["overwrite"], inputs)

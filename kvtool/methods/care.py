@@ -98,6 +98,7 @@ class ConvertMlaOptions(Options):
 
 class ConvertMla(Method):
     name = "convert-mla"
+    data_defaults = {"dataset": "suite"}  # statistics on the evaluation suite's calibration parts (kvtool.data)
     aliases = ("care",)
     Options = ConvertMlaOptions
     help = """Convert GQA attention to MLA with CARE (activation-aware factorization, rank allocation, KV-parity).

@@ -59,7 +59,9 @@ class Heal(Method):
     """
     # 64 x 256 calibration windows: with 16 the DeepSeek export at KV ratio 0.5 healed to 1.32x and 100 e2e steps
     # over-fit them (1.38x); with 64, 1.23x and 1.14x (docs/benchmarks.md, "Healed MLA"); the step count is the same
-    data_defaults = {"samples": 64, "seq_len": 256, "batch_size": 4}
+    # heal on the evaluation suite's calibration parts (equal weights), so the healed model holds across domains
+    data_defaults = {"dataset": "suite", "samples": 64, "seq_len": 256, "batch_size": 4}
+    windows_defaults = {"samples": 64, "seq_len": 256, "batch_size": 4}  # --heal-steps: on the caller's text
     acts_on_output = True
 
     def preflight(self, spec: Any, opts: HealOptions) -> None:
@@ -114,10 +116,11 @@ class Heal(Method):
 def heal_checkpoint(student: Any, teacher: Any, manifest: dict[str, Any], opts: HealOptions, ctx: RunContext,
                     dest: Path) -> dict[str, Any]:
     """Heal ``student`` (a loaded kvtool output, ``manifest`` its kvtool.json) against ``teacher`` (the loaded source)
-    on the calibration windows of ``ctx.data`` and write the healed checkpoint into ``dest`` (the caller's atomic
-    output folder): same format, kvtool.json with a ``healing`` section, ``healing.png``. Returns the report."""
+    on the calibration windows of ``ctx.data`` (recorded: a mixture's parts with weights, origins, digests) and write
+    the healed checkpoint into ``dest`` (the caller's atomic output folder): same format, kvtool.json with a
+    ``healing`` section, ``healing.png``. Returns the report."""
     from kvtool.checkpoint import save_model_checkpoint
-    from kvtool.data import calibration_windows
+    from kvtool.data import calibration_windows, describe_parts
 
     data = ctx.data
     windows = calibration_windows(teacher.tokenizer, data.source(), data.samples, data.seq_len, data.seed,
@@ -127,7 +130,7 @@ def heal_checkpoint(student: Any, teacher: Any, manifest: dict[str, Any], opts: 
                         progress=ctx.progress, ladder=manifest["command"] == "ladder")
     report.update(seconds=round(time.perf_counter() - t0, 1), tokens=int(windows.numel()),
                   data={**data.source().describe(), "samples": data.samples, "seq_len": data.seq_len,
-                        "seed": data.seed}, options=opts.to_dict())
+                        "seed": data.seed, "parts": describe_parts(data.source())}, options=opts.to_dict())
     manifest = {k: v for k, v in manifest.items() if k != "checksums"}
     manifest["healing"] = report
     config = json.loads((Path(student.path) / "config.json").read_text())
@@ -158,7 +161,7 @@ def heal_written(folder: Path, teacher: Any, steps: int, ctx: RunContext) -> dic
     manifest = json.loads((Path(folder) / "kvtool.json").read_text())
     student = load_model(str(folder), strict=False)
     opts = HealOptions(teacher=teacher.source, steps=steps)
-    data = dataclasses.replace(ctx.data, **Heal.data_defaults)
+    data = dataclasses.replace(ctx.data, **Heal.windows_defaults)
     return heal_checkpoint(student, teacher, manifest, opts, dataclasses.replace(ctx, data=data), folder)
 
 

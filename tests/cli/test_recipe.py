@@ -111,7 +111,7 @@ def test_run_care_recipe_then_resume_reuses_statistics(tiny_checkpoint, tmp_path
 
 def test_ladder_drift_rides_the_one_calibration_pass(tiny_checkpoint, tmp_path):
     """A recipe with a statistics step and a ladder step runs one pass over the source model; the ladder's drift from
-    that pass equals a standalone drift pass on the same windows."""
+    that pass equals a standalone drift pass on the same windows (the recipe's default text, the suite)."""
     from kvtool.calib.drift import layer_drift
     from kvtool.data import TextSource, calibration_windows
     from kvtool.models import load_model
@@ -127,7 +127,7 @@ def test_ladder_drift_rides_the_one_calibration_pass(tiny_checkpoint, tmp_path):
     assert [s["kind"] for s in report["steps"]].count("calibrate") == 1
     drift = json.loads((tmp_path / "out" / "lad" / "kvtool.json").read_text())["report"]["drift"]
     loaded = load_model(str(model))
-    windows = calibration_windows(loaded.tokenizer, TextSource(), 3, 32, 0, loaded.spec.max_positions)
+    windows = calibration_windows(loaded.tokenizer, TextSource("suite"), 3, 32, 0, loaded.spec.max_positions)
     alone = layer_drift(loaded, windows, batch_size=2)
     assert [r["layer"] for r in drift] == [0, 1, 2]
     for a, b in zip(drift, alone, strict=True):
