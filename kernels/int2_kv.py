@@ -185,7 +185,25 @@ def _rotate_rows_kernel(x_ptr, rot_ptr, out_ptr, H, REP, D: tl.constexpr, TRANSP
 # a 32-bit word (prmt), a code is masked into the mantissa of 1024.0 (lop3 with 0x64006400 = fp16x2 {1024, 1024}) and
 # 1024 is subtracted (sub.f16x2), exact for codes 0..3: ~1.6 instructions per code instead of shift/and/I2F/F2F each.
 # Output t holds code t (bits 2t..2t+1) of each byte: registers $2t (bytes 0, 1) and $2t+1 (bytes 2, 3).
-# (The PTX is a literal in code_planes: jitted functions cannot read non-constexpr globals.)
+# (The PTX is built once by _unpack_ptx into constexpr globals: jitted functions read only constexpr globals.)
+
+
+def _unpack_ptx(subtract: bool) -> str:
+    """The PTX of :func:`code_planes` (see the comment above); without ``subtract`` the 1024 stays in the codes."""
+    lines = [".reg .b32 lo, hi, t, m, k, z;", "mov.b32 z, 0;", "mov.b32 m, 0x00030003;", "mov.b32 k, 0x64006400;",
+             "prmt.b32 lo, $8, z, 0x4140;", "prmt.b32 hi, $8, z, 0x4342;",
+             "lop3.b32 $0, lo, m, k, 0xea;", "lop3.b32 $1, hi, m, k, 0xea;"]
+    for t in (1, 2, 3):
+        lines += [f"shr.b32 t, lo, {2 * t};", f"lop3.b32 ${2 * t}, t, m, k, 0xea;",
+                  f"shr.b32 t, hi, {2 * t};", f"lop3.b32 ${2 * t + 1}, t, m, k, 0xea;"]
+    if subtract:
+        lines += [f"sub.f16x2 ${i}, ${i}, k;" for i in range(8)]
+    return "{\n" + "".join(line + "\n" for line in lines) + "}\n"
+
+
+# constexpr globals: what a jitted function may read
+_UNPACK_PTX = tl.constexpr(_unpack_ptx(subtract=True))
+_UNPACK_PTX_FOLDED = tl.constexpr(_unpack_ptx(subtract=False))
 
 
 @triton.jit
@@ -198,64 +216,12 @@ def code_planes(x, ASM: tl.constexpr, FOLD: tl.constexpr = False):
     """
     if ASM and FOLD:
         c0, c1, c2, c3 = tl.inline_asm_elementwise(
-            ("{\n"
-            ".reg .b32 lo, hi, t, m, k, z;\n"
-            "mov.b32 z, 0;\n"
-            "mov.b32 m, 0x00030003;\n"
-            "mov.b32 k, 0x64006400;\n"
-            "prmt.b32 lo, $8, z, 0x4140;\n"
-            "prmt.b32 hi, $8, z, 0x4342;\n"
-            "lop3.b32 $0, lo, m, k, 0xea;\n"
-            "lop3.b32 $1, hi, m, k, 0xea;\n"
-            "shr.b32 t, lo, 2;\n"
-            "lop3.b32 $2, t, m, k, 0xea;\n"
-            "shr.b32 t, hi, 2;\n"
-            "lop3.b32 $3, t, m, k, 0xea;\n"
-            "shr.b32 t, lo, 4;\n"
-            "lop3.b32 $4, t, m, k, 0xea;\n"
-            "shr.b32 t, hi, 4;\n"
-            "lop3.b32 $5, t, m, k, 0xea;\n"
-            "shr.b32 t, lo, 6;\n"
-            "lop3.b32 $6, t, m, k, 0xea;\n"
-            "shr.b32 t, hi, 6;\n"
-            "lop3.b32 $7, t, m, k, 0xea;\n"
-            "}\n"),
-            "=r,=r,=r,=r,=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True, pack=4)
+            _UNPACK_PTX_FOLDED, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
     elif ASM:
         c0, c1, c2, c3 = tl.inline_asm_elementwise(
-            ("{\n"
-            ".reg .b32 lo, hi, t, m, k, z;\n"
-            "mov.b32 z, 0;\n"
-            "mov.b32 m, 0x00030003;\n"
-            "mov.b32 k, 0x64006400;\n"
-            "prmt.b32 lo, $8, z, 0x4140;\n"
-            "prmt.b32 hi, $8, z, 0x4342;\n"
-            "lop3.b32 $0, lo, m, k, 0xea;\n"
-            "lop3.b32 $1, hi, m, k, 0xea;\n"
-            "shr.b32 t, lo, 2;\n"
-            "lop3.b32 $2, t, m, k, 0xea;\n"
-            "shr.b32 t, hi, 2;\n"
-            "lop3.b32 $3, t, m, k, 0xea;\n"
-            "shr.b32 t, lo, 4;\n"
-            "lop3.b32 $4, t, m, k, 0xea;\n"
-            "shr.b32 t, hi, 4;\n"
-            "lop3.b32 $5, t, m, k, 0xea;\n"
-            "shr.b32 t, lo, 6;\n"
-            "lop3.b32 $6, t, m, k, 0xea;\n"
-            "shr.b32 t, hi, 6;\n"
-            "lop3.b32 $7, t, m, k, 0xea;\n"
-            "sub.f16x2 $0, $0, k;\n"
-            "sub.f16x2 $1, $1, k;\n"
-            "sub.f16x2 $2, $2, k;\n"
-            "sub.f16x2 $3, $3, k;\n"
-            "sub.f16x2 $4, $4, k;\n"
-            "sub.f16x2 $5, $5, k;\n"
-            "sub.f16x2 $6, $6, k;\n"
-            "sub.f16x2 $7, $7, k;\n"
-            "}\n"),
-            "=r,=r,=r,=r,=r,=r,=r,=r,r", [x], dtype=(tl.float16, tl.float16, tl.float16, tl.float16),
-            is_pure=True, pack=4)
+            _UNPACK_PTX, "=r,=r,=r,=r,=r,=r,=r,=r,r", [x],
+            dtype=(tl.float16, tl.float16, tl.float16, tl.float16), is_pure=True, pack=4)
     else:
         xi = x.to(tl.int32)
         c0 = (xi & 3).to(tl.float16)
