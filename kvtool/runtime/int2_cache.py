@@ -103,15 +103,18 @@ class Int2Layer(CacheLayerMixin):
         if fused is None:  # the default: the fused kernel on a CUDA device
             fused = self.device.type == "cuda"
         self.fused = bool(fused) and shapes_supported(d, self.group_size) and self.window >= 1
-        # rotations and clips on the cache's device once, not at every token's packing
-        self.k_rot, self.v_rot, self.k_clip, self.v_clip = (
-            None if t is None else t.to(self.device, torch.float32)
-            for t in (self.k_rot, self.v_rot, self.k_clip, self.v_clip))
+        self._rotations_to_device()
         # fused: the sink and recent tokens also kept rotated (float32), as the kernel reads them, so a decode step
         # rotates only its new token
         self.rot_sink = (empty(d, torch.float32), empty(d, torch.float32))
         self.rot_recent = (empty(d, torch.float32), empty(d, torch.float32))
         self.is_initialized = True
+
+    def _rotations_to_device(self) -> None:
+        """Rotations and clips on the cache's device (float32) once, not at every token's packing."""
+        self.k_rot, self.v_rot, self.k_clip, self.v_clip = (
+            None if t is None else t.to(self.device, torch.float32)
+            for t in (self.k_rot, self.v_rot, self.k_clip, self.v_clip))
 
     # the 2-bit pool: [B, blocks, G, BLOCK, width] per tensor; row b's block j is block b*blocks + j of the paged
     # view [B*blocks, G, BLOCK, width] (the layout of kvtool.kernels.int2_kv), its table self.block_table
@@ -284,9 +287,7 @@ class Int2StaticLayer(Int2Layer):
                               f"head_dim {d}, group {self.group_size}, window {self.window}): drop max_cache_len")
         self.shape = (b, g, d)
         self.fused = True
-        self.k_rot, self.v_rot, self.k_clip, self.v_clip = (
-            None if t is None else t.to(self.device, torch.float32)
-            for t in (self.k_rot, self.v_rot, self.k_clip, self.v_clip))
+        self._rotations_to_device()
         self.n_quantized, self.max_blocks, self.pool = 0, 0, {}
         self._grow(max(0, self.max_cache_len - self.sink) + BLOCK)  # the last block: scratch for "none leaves"
         self.scratch = (self.max_blocks - 1) * BLOCK
@@ -355,8 +356,7 @@ class Int2StaticLayer(Int2Layer):
         p.add_(1)
         self.length += 1
         self.n_quantized = max(0, self.length - window - sink)
-        if self.bound:
-            self.pending = (*self.segment, self.quantized_lens)
+        self.pending = (*self.segment, self.quantized_lens)
         return key_states, value_states
 
     def attend(self, query: torch.Tensor, scaling: float | None) -> torch.Tensor:
@@ -387,8 +387,7 @@ class Int2StaticLayer(Int2Layer):
         if not self.is_initialized:
             return {"full_precision": 0, "int2": 0, "int2_allocated": 0}
         b, g, d = self.shape
-        per_token = sum(t[0, 0, 0, 0].numel() * t.shape[-1] * t.element_size() for ts in self.pool.values()
-                        for t in ts)
+        per_token = sum(t.shape[-1] * t.element_size() for ts in self.pool.values() for t in ts)
         fp = sum(t.numel() * t.element_size() for t in self.segment)
         alloc = sum(t.numel() * t.element_size() for ts in self.pool.values() for t in ts)
         return {"full_precision": fp, "int2": per_token * b * g * self.n_quantized, "int2_allocated": alloc}

@@ -188,6 +188,10 @@ def test_static_int2_cache_refuses_what_it_cannot_hold():
     with pytest.raises(KvtoolError, match="holds 8 tokens"):
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
                        past_key_values=Int2Cache(spec, LAYERS, max_cache_len=8).bind(model))
+    small = tiny_model("llama", seed=4, head_dim=16)  # below the fused kernel's head_dim
+    with pytest.raises(KvtoolError, match="drop max_cache_len"):
+        small.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                       past_key_values=Int2Cache(spec, LAYERS, max_cache_len=16).bind(small))
     with pytest.raises(KvtoolError, match="bind it first"):
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
                        past_key_values=Int2Cache(spec, LAYERS, max_cache_len=16))
